@@ -1,0 +1,157 @@
+//! Where things live on S3. Every key the pipeline writes is built here.
+
+use crate::{Hour, Position, TableName};
+
+/// The two final formats, each with its own table location.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Format {
+    /// Gzipped JSON lines of change events.
+    Jsonl,
+    /// Flat, typed Parquet.
+    Parquet,
+}
+
+impl Format {
+    /// The format's folder name.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
+        }
+    }
+
+    /// The file extension, without the leading dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl.gz",
+            Format::Parquet => "parquet",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = crate::ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "jsonl" => Ok(Format::Jsonl),
+            "parquet" => Ok(Format::Parquet),
+            other => Err(crate::ParseError::new(
+                "output format (jsonl or parquet)",
+                other,
+            )),
+        }
+    }
+}
+
+/// The S3 layout under one base path (`S3_BASE_PATH`, may be empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    base: String,
+}
+
+impl Layout {
+    /// A layout under `base`; leading and trailing slashes are ignored.
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_matches('/').to_owned(),
+        }
+    }
+
+    fn join(&self, rest: std::fmt::Arguments<'_>) -> String {
+        if self.base.is_empty() {
+            rest.to_string()
+        } else {
+            format!("{}/{}", self.base, rest)
+        }
+    }
+
+    /// `{base}/_staging/{schema}.{table}/{YYYY}/{MM}/{DD}/{HH}/{first}-{last}.jsonl.gz`
+    pub fn staging_key(
+        &self,
+        table: &TableName,
+        hour: Hour,
+        first: Position,
+        last: Position,
+    ) -> String {
+        self.join(format_args!(
+            "_staging/{table}/{}/{}-{}.jsonl.gz",
+            hour.staging_path(),
+            first.key(),
+            last.key()
+        ))
+    }
+
+    /// `{base}/{schema}.{table}/{format}/year=YYYY/month=MM/day=DD/hour=HH`
+    pub fn hour_prefix(&self, table: &TableName, format: Format, hour: Hour) -> String {
+        self.join(format_args!(
+            "{table}/{}/{}",
+            format.dir(),
+            hour.partition_path()
+        ))
+    }
+
+    /// A final part: `{hour prefix}/{table}-{YYYY}-{MM}-{DD}-{HH}-{NNN}-{attempt}.{ext}`.
+    pub fn part_key(
+        &self,
+        table: &TableName,
+        format: Format,
+        hour: Hour,
+        part: u32,
+        attempt: &str,
+    ) -> String {
+        format!(
+            "{}/{}-{}-{:03}-{}.{}",
+            self.hour_prefix(table, format, hour),
+            table.name,
+            hour.file_stem(),
+            part,
+            attempt,
+            format.extension()
+        )
+    }
+
+    /// `{hour prefix}/_manifest.json`
+    pub fn manifest_key(&self, table: &TableName, format: Format, hour: Hour) -> String {
+        format!("{}/_manifest.json", self.hour_prefix(table, format, hour))
+    }
+
+    /// `{base}/_dead_letter/{schema}.{table}/{YYYY}/{MM}/{DD}/{HH}/{name}`
+    pub fn dead_letter_key(&self, table: &TableName, hour: Hour, name: &str) -> String {
+        self.join(format_args!(
+            "_dead_letter/{table}/{}/{name}",
+            hour.staging_path()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Lsn;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let l = Layout::new("/cdc/prod/");
+        let t = TableName::new("public", "users");
+        let h: Hour = "2025-01-08T10".parse().unwrap();
+        let a = Position::new(Lsn(0x16B3748), 1);
+        let b = Position::new(Lsn(0x16B3790), 3);
+        assert_eq!(
+            l.staging_key(&t, h, a, b),
+            "cdc/prod/_staging/public.users/2025/01/08/10/00000000016B3748.00000001-00000000016B3790.00000003.jsonl.gz"
+        );
+        assert_eq!(
+            l.part_key(&t, Format::Parquet, h, 7, "a1b2c3"),
+            "cdc/prod/public.users/parquet/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-007-a1b2c3.parquet"
+        );
+        assert_eq!(
+            Layout::new("").manifest_key(&t, Format::Jsonl, h),
+            "public.users/jsonl/year=2025/month=01/day=08/hour=10/_manifest.json"
+        );
+        assert_eq!(
+            Layout::new("x").dead_letter_key(&t, h, "k.json"),
+            "x/_dead_letter/public.users/2025/01/08/10/k.json"
+        );
+    }
+}

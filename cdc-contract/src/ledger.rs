@@ -1,0 +1,599 @@
+//! The DynamoDB ledger's item layouts. One table, string keys `pk` and `sk`.
+//!
+//! Per slot (`pk = slot#{slot}`): the [`Lease`] (`sk = lease`), the [`Checkpoint`]
+//! (`sk = checkpoint`), the [`SnapshotState`] (`sk = snapshot`) and one [`FlushRecord`] per
+//! committed flush (`sk = flush#{flush id}`).
+//!
+//! Per table-hour (`pk = batch#{slot}#{schema.table}#{hour}`): one [`BatchItem`] per staged
+//! micro-batch, `sk = {first}-{last}#{flush id}`, so items sort by position. A batch item counts only
+//! once the flush record that names its flush id exists: the capture writes batch items first, then
+//! commits the flush record and the checkpoint in one conditional transaction. A batch item whose
+//! flush record is missing while the checkpoint's flush sequence is at or past the item's is an
+//! orphan of a flush that never committed and is never compacted.
+//!
+//! Per slot (`pk = pending#{slot}`): one [`PendingHour`] marker per table-hour with batches not yet
+//! compacted, `sk = {hour}#{schema.table}`, so closed hours are found with one key-range query.
+//!
+//! Per table (`pk = schema#{slot}#{schema.table}`): one [`SchemaItem`] per schema version,
+//! `sk = {version id}`.
+//!
+//! Per table-hour (`pk = hour#{slot}#{schema.table}`, `sk = {hour}`): the compactor's record of
+//! the hour and (`pk = part#{slot}#{schema.table}#{hour}`, `sk = {NNN}`) its parts.
+//!
+//! Items that expire carry the TTL attribute [`TTL_ATTRIBUTE`] (seconds since the epoch).
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use serde::{Deserialize, Serialize};
+
+use crate::{Hour, Lsn, Position, TableName};
+
+/// Partition key attribute.
+pub const PK: &str = "pk";
+/// Sort key attribute.
+pub const SK: &str = "sk";
+/// The TTL attribute (epoch seconds) of items that expire.
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+
+/// A DynamoDB item.
+pub type Item = HashMap<String, AttributeValue>;
+
+/// An item that does not have the layout this module describes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("ledger item {pk}/{sk}: attribute {attribute} is missing or malformed")]
+pub struct ItemError {
+    /// The item's partition key.
+    pub pk: String,
+    /// The item's sort key.
+    pub sk: String,
+    /// The attribute at fault.
+    pub attribute: String,
+}
+
+/// Reads typed attributes out of an item, naming the attribute when one is wrong.
+pub struct ItemReader<'a> {
+    item: &'a Item,
+}
+
+impl<'a> ItemReader<'a> {
+    /// A reader over `item`.
+    pub fn new(item: &'a Item) -> Self {
+        Self { item }
+    }
+
+    fn error(&self, attribute: &str) -> ItemError {
+        let key = |k: &str| {
+            self.item
+                .get(k)
+                .and_then(|v| v.as_s().ok())
+                .cloned()
+                .unwrap_or_default()
+        };
+        ItemError {
+            pk: key(PK),
+            sk: key(SK),
+            attribute: attribute.to_owned(),
+        }
+    }
+
+    /// A string attribute.
+    pub fn s(&self, name: &str) -> Result<&'a str, ItemError> {
+        self.item
+            .get(name)
+            .and_then(|v| v.as_s().ok())
+            .map(String::as_str)
+            .ok_or_else(|| self.error(name))
+    }
+
+    /// An optional string attribute.
+    pub fn s_opt(&self, name: &str) -> Option<&'a str> {
+        self.item
+            .get(name)
+            .and_then(|v| v.as_s().ok())
+            .map(String::as_str)
+    }
+
+    /// A number attribute.
+    pub fn n<T: std::str::FromStr>(&self, name: &str) -> Result<T, ItemError> {
+        self.item
+            .get(name)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| self.error(name))
+    }
+
+    /// An optional number attribute.
+    pub fn n_opt<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, ItemError> {
+        match self.item.get(name) {
+            None | Some(AttributeValue::Null(_)) => Ok(None),
+            Some(_) => self.n(name).map(Some),
+        }
+    }
+
+    /// A list of strings.
+    pub fn ss_list(&self, name: &str) -> Result<Vec<String>, ItemError> {
+        match self.item.get(name) {
+            None => Ok(Vec::new()),
+            Some(AttributeValue::L(list)) => list
+                .iter()
+                .map(|v| v.as_s().cloned().map_err(|_| self.error(name)))
+                .collect(),
+            Some(_) => Err(self.error(name)),
+        }
+    }
+
+    /// A string attribute parsed with `FromStr`.
+    pub fn parsed<T: std::str::FromStr>(&self, name: &str) -> Result<T, ItemError> {
+        self.s(name)?.parse().map_err(|_| self.error(name))
+    }
+}
+
+/// A string attribute value.
+pub fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+/// A number attribute value.
+pub fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+/// The key of an item.
+pub fn key(pk: String, sk: String) -> Item {
+    HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(sk))])
+}
+
+/// `slot#{slot}`: the slot's own items (lease, checkpoint, snapshot, flush records).
+pub fn slot_pk(slot: &str) -> String {
+    format!("slot#{slot}")
+}
+
+/// Sort key of the lease.
+pub const LEASE_SK: &str = "lease";
+/// Sort key of the checkpoint.
+pub const CHECKPOINT_SK: &str = "checkpoint";
+/// Sort key of the snapshot state.
+pub const SNAPSHOT_SK: &str = "snapshot";
+
+/// `flush#{flush id}`.
+pub fn flush_sk(flush_id: &FlushId) -> String {
+    format!("flush#{flush_id}")
+}
+
+/// `batch#{slot}#{schema.table}#{hour}`: the batch items of one table-hour.
+pub fn batch_pk(slot: &str, table: &TableName, hour: Hour) -> String {
+    format!("batch#{slot}#{table}#{hour}")
+}
+
+/// `{first}-{last}#{flush id}`.
+pub fn batch_sk(first: Position, last: Position, flush_id: &FlushId) -> String {
+    format!("{}-{}#{flush_id}", first.key(), last.key())
+}
+
+/// `pending#{slot}`: the pending table-hour markers of a slot.
+pub fn pending_pk(slot: &str) -> String {
+    format!("pending#{slot}")
+}
+
+/// `{hour}#{schema.table}`: sorts by hour, so every hour before H is `sk < "{H}"`.
+pub fn pending_sk(hour: Hour, table: &TableName) -> String {
+    format!("{hour}#{table}")
+}
+
+/// `schema#{slot}#{schema.table}`.
+pub fn schema_pk(slot: &str, table: &TableName) -> String {
+    format!("schema#{slot}#{table}")
+}
+
+/// `hour#{slot}#{schema.table}`: the compactor's hour records of a table, `sk = {hour}`.
+pub fn hour_pk(slot: &str, table: &TableName) -> String {
+    format!("hour#{slot}#{table}")
+}
+
+/// `part#{slot}#{schema.table}#{hour}`: the parts of one compacted hour, `sk = {NNN}`.
+pub fn part_pk(slot: &str, table: &TableName, hour: Hour) -> String {
+    format!("part#{slot}#{table}#{hour}")
+}
+
+/// A flush's id: its sequence number in the slot and the lease epoch of the task that made it.
+/// Unique: a sequence number is committed at most once, and one epoch has one writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlushId {
+    /// Position in the slot's chain of flushes (the checkpoint holds the last committed one).
+    pub seq: u64,
+    /// The writer's lease epoch.
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for FlushId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:012}-{}", self.seq, self.epoch)
+    }
+}
+
+impl std::str::FromStr for FlushId {
+    type Err = crate::ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || crate::ParseError::new("flush id", s);
+        let (seq, epoch) = s.split_once('-').ok_or_else(err)?;
+        Ok(FlushId {
+            seq: seq.parse().map_err(|_| err())?,
+            epoch: epoch.parse().map_err(|_| err())?,
+        })
+    }
+}
+
+/// The slot's lease: one writer at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The holder's id (unique per capture process).
+    pub owner: String,
+    /// Incremented by every acquisition; every ledger write is conditional on it.
+    pub epoch: u64,
+    /// Expiry, ms since the epoch; the holder renews before it.
+    pub expires_ms: i64,
+}
+
+impl Lease {
+    /// Reads a lease item.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        Ok(Lease {
+            owner: r.s("owner")?.to_owned(),
+            epoch: r.n("epoch")?,
+            expires_ms: r.n("expires_ms")?,
+        })
+    }
+}
+
+/// Where the slot's recorded changes end.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// End LSN of the last commit whose changes are all recorded. Replication restarts here and
+    /// every change at or below it is dropped.
+    pub lsn: Lsn,
+    /// Inside a transaction larger than a batch: the last recorded change. Its transaction's
+    /// later changes are still to come; earlier ones are recorded.
+    pub partial: Option<Position>,
+    /// Commit time of the last recorded transaction (ms since the epoch).
+    pub commit_ms: i64,
+    /// When the capture was last known caught up with the server (ms since the epoch).
+    pub caught_up_ms: Option<i64>,
+    /// Sequence number of the last committed flush.
+    pub flush_seq: u64,
+    /// Id of the last committed flush (empty before the first).
+    pub flush_id: String,
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint item.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        let partial = match r.s_opt("partial") {
+            None | Some("") => None,
+            Some(p) => Some(p.parse().map_err(|_| r.error("partial"))?),
+        };
+        Ok(Checkpoint {
+            lsn: Lsn::from_key(r.s("lsn")?).map_err(|_| r.error("lsn"))?,
+            partial,
+            commit_ms: r.n("commit_ms")?,
+            caught_up_ms: r.n_opt("caught_up_ms")?,
+            flush_seq: r.n("flush_seq")?,
+            flush_id: r.s_opt("flush_id").unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// The checkpoint's attributes (without the key).
+    pub fn attributes(&self) -> Item {
+        let mut item = HashMap::from([
+            ("lsn".to_owned(), s(self.lsn.key())),
+            (
+                "partial".to_owned(),
+                s(self.partial.map(|p| p.key()).unwrap_or_default()),
+            ),
+            ("commit_ms".to_owned(), n(self.commit_ms)),
+            ("flush_seq".to_owned(), n(self.flush_seq)),
+            ("flush_id".to_owned(), s(self.flush_id.clone())),
+        ]);
+        if let Some(c) = self.caught_up_ms {
+            item.insert("caught_up_ms".to_owned(), n(c));
+        }
+        item
+    }
+
+    /// True when a change at `pos` is already recorded and must be dropped on resume.
+    pub fn covers(&self, pos: Position) -> bool {
+        // `lsn` is a commit's end: every transaction committed before it has a smaller commit LSN.
+        pos.commit_lsn < self.lsn || self.partial.is_some_and(|p| pos <= p)
+    }
+
+    /// The time up to which the slot's hours may close: the later of the last commit and the
+    /// last time the capture was caught up.
+    pub fn closing_ms(&self) -> i64 {
+        self.commit_ms.max(self.caught_up_ms.unwrap_or(0))
+    }
+}
+
+/// A committed flush: exists only if its transaction committed; it validates its batch items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushRecord {
+    /// The flush.
+    pub id: FlushId,
+    /// The table-hours it added batches to, as `{hour}#{schema.table}` (pending markers' sort keys).
+    pub hours: Vec<String>,
+    /// When it was committed (ms since the epoch).
+    pub created_ms: i64,
+}
+
+impl FlushRecord {
+    /// Reads a flush record.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        Ok(FlushRecord {
+            id: FlushId {
+                seq: r.n("seq")?,
+                epoch: r.n("epoch")?,
+            },
+            hours: r.ss_list("hours")?,
+            created_ms: r.n("created_ms")?,
+        })
+    }
+}
+
+/// One staged micro-batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchItem {
+    /// The table.
+    pub table: TableName,
+    /// The UTC hour of its commits.
+    pub hour: Hour,
+    /// The staging object's S3 key.
+    pub key: String,
+    /// First change.
+    pub first: Position,
+    /// Last change.
+    pub last: Position,
+    /// Number of changes.
+    pub rows: u64,
+    /// Gzipped size.
+    pub bytes: u64,
+    /// Commit time of the first change (ms).
+    pub first_commit_ms: i64,
+    /// Commit time of the last change (ms).
+    pub last_commit_ms: i64,
+    /// Version id of the table schema its rows follow ([`crate::schema::TableSchema::version_id`]).
+    pub schema_id: String,
+    /// The flush that recorded it.
+    pub flush_id: FlushId,
+    /// Set by the compactor once the batch's rows are in recorded final parts.
+    pub compacted: bool,
+}
+
+impl BatchItem {
+    /// The item's partition key.
+    pub fn pk(&self, slot: &str) -> String {
+        batch_pk(slot, &self.table, self.hour)
+    }
+
+    /// The item's sort key.
+    pub fn sk(&self) -> String {
+        batch_sk(self.first, self.last, &self.flush_id)
+    }
+
+    /// The full item.
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(self.pk(slot), self.sk());
+        item.extend([
+            ("table".to_owned(), s(self.table.to_string())),
+            ("hour".to_owned(), s(self.hour.to_string())),
+            ("key".to_owned(), s(self.key.clone())),
+            ("first".to_owned(), s(self.first.key())),
+            ("last".to_owned(), s(self.last.key())),
+            ("rows".to_owned(), n(self.rows)),
+            ("bytes".to_owned(), n(self.bytes)),
+            ("first_commit_ms".to_owned(), n(self.first_commit_ms)),
+            ("last_commit_ms".to_owned(), n(self.last_commit_ms)),
+            ("schema_id".to_owned(), s(self.schema_id.clone())),
+            ("flush_id".to_owned(), s(self.flush_id.to_string())),
+            ("flush_seq".to_owned(), n(self.flush_id.seq)),
+            ("compacted".to_owned(), AttributeValue::Bool(self.compacted)),
+        ]);
+        item
+    }
+
+    /// Reads a batch item.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        Ok(BatchItem {
+            table: r.parsed("table")?,
+            hour: r.parsed("hour")?,
+            key: r.s("key")?.to_owned(),
+            first: r.parsed("first")?,
+            last: r.parsed("last")?,
+            rows: r.n("rows")?,
+            bytes: r.n("bytes")?,
+            first_commit_ms: r.n("first_commit_ms")?,
+            last_commit_ms: r.n("last_commit_ms")?,
+            schema_id: r.s("schema_id")?.to_owned(),
+            flush_id: r.parsed("flush_id")?,
+            compacted: item
+                .get("compacted")
+                .and_then(|v| v.as_bool().ok())
+                .copied()
+                .unwrap_or(false),
+        })
+    }
+}
+
+/// A table-hour with batches not yet compacted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingHour {
+    /// The table.
+    pub table: TableName,
+    /// The hour.
+    pub hour: Hour,
+    /// The last flush that added batches to it; the compactor removes the marker only if this is
+    /// still the value it saw (a later flush keeps the marker alive).
+    pub flush_seq: u64,
+}
+
+impl PendingHour {
+    /// The full item.
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(pending_pk(slot), pending_sk(self.hour, &self.table));
+        item.extend([
+            ("table".to_owned(), s(self.table.to_string())),
+            ("hour".to_owned(), s(self.hour.to_string())),
+            ("flush_seq".to_owned(), n(self.flush_seq)),
+        ]);
+        item
+    }
+
+    /// Reads a pending marker.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        Ok(PendingHour {
+            table: r.parsed("table")?,
+            hour: r.parsed("hour")?,
+            flush_seq: r.n("flush_seq")?,
+        })
+    }
+}
+
+/// A schema version of a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaItem {
+    /// The schema.
+    pub schema: crate::schema::TableSchema,
+}
+
+impl SchemaItem {
+    /// The full item (`columns` holds the schema as JSON).
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(
+            schema_pk(slot, &self.schema.table),
+            self.schema.version_id(),
+        );
+        let json = serde_json::to_string(&self.schema).unwrap_or_default();
+        item.insert("schema".to_owned(), s(json));
+        item
+    }
+
+    /// Reads a schema item.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        let schema = serde_json::from_str(r.s("schema")?).map_err(|_| r.error("schema"))?;
+        Ok(SchemaItem { schema })
+    }
+}
+
+/// State of the slot's initial snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotState {
+    /// True once every snapshot row is recorded.
+    pub complete: bool,
+    /// The slot's consistent point: the commit LSN of every snapshot row.
+    pub consistent_lsn: Lsn,
+    /// Snapshot start time (ms): the commit time of every snapshot row.
+    pub started_ms: i64,
+}
+
+impl SnapshotState {
+    /// Reads a snapshot state item.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        Ok(SnapshotState {
+            complete: r.s("state")? == "complete",
+            consistent_lsn: Lsn::from_key(r.s("consistent_lsn")?)
+                .map_err(|_| r.error("consistent_lsn"))?,
+            started_ms: r.n("started_ms")?,
+        })
+    }
+
+    /// The snapshot state's attributes (without the key).
+    pub fn attributes(&self) -> Item {
+        HashMap::from([
+            (
+                "state".to_owned(),
+                s(if self.complete { "complete" } else { "running" }),
+            ),
+            ("consistent_lsn".to_owned(), s(self.consistent_lsn.key())),
+            ("started_ms".to_owned(), n(self.started_ms)),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> BatchItem {
+        BatchItem {
+            table: TableName::new("public", "users"),
+            hour: "2025-01-08T10".parse().unwrap(),
+            key: "_staging/x.jsonl.gz".into(),
+            first: Position::new(Lsn(10), 1),
+            last: Position::new(Lsn(20), 3),
+            rows: 4,
+            bytes: 99,
+            first_commit_ms: 1,
+            last_commit_ms: 2,
+            schema_id: "00ff".into(),
+            flush_id: FlushId { seq: 7, epoch: 2 },
+            compacted: false,
+        }
+    }
+
+    #[test]
+    fn batch_items_round_trip_and_sort_by_position() {
+        let b = batch();
+        let item = b.to_item("s1");
+        assert_eq!(BatchItem::from_item(&item).unwrap(), b);
+        assert_eq!(
+            item[PK].as_s().unwrap(),
+            "batch#s1#public.users#2025-01-08T10"
+        );
+        assert_eq!(
+            item[SK].as_s().unwrap(),
+            "000000000000000A.00000001-0000000000000014.00000003#000000000007-2"
+        );
+    }
+
+    #[test]
+    fn malformed_items_name_the_attribute() {
+        let mut item = batch().to_item("s1");
+        item.insert("rows".into(), s("many"));
+        let err = BatchItem::from_item(&item).unwrap_err();
+        assert_eq!(err.attribute, "rows");
+    }
+
+    #[test]
+    fn checkpoint_covers_what_is_recorded() {
+        let cp = Checkpoint {
+            lsn: Lsn(100),
+            ..Default::default()
+        };
+        assert!(cp.covers(Position::new(Lsn(99), 5)));
+        assert!(!cp.covers(Position::new(Lsn(100), 1)));
+        assert!(!cp.covers(Position::new(Lsn(101), 1)));
+        let partial = Checkpoint {
+            lsn: Lsn(100),
+            partial: Some(Position::new(Lsn(200), 10)),
+            ..Default::default()
+        };
+        assert!(partial.covers(Position::new(Lsn(200), 10)));
+        assert!(!partial.covers(Position::new(Lsn(200), 11)));
+        assert!(partial.covers(Position::new(Lsn(100), 3)));
+        assert!(!Checkpoint::default().covers(Position::new(Lsn(1), 1)));
+        let round = Checkpoint::from_item(&partial.attributes()).unwrap();
+        assert_eq!(round, partial);
+    }
+
+    #[test]
+    fn flush_ids_round_trip() {
+        let id = FlushId { seq: 42, epoch: 3 };
+        assert_eq!(id.to_string().parse::<FlushId>().unwrap(), id);
+    }
+}

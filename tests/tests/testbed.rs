@@ -1,0 +1,104 @@
+//! The test bed itself: a throwaway cluster streams a logical change; the emulator serves S3,
+//! conditional DynamoDB writes and SQS through the real AWS SDK.
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use cdc_contract::ledger;
+use pipeline_tests::{
+    aws::AwsFixture,
+    postgres::{ClusterOptions, PgCluster},
+};
+
+#[tokio::test]
+async fn throwaway_cluster_streams_a_change_through_a_logical_slot() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let db = pg.create_database("tb").await?;
+    let client = pg.connect(&db).await?;
+    let level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    assert_eq!(level, "logical");
+    client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             CREATE PUBLICATION p FOR TABLE t;",
+        )
+        .await?;
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
+        .await?;
+    client
+        .batch_execute("INSERT INTO t VALUES (1, 'hello')")
+        .await?;
+    let rows = client
+        .query(
+            "SELECT data FROM pg_logical_slot_get_binary_changes('s', NULL, NULL,
+                'proto_version', '1', 'publication_names', 'p')",
+            &[],
+        )
+        .await?;
+    // pgoutput: Begin, Relation, Insert, Commit; the insert carries the new tuple's text.
+    let kinds: Vec<u8> = rows.iter().map(|r| r.get::<_, Vec<u8>>(0)[0]).collect();
+    assert_eq!(kinds, b"BRIC".to_vec());
+    let insert: Vec<u8> = rows[2].get(0);
+    assert!(insert.windows(5).any(|w| w == b"hello"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn emulator_serves_s3_conditional_dynamodb_and_sqs() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key("a/b.txt")
+        .body(b"payload".to_vec().into())
+        .send()
+        .await?;
+    assert_eq!(aws.list_keys("a/").await?, vec!["a/b.txt".to_string()]);
+    assert_eq!(aws.get_bytes("a/b.txt").await?, b"payload");
+
+    let mut item = ledger::key("slot#x".into(), "lease".into());
+    item.insert("epoch".into(), ledger::n(1));
+    aws.dynamodb
+        .put_item()
+        .table_name(&aws.table)
+        .set_item(Some(item.clone()))
+        .condition_expression("attribute_not_exists(pk)")
+        .send()
+        .await?;
+    let again = aws
+        .dynamodb
+        .put_item()
+        .table_name(&aws.table)
+        .set_item(Some(item))
+        .condition_expression("attribute_not_exists(pk)")
+        .send()
+        .await;
+    let err = again.expect_err("a second conditional put must fail");
+    assert!(
+        err.as_service_error()
+            .is_some_and(|e| e.is_conditional_check_failed_exception()),
+        "unexpected error: {err:?}"
+    );
+    let got = aws.get_ledger_item("slot#x", "lease").await?.expect("item");
+    assert_eq!(got.get("epoch"), Some(&AttributeValue::N("1".into())));
+
+    aws.sqs
+        .send_message()
+        .queue_url(&aws.queue_url)
+        .message_body("{\"hello\":1}")
+        .send()
+        .await?;
+    assert_eq!(aws.drain_queue().await?, vec!["{\"hello\":1}".to_string()]);
+    Ok(())
+}
+
+#[test]
+fn a_missing_server_binary_gives_one_clear_error() {
+    let opts = ClusterOptions {
+        pg_bin: Some("/nonexistent/bin".into()),
+        ..Default::default()
+    };
+    let err = PgCluster::start_with(opts).err().expect("must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("PG_BIN") && msg.contains("initdb"), "{msg}");
+}
