@@ -1,4 +1,14 @@
 //! The change event: a Debezium-compatible envelope, one JSON object per line.
+//!
+//! Value forms (the capture writes them, the compactor types Parquet from them): integers and
+//! floats as numbers (`"NaN"`, `"Infinity"`, `"-Infinity"` as strings), numeric as exact strings
+//! (`"NaN"` too), bool as true/false, timestamptz as `2025-01-08T10:30:00.123456Z` (always six
+//! fractional digits), timestamp as `2025-01-08T10:30:00.123456`, `infinity`/`-infinity` text for
+//! infinite timestamps and dates (listed in `raw_columns`), date `YYYY-MM-DD`, time and timetz as
+//! PostgreSQL prints them (`10:30:00.5`, `10:30:00+02`), interval as an ISO-8601 duration
+//! (`P1Y2M3DT4H5M6.5S`), uuid as a string, json/jsonb as nested JSON, bytea as base64, arrays as
+//! JSON arrays of element values, enums and every other type as PostgreSQL's text form, NULL as
+//! null, an unchanged TOASTed value as [`UNAVAILABLE_VALUE`].
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -85,6 +95,8 @@ pub struct Source {
     pub name: String,
     /// Commit time of the transaction (ms since the epoch).
     pub ts_ms: i64,
+    /// Commit time of the transaction (µs since the epoch), as Debezium 2.x writes it.
+    pub ts_us: i64,
     /// `"true"` for snapshot reads, else `"false"`.
     pub snapshot: String,
     /// Database name.
