@@ -1,5 +1,7 @@
 //! The DynamoDB ledger's item layouts. One table, string keys `pk` and `sk`.
 //!
+//! The registry (`pk = slots`, `sk = {slot}`) names every slot.
+//!
 //! Per slot (`pk = slot#{slot}`): the [`Lease`] (`sk = lease`), the [`Checkpoint`]
 //! (`sk = checkpoint`), the [`SnapshotState`] (`sk = snapshot`) and one [`FlushRecord`] per
 //! committed flush (`sk = flush#{flush id}`).
@@ -148,6 +150,10 @@ pub fn key(pk: String, sk: String) -> Item {
 pub fn slot_pk(slot: &str) -> String {
     format!("slot#{slot}")
 }
+
+/// `slots`: the registry of slots (`sk = {slot}`, attributes `slot`, `created_ms`), written by each
+/// capture at start, so the compactor finds every slot by key.
+pub const SLOTS_PK: &str = "slots";
 
 /// Sort key of the lease.
 pub const LEASE_SK: &str = "lease";
