@@ -179,7 +179,7 @@ fn is_json_number(t: &[u8]) -> bool {
 }
 
 fn decode_hex(h: &[u8]) -> Option<Vec<u8>> {
-    if h.len() % 2 != 0 {
+    if !h.len().is_multiple_of(2) {
         return None;
     }
     let nib = |c: u8| match c {

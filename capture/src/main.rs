@@ -1,1 +1,129 @@
-fn main() {}
+//! `capture`: configuration, clients, signals; the work is in the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use capture::config::{Config, LogFormat, Settings, Target};
+use capture::ledger::{DynamoLedger, LocalLedger};
+use capture::notify::{NoNotifier, Notifier, SqsNotifier};
+use capture::pipeline::{self, Deps, Stopped};
+use capture::sink::{S3Sink, StdoutSink};
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
+    match &settings.target {
+        Target::Local { ledger_file } => Ok(Deps {
+            ledger: Arc::new(LocalLedger::new(ledger_file)),
+            sink: Arc::new(StdoutSink),
+            notifier: Arc::new(NoNotifier),
+            metrics: None,
+        }),
+        Target::Aws {
+            bucket,
+            ledger_table,
+            queue_url,
+        } => {
+            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            // Emulators (moto, LocalStack) serve buckets by path, not by virtual host.
+            let path_style = std::env::var_os("AWS_ENDPOINT_URL").is_some();
+            let s3 = aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&config)
+                    .force_path_style(path_style)
+                    .build(),
+            );
+            let sink = S3Sink::new(s3, bucket.clone());
+            sink.check()
+                .await
+                .with_context(|| format!("S3_BUCKET_NAME: cannot use bucket {bucket}"))?;
+            let ledger = DynamoLedger::new(
+                aws_sdk_dynamodb::Client::new(&config),
+                ledger_table.clone(),
+                settings.slot.clone(),
+            );
+            ledger
+                .check()
+                .await
+                .with_context(|| format!("LEDGER_TABLE: cannot use table {ledger_table}"))?;
+            let notifier: Arc<dyn Notifier> = match queue_url {
+                Some(url) => Arc::new(SqsNotifier::new(
+                    aws_sdk_sqs::Client::new(&config),
+                    url.clone(),
+                )),
+                None => Arc::new(NoNotifier),
+            };
+            Ok(Deps {
+                ledger: Arc::new(ledger),
+                sink: Arc::new(sink),
+                notifier,
+                metrics: Some(Arc::new(|line: String| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                })),
+            })
+        }
+    }
+}
+
+fn shutdown_on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: recording buffered changes, then stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: recording buffered changes, then stopping"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    let settings = match config.validate() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(setting = e.setting, "configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(settings).await {
+        Ok(stopped) => {
+            tracing::info!(?stopped, "capture stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "capture failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<Stopped> {
+    let deps = deps(&settings).await?;
+    let token = CancellationToken::new();
+    shutdown_on_signals(token.clone())?;
+    let stopped = pipeline::run(settings, deps, token)
+        .await
+        .context("capture")?;
+    Ok(stopped)
+}

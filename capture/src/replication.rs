@@ -301,22 +301,8 @@ impl ReplicationConnection {
     }
 
     async fn read_message(&mut self) -> Result<Message, ReplicationError> {
-        loop {
-            let (tag, body) = self.read_frame().await?;
-            if tag == b'W' {
-                return Err(ReplicationError::Protocol(
-                    "unexpected CopyBothResponse".into(),
-                ));
-            }
-            let mut frame = BytesMut::with_capacity(body.len() + 5);
-            frame.put_u8(tag);
-            frame.put_u32(body.len() as u32 + 4);
-            frame.put_slice(&body);
-            match Message::parse(&mut frame)? {
-                Some(m) => return Ok(m),
-                None => return Err(ReplicationError::Protocol("truncated message".into())),
-            }
-        }
+        let (tag, body) = self.read_frame().await?;
+        parse_frame(tag, &body)
     }
 
     /// Runs a replication command or SQL statement with the simple query protocol and returns
@@ -383,16 +369,10 @@ impl ReplicationConnection {
             match tag {
                 b'W' => return Ok(ReplicationStream { conn: self }),
                 b'E' => {
-                    let mut frame = BytesMut::new();
-                    frame.put_u8(tag);
-                    frame.put_u32(body.len() as u32 + 4);
-                    frame.put_slice(&body);
-                    if let Some(Message::ErrorResponse(e)) = Message::parse(&mut frame)? {
-                        return Err(server_error(&e));
-                    }
-                    return Err(ReplicationError::Protocol(
-                        "malformed error response".into(),
-                    ));
+                    return Err(match parse_frame(tag, &body)? {
+                        Message::ErrorResponse(e) => server_error(&e),
+                        _ => ReplicationError::Protocol("malformed error response".into()),
+                    });
                 }
                 b'N' | b'S' => {}
                 other => {
@@ -471,16 +451,10 @@ impl ReplicationStream {
                     }
                 }
                 b'E' => {
-                    let mut frame = BytesMut::new();
-                    frame.put_u8(tag);
-                    frame.put_u32(body.len() as u32 + 4);
-                    frame.put_slice(&body);
-                    if let Some(Message::ErrorResponse(e)) = Message::parse(&mut frame)? {
-                        return Err(server_error(&e));
-                    }
-                    return Err(ReplicationError::Protocol(
-                        "malformed error response".into(),
-                    ));
+                    return Err(match parse_frame(tag, &body)? {
+                        Message::ErrorResponse(e) => server_error(&e),
+                        _ => ReplicationError::Protocol("malformed error response".into()),
+                    });
                 }
                 b'c' => {
                     return Err(ReplicationError::Io(std::io::Error::new(
@@ -516,6 +490,21 @@ impl ReplicationStream {
         frontend::CopyData::new(msg.freeze())?.write(&mut self.conn.wbuf);
         self.conn.flush().await
     }
+}
+
+/// Parses one frame with postgres-protocol's backend codec.
+fn parse_frame(tag: u8, body: &[u8]) -> Result<Message, ReplicationError> {
+    if tag == b'W' {
+        return Err(ReplicationError::Protocol(
+            "unexpected CopyBothResponse".into(),
+        ));
+    }
+    let mut frame = BytesMut::with_capacity(body.len() + 5);
+    frame.put_u8(tag);
+    frame.put_u32(body.len() as u32 + 4);
+    frame.put_slice(body);
+    Message::parse(&mut frame)?
+        .ok_or_else(|| ReplicationError::Protocol("truncated message".into()))
 }
 
 fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> ReplicationError {

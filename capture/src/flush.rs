@@ -1,0 +1,205 @@
+//! A flush: upload the batches (in parallel), record them and the new checkpoint atomically
+//! under the lease, notify the compactor. Transient failures are retried with backoff, forever:
+//! a flush either completes or stops the capture with a definite error; it never confirms early.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use cdc_contract::layout::Layout;
+use cdc_contract::ledger::{BatchItem, Checkpoint, FlushId};
+use cdc_contract::notify::{Notification, TableHour};
+use cdc_contract::schema::TableSchema;
+
+use crate::batch::Segment;
+use crate::ledger::{FlushRequest, Ledger, LedgerError};
+use crate::notify::Notifier;
+use crate::sink::{BatchSink, SinkError};
+
+/// Why a flush gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The lease was taken over: this task must stop.
+    #[error(transparent)]
+    Fenced(LedgerError),
+    /// The ledger refused for a reason retrying cannot fix.
+    #[error(transparent)]
+    Ledger(LedgerError),
+    /// S3 refused for a reason retrying cannot fix (missing bucket, access denied).
+    #[error(transparent)]
+    Sink(SinkError),
+}
+
+/// What a completed flush recorded.
+#[derive(Debug, Clone)]
+pub struct FlushOutcome {
+    /// The recorded checkpoint.
+    pub checkpoint: Checkpoint,
+    /// Changes recorded.
+    pub rows: u64,
+    /// Gzipped bytes uploaded.
+    pub bytes: u64,
+    /// Attempts that failed transiently.
+    pub retries: u64,
+    /// Upload plus record time.
+    pub latency: Duration,
+}
+
+/// Everything a flush needs, shared by all flushes of a run.
+pub struct Flusher {
+    /// Slot (pipeline) name.
+    pub slot: String,
+    /// S3 layout.
+    pub layout: Layout,
+    /// Where batches go.
+    pub sink: Arc<dyn BatchSink>,
+    /// The ledger.
+    pub ledger: Arc<dyn Ledger>,
+    /// The compactor's notifications.
+    pub notifier: Arc<dyn Notifier>,
+    /// This task's lease owner id.
+    pub owner: String,
+    /// This task's lease epoch.
+    pub epoch: u64,
+    /// Parallel uploads per flush.
+    pub upload_concurrency: usize,
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let ms = 200u64.saturating_mul(1 << attempt.min(6)).min(10_000);
+    Duration::from_millis(ms / 2 + rand::random_range(0..=ms / 2))
+}
+
+impl Flusher {
+    /// Runs one flush of `segments` to `checkpoint` as flush number `seq`. `notify` says whether
+    /// to notify when no batch was written (a heartbeat that closes an hour).
+    pub async fn flush(
+        &self,
+        segments: Vec<Segment>,
+        mut checkpoint: Checkpoint,
+        seq: u64,
+        notify_empty: bool,
+    ) -> Result<FlushOutcome, FlushError> {
+        let started = Instant::now();
+        let id = FlushId {
+            seq,
+            epoch: self.epoch,
+        };
+        checkpoint.flush_seq = seq;
+        checkpoint.flush_id = id.to_string();
+        let mut retries = 0u64;
+
+        let mut schemas: Vec<TableSchema> = Vec::new();
+        let mut uploads = Vec::with_capacity(segments.len());
+        for seg in segments {
+            let table = seg.encoder.table.clone();
+            if !schemas
+                .iter()
+                .any(|s| s.version_id() == seg.encoder.schema_id)
+            {
+                schemas.push(seg.encoder.schema.clone());
+            }
+            let key = self
+                .layout
+                .staging_key(&table, seg.hour, seg.first, seg.last);
+            let item = BatchItem {
+                table,
+                hour: seg.hour,
+                key: key.clone(),
+                first: seg.first,
+                last: seg.last,
+                rows: seg.rows,
+                bytes: 0,
+                first_commit_ms: seg.first_commit_ms,
+                last_commit_ms: seg.last_commit_ms,
+                schema_id: seg.encoder.schema_id.clone(),
+                flush_id: id,
+                compacted: false,
+            };
+            uploads.push((item, Bytes::from(seg.data)));
+        }
+
+        let rows: u64 = uploads.iter().map(|(b, _)| b.rows).sum();
+        let retry_count = std::sync::atomic::AtomicU64::new(0);
+        let batches: Vec<BatchItem> = futures::stream::iter(uploads)
+            .map(|(mut item, data)| {
+                let retry_count = &retry_count;
+                async move {
+                    let mut attempt = 0;
+                    loop {
+                        match self.sink.put_batch(&item.key, data.clone()).await {
+                            Ok(size) => {
+                                item.bytes = size;
+                                return Ok::<_, FlushError>(item);
+                            }
+                            Err(e) if e.is_transient() => {
+                                retry_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tracing::warn!(error = %e, key = %item.key, attempt, "batch upload failed; retrying");
+                                tokio::time::sleep(backoff(attempt)).await;
+                                attempt += 1;
+                            }
+                            Err(e) => return Err(FlushError::Sink(e)),
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(self.upload_concurrency.max(1))
+            .try_collect()
+            .await?;
+        retries += retry_count.load(std::sync::atomic::Ordering::Relaxed);
+        let bytes = batches.iter().map(|b| b.bytes).sum();
+
+        let request = FlushRequest {
+            id,
+            batches,
+            schemas,
+            checkpoint: checkpoint.clone(),
+        };
+        let mut attempt = 0;
+        loop {
+            match self
+                .ledger
+                .record_flush(&request, &self.owner, self.epoch)
+                .await
+            {
+                Ok(()) => break,
+                Err(e @ LedgerError::Fenced(_)) => return Err(FlushError::Fenced(e)),
+                Err(e) if e.is_transient() => {
+                    retries += 1;
+                    tracing::warn!(error = %e, flush = %id, attempt, "recording flush failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(FlushError::Ledger(e)),
+            }
+        }
+
+        if !request.batches.is_empty() || notify_empty {
+            let mut hours: Vec<TableHour> = request
+                .hours()
+                .into_iter()
+                .map(|(table, hour)| TableHour { table, hour })
+                .collect();
+            hours.dedup();
+            let note = Notification {
+                slot: self.slot.clone(),
+                flush_id: id.to_string(),
+                commit_ms: checkpoint.commit_ms,
+                caught_up_ms: checkpoint.caught_up_ms,
+                hours,
+            };
+            if let Err(error) = self.notifier.notify(&note).await {
+                tracing::warn!(error = %error, flush = %id, "notification failed; the compactor's sweep will find the batches");
+            }
+        }
+        Ok(FlushOutcome {
+            checkpoint,
+            rows,
+            bytes,
+            retries,
+            latency: started.elapsed(),
+        })
+    }
+}

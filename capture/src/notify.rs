@@ -1,0 +1,51 @@
+//! Telling the compactor a flush was recorded. SQS only speeds compaction up: a failed send is
+//! logged and the compactor's sweep finds the hours anyway.
+
+use async_trait::async_trait;
+
+use cdc_contract::notify::Notification;
+
+/// Sends notifications.
+#[async_trait]
+pub trait Notifier: Send + Sync {
+    /// Sends one notification; an error is for logging only.
+    async fn notify(&self, note: &Notification) -> Result<(), String>;
+}
+
+/// Notifications to an SQS queue.
+pub struct SqsNotifier {
+    client: aws_sdk_sqs::Client,
+    queue_url: String,
+}
+
+impl SqsNotifier {
+    /// A notifier for the queue at `queue_url` (taken from configuration, never built by hand).
+    pub fn new(client: aws_sdk_sqs::Client, queue_url: String) -> Self {
+        Self { client, queue_url }
+    }
+}
+
+#[async_trait]
+impl Notifier for SqsNotifier {
+    async fn notify(&self, note: &Notification) -> Result<(), String> {
+        let body = serde_json::to_string(note).map_err(|e| e.to_string())?;
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(|e| crate::ledger::aws_error_text(&e))?;
+        Ok(())
+    }
+}
+
+/// No queue configured (or LOCAL TEST MODE).
+pub struct NoNotifier;
+
+#[async_trait]
+impl Notifier for NoNotifier {
+    async fn notify(&self, _note: &Notification) -> Result<(), String> {
+        Ok(())
+    }
+}

@@ -1,0 +1,787 @@
+//! The capture's run: take the lease, resume from the ledger's checkpoint, stream, batch, flush,
+//! confirm. Reconnects on transient failures; stops on definite ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use cdc_contract::event::Op;
+use cdc_contract::layout::Layout;
+use cdc_contract::ledger::Checkpoint;
+use cdc_contract::{metrics, Hour, Lsn, Position, TableName};
+
+use crate::batch::Batcher;
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::encode::{Image, TableEncoder, TxContext};
+use crate::flush::{FlushError, FlushOutcome, Flusher};
+use crate::ledger::{Ledger, LedgerError};
+use crate::notify::Notifier;
+use crate::pgoutput::{self, OldTuple, PgOutput};
+use crate::replication::{
+    quote_ident, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
+    ReplicationStream, PG_EPOCH_OFFSET_MICROS,
+};
+use crate::sink::BatchSink;
+
+/// Why the capture stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Another task took the lease over.
+    #[error("lease lost, stopping without writing further: {0}")]
+    LeaseLost(String),
+    /// The ledger failed definitely.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// A flush failed definitely.
+    #[error(transparent)]
+    Flush(#[from] FlushError),
+    /// The replication connection failed definitely.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// An SQL query failed.
+    #[error("sql: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    /// pgoutput sent something undecodable.
+    #[error(transparent)]
+    Decode(#[from] pgoutput::DecodeError),
+    /// The source is not set up as the capture needs.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shutdown was asked for; buffered changes were recorded.
+    Shutdown,
+    /// `--exit-when-caught-up`: everything committed before the start is recorded.
+    CaughtUp,
+}
+
+/// The capture's collaborators.
+pub struct Deps {
+    /// The ledger.
+    pub ledger: Arc<dyn Ledger>,
+    /// Where batches go.
+    pub sink: Arc<dyn BatchSink>,
+    /// The compactor's notifications.
+    pub notifier: Arc<dyn Notifier>,
+    /// Where EMF metric lines go (None: not emitted).
+    pub metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
+}
+
+struct RelState {
+    encoder: Arc<TableEncoder>,
+    captured: bool,
+}
+
+struct Tx {
+    ctx: TxContext,
+    ordinal: u32,
+    per_table: HashMap<u32, u32>,
+    last: Option<Position>,
+}
+
+/// Runs the capture until shutdown, `--exit-when-caught-up`, or a definite error.
+pub async fn run(
+    settings: Settings,
+    deps: Deps,
+    shutdown: CancellationToken,
+) -> Result<Stopped, CaptureError> {
+    let owner = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+    let lease_ms = settings.lease_duration().as_millis() as i64;
+
+    // The lease: wait while another live task holds it.
+    let epoch = loop {
+        match deps.ledger.acquire_lease(&owner, lease_ms).await {
+            Ok(epoch) => break epoch,
+            Err(LedgerError::Held {
+                owner: holder,
+                expires_ms,
+            }) => {
+                let wait =
+                    (expires_ms - chrono::Utc::now().timestamp_millis()).clamp(500, lease_ms / 3);
+                tracing::warn!(slot = %settings.slot, holder = %holder, retry_in_ms = wait, "slot is leased by another capture; waiting for it to stop or expire");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Stopped::Shutdown),
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                }
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "taking the lease failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    tracing::info!(slot = %settings.slot, owner = %owner, epoch, "lease taken");
+
+    let lease_lost = CancellationToken::new();
+    let renewal = tokio::spawn(renew_lease(
+        deps.ledger.clone(),
+        owner.clone(),
+        epoch,
+        settings.lease_duration(),
+        lease_lost.clone(),
+        shutdown.child_token(),
+    ));
+
+    let result = stream(&settings, &deps, &owner, epoch, &shutdown, &lease_lost).await;
+    renewal.abort();
+    if !matches!(result, Err(CaptureError::LeaseLost(_))) {
+        if let Err(error) = deps.ledger.release_lease(&owner, epoch).await {
+            tracing::warn!(error = %error, "releasing the lease failed; a successor waits for its expiry");
+        }
+    }
+    result
+}
+
+async fn renew_lease(
+    ledger: Arc<dyn Ledger>,
+    owner: String,
+    epoch: u64,
+    duration: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(duration / 3) => {}
+        }
+        match ledger
+            .renew_lease(&owner, epoch, duration.as_millis() as i64)
+            .await
+        {
+            Ok(()) => last_ok = Instant::now(),
+            Err(e) if e.is_transient() && last_ok.elapsed() < duration => {
+                tracing::warn!(error = %e, "lease renewal failed; retrying");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, epoch, "lease lost");
+                lost.cancel();
+                return;
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "capture".into())
+}
+
+fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError> {
+    let cfg = &settings.config;
+    let tls = crate::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
+        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+    Ok(ConnectParams {
+        host: cfg.host.clone(),
+        port: cfg.port,
+        user: settings.username.clone(),
+        password: cfg.password.clone(),
+        database: settings.database.clone(),
+        ssl_mode: cfg.sslmode,
+        tls,
+        connect_timeout: Duration::from_secs(30),
+    })
+}
+
+/// Checks the slot and publication; creates the slot when it is missing and the ledger has no
+/// checkpoint. A missing slot with a checkpoint is a definite error: its changes are gone.
+async fn ensure_slot(
+    settings: &Settings,
+    params: &ConnectParams,
+    catalog: &Catalog,
+    checkpoint: &Option<Checkpoint>,
+) -> Result<(), CaptureError> {
+    let client = catalog.client();
+    let publication = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&settings.config.publication],
+        )
+        .await?;
+    if publication.is_none() {
+        return Err(CaptureError::Setup(format!(
+            "CDC_PUBLICATION: publication {:?} does not exist in database {:?}; create it \
+             (CREATE PUBLICATION {} FOR TABLE ...) or name an existing one",
+            settings.config.publication,
+            settings.database,
+            quote_ident(&settings.config.publication)
+        )));
+    }
+    let slot = client
+        .query_opt(
+            "SELECT plugin, database, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&settings.slot],
+        )
+        .await?;
+    match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let database: Option<String> = row.get(1);
+            let wal_status: String = row.get(2);
+            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(settings.database.as_str()) {
+                return Err(CaptureError::Setup(format!(
+                    "CDC_SLOT_NAME: slot {:?} exists but is not a pgoutput slot of database {:?}",
+                    settings.slot, settings.database
+                )));
+            }
+            if wal_status == "lost" {
+                return Err(CaptureError::Setup(format!(
+                    "replication slot {:?} is invalidated (wal_status = lost): the WAL it needed was removed and \
+                     changes since the ledger's checkpoint are gone. Drop the slot, then start the capture to \
+                     create it again; the gap must be filled by a fresh snapshot",
+                    settings.slot
+                )));
+            }
+            Ok(())
+        }
+        None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => Err(CaptureError::Setup(format!(
+            "replication slot {:?} does not exist but the ledger holds a checkpoint for it: changes since \
+             the checkpoint are gone. To start over, delete the slot's ledger items (pk slot#{}) and start \
+             the capture again; the gap must be filled by a fresh snapshot",
+            settings.slot, settings.slot
+        ))),
+        None => {
+            let mut conn = ReplicationConnection::connect(params).await?;
+            conn.simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(&settings.slot)
+            ))
+            .await?;
+            tracing::info!(slot = %settings.slot, "replication slot created");
+            Ok(())
+        }
+    }
+}
+
+struct Streamer<'a> {
+    settings: &'a Settings,
+    flusher: Arc<Flusher>,
+    catalog: Catalog,
+    relations: HashMap<u32, RelState>,
+    batcher: Batcher,
+    recorded: Checkpoint,
+    inflight: Option<tokio::task::JoinHandle<Result<FlushOutcome, FlushError>>>,
+    tx: Option<Tx>,
+    last_commit_end: Lsn,
+    last_commit_ms: i64,
+    server_end: Lsn,
+    idle_since_record: Instant,
+    target: Option<Lsn>,
+    metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
+    grace_ms: i64,
+}
+
+async fn stream(
+    settings: &Settings,
+    deps: &Deps,
+    owner: &str,
+    epoch: u64,
+    shutdown: &CancellationToken,
+    lease_lost: &CancellationToken,
+) -> Result<Stopped, CaptureError> {
+    let params = connect_params(settings)?;
+    let checkpoint = deps.ledger.load_checkpoint().await?;
+    let catalog = Catalog::new(crate::catalog::connect(&params).await?);
+    ensure_slot(settings, &params, &catalog, &checkpoint).await?;
+    let target = if settings.config.exit_when_caught_up {
+        let lsn = catalog.current_wal_lsn().await?;
+        tracing::info!(target = %lsn, "will exit once everything committed before this position is recorded");
+        Some(lsn)
+    } else {
+        None
+    };
+    let recorded = checkpoint.unwrap_or_default();
+    tracing::info!(lsn = %recorded.lsn, partial = ?recorded.partial.map(|p| p.key()), flush_seq = recorded.flush_seq, "resuming from the ledger's checkpoint");
+    let flusher = Arc::new(Flusher {
+        slot: settings.slot.clone(),
+        layout: Layout::new(&settings.config.s3_base_path),
+        sink: deps.sink.clone(),
+        ledger: deps.ledger.clone(),
+        notifier: deps.notifier.clone(),
+        owner: owner.to_owned(),
+        epoch,
+        upload_concurrency: 8,
+    });
+    let mut s = Streamer {
+        settings,
+        flusher,
+        catalog,
+        relations: HashMap::new(),
+        batcher: Batcher::default(),
+        last_commit_end: recorded.lsn,
+        last_commit_ms: recorded.commit_ms,
+        server_end: recorded.lsn,
+        recorded,
+        inflight: None,
+        tx: None,
+        idle_since_record: Instant::now(),
+        target,
+        metrics: deps.metrics.clone(),
+        grace_ms: settings.config.close_grace_seconds as i64 * 1000,
+    };
+
+    let mut attempt = 0u32;
+    loop {
+        let conn = match connect_and_start(settings, &params, s.recorded.lsn).await {
+            Ok(c) => {
+                attempt = 0;
+                c
+            }
+            Err(e) if e.is_transient() => {
+                let wait = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "replication connection failed; retrying");
+                attempt += 1;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Stopped::Shutdown),
+                    _ = lease_lost.cancelled() => return Err(CaptureError::LeaseLost("renewal failed".into())),
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match s.run_stream(conn, shutdown, lease_lost).await {
+            Ok(stopped) => return Ok(stopped),
+            Err(CaptureError::Replication(e)) if e.is_transient() => {
+                tracing::warn!(error = %e, "replication stream broke; reconnecting from the recorded checkpoint");
+                s.reset_after_disconnect().await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn connect_and_start(
+    settings: &Settings,
+    params: &ConnectParams,
+    start: Lsn,
+) -> Result<ReplicationStream, ReplicationError> {
+    let conn = ReplicationConnection::connect(params).await?;
+    let stream = conn
+        .start_replication(&settings.slot, start, &settings.config.publication)
+        .await?;
+    tracing::info!(slot = %settings.slot, start = %start, "streaming");
+    Ok(stream)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Streamer<'_> {
+    async fn reset_after_disconnect(&mut self) -> Result<(), CaptureError> {
+        // What was buffered but not recorded is sent again from the recorded checkpoint.
+        self.wait_inflight().await?;
+        self.batcher.take();
+        self.tx = None;
+        self.relations.clear();
+        self.last_commit_end = self.recorded.lsn;
+        self.last_commit_ms = self.recorded.commit_ms;
+        Ok(())
+    }
+
+    async fn run_stream(
+        &mut self,
+        mut conn: ReplicationStream,
+        shutdown: &CancellationToken,
+        lease_lost: &CancellationToken,
+    ) -> Result<Stopped, CaptureError> {
+        let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let flush_interval = self.settings.flush_interval();
+        loop {
+            let flush_deadline = self
+                .batcher
+                .oldest()
+                .map(|o| tokio::time::Instant::from_std(o + flush_interval));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.flush_on_shutdown().await?;
+                    let lsn = self.recorded.lsn;
+                    let _ = conn.send_status(lsn, lsn, false).await;
+                    tracing::info!(lsn = %lsn, "stopped on request; buffered changes recorded");
+                    return Ok(Stopped::Shutdown);
+                }
+                _ = lease_lost.cancelled() => {
+                    return Err(CaptureError::LeaseLost("renewal was refused".into()));
+                }
+                done = async { self.inflight.as_mut().expect("guarded").await }, if self.inflight.is_some() => {
+                    self.inflight = None;
+                    self.flush_done(done)?;
+                    let lsn = self.recorded.lsn;
+                    conn.send_status(lsn, lsn, false).await?;
+                    if self.caught_up() {
+                        return Ok(Stopped::CaughtUp);
+                    }
+                }
+                _ = sleep_until(flush_deadline), if flush_deadline.is_some() && self.tx.is_none() => {
+                    self.start_flush(Checkpoint {
+                        lsn: self.last_commit_end,
+                        partial: None,
+                        commit_ms: self.last_commit_ms,
+                        ..Default::default()
+                    }, false).await?;
+                }
+                msg = conn.next() => {
+                    match msg? {
+                        ReplicationMessage::XLogData { data, wal_start, .. } => {
+                            self.handle(pgoutput::decode(data)?, wal_start).await?;
+                        }
+                        ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                            tracing::trace!(wal_end = %wal_end, reply_requested, "keepalive");
+                            if self.tx.is_none() {
+                                self.server_end = self.server_end.max(wal_end);
+                            }
+                            self.maybe_heartbeat().await?;
+                            if self.caught_up() && self.tx.is_none() {
+                                return Ok(Stopped::CaughtUp);
+                            }
+                            if reply_requested {
+                                let lsn = self.recorded.lsn;
+                                conn.send_status(lsn, lsn, false).await?;
+                            }
+                        }
+                    }
+                }
+                _ = status_tick.tick() => {
+                    let lsn = self.recorded.lsn;
+                    conn.send_status(lsn, lsn, false).await?;
+                    self.maybe_heartbeat().await?;
+                    if self.caught_up() && self.tx.is_none() {
+                        return Ok(Stopped::CaughtUp);
+                    }
+                }
+            }
+        }
+    }
+
+    fn caught_up(&self) -> bool {
+        match self.target {
+            Some(target) => {
+                self.recorded.lsn >= target
+                    && self.recorded.partial.is_none()
+                    && self.batcher.is_empty()
+                    && self.inflight.is_none()
+            }
+            None => false,
+        }
+    }
+
+    /// While idle: record the position the server says everything before is sent (and so
+    /// processed), at the heartbeat rate, or at once when `--exit-when-caught-up` reached its
+    /// target.
+    async fn maybe_heartbeat(&mut self) -> Result<(), CaptureError> {
+        if self.tx.is_some() || self.inflight.is_some() {
+            return Ok(());
+        }
+        if !self.batcher.is_empty() {
+            // `--exit-when-caught-up` has everything it waits for: record it now.
+            if self.target.is_some_and(|t| self.server_end >= t) {
+                let checkpoint = Checkpoint {
+                    lsn: self.last_commit_end,
+                    partial: None,
+                    commit_ms: self.last_commit_ms,
+                    ..Default::default()
+                };
+                return self.start_flush(checkpoint, false).await;
+            }
+            return Ok(());
+        }
+        let reached_target = self
+            .target
+            .is_some_and(|t| self.server_end >= t && self.recorded.lsn < t);
+        let due = self.idle_since_record.elapsed() >= self.settings.heartbeat_interval();
+        if !(due || reached_target) {
+            return Ok(());
+        }
+        let now = now_ms();
+        let lsn = self.server_end.max(self.last_commit_end);
+        // Notify when the closing time passes an hour's end plus the grace period.
+        let closes_hour = Hour::from_millis(self.recorded.closing_ms() - self.grace_ms)
+            != Hour::from_millis(now - self.grace_ms);
+        self.last_commit_end = lsn;
+        let checkpoint = Checkpoint {
+            lsn,
+            partial: None,
+            commit_ms: self.last_commit_ms,
+            caught_up_ms: Some(now),
+            ..Default::default()
+        };
+        self.start_flush(checkpoint, closes_hour).await
+    }
+
+    async fn handle(&mut self, msg: PgOutput, wal_start: Lsn) -> Result<(), CaptureError> {
+        match msg {
+            PgOutput::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                self.tx = Some(Tx {
+                    ctx: TxContext {
+                        xid: Some(xid),
+                        commit_lsn: final_lsn,
+                        commit_us: commit_ts + PG_EPOCH_OFFSET_MICROS,
+                        prev_commit_end: self.last_commit_end,
+                        snapshot: false,
+                    },
+                    ordinal: 0,
+                    per_table: HashMap::new(),
+                    last: None,
+                });
+            }
+            PgOutput::Commit {
+                end_lsn, commit_ts, ..
+            } => {
+                self.tx = None;
+                self.last_commit_end = end_lsn;
+                self.last_commit_ms = (commit_ts + PG_EPOCH_OFFSET_MICROS).div_euclid(1000);
+                self.server_end = self.server_end.max(end_lsn);
+                let due = self.batcher.bytes() >= self.settings.config.flush_max_bytes
+                    || self
+                        .batcher
+                        .oldest()
+                        .is_some_and(|o| o.elapsed() >= self.settings.flush_interval());
+                if due {
+                    self.start_flush(
+                        Checkpoint {
+                            lsn: end_lsn,
+                            partial: None,
+                            commit_ms: self.last_commit_ms,
+                            ..Default::default()
+                        },
+                        false,
+                    )
+                    .await?;
+                }
+            }
+            PgOutput::Relation(rel) => {
+                let table = TableName::new(rel.namespace.clone(), rel.name.clone());
+                let captured =
+                    self.settings.tables.is_empty() || self.settings.tables.contains(&table);
+                let previous = self
+                    .relations
+                    .get(&rel.oid)
+                    .map(|r| r.encoder.schema_id.clone());
+                let schema = self.catalog.table_schema(&rel, previous.is_some()).await?;
+                let encoder =
+                    TableEncoder::new(schema, &self.settings.slot, &self.settings.database);
+                match previous {
+                    Some(old) if old == encoder.schema_id => {
+                        // Same columns: keep the encoder so batches are not cut.
+                        return Ok(());
+                    }
+                    Some(old) => {
+                        tracing::info!(table = %table, old_version = %old, new_version = %encoder.schema_id, "schema change")
+                    }
+                    None => {
+                        tracing::debug!(table = %table, version = %encoder.schema_id, "relation")
+                    }
+                }
+                self.relations.insert(
+                    rel.oid,
+                    RelState {
+                        encoder: Arc::new(encoder),
+                        captured,
+                    },
+                );
+            }
+            PgOutput::Insert { rel, new } => {
+                self.change(rel, Op::Create, None, Some(&new), wal_start)
+                    .await?
+            }
+            PgOutput::Update { rel, old, new } => {
+                self.change(rel, Op::Update, old, Some(&new), wal_start)
+                    .await?
+            }
+            PgOutput::Delete { rel, old } => {
+                self.change(rel, Op::Delete, old, None, wal_start).await?
+            }
+            PgOutput::Truncate { rels, .. } => {
+                for rel in rels {
+                    self.change(rel, Op::Truncate, None, None, wal_start)
+                        .await?;
+                }
+            }
+            PgOutput::Type { .. } | PgOutput::Origin { .. } | PgOutput::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn change(
+        &mut self,
+        rel: u32,
+        op: Op,
+        old: Option<OldTuple>,
+        new: Option<&[pgoutput::Value]>,
+        lsn: Lsn,
+    ) -> Result<(), CaptureError> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(CaptureError::Decode(pgoutput::DecodeError(
+                "change outside a transaction".into(),
+            )));
+        };
+        tx.ordinal += 1;
+        let pos = Position::new(tx.ctx.commit_lsn, tx.ordinal);
+        let Some(state) = self.relations.get(&rel) else {
+            return Err(CaptureError::Decode(pgoutput::DecodeError(format!(
+                "change for relation {rel} before its Relation message"
+            ))));
+        };
+        if !state.captured || self.recorded.covers(pos) {
+            return Ok(());
+        }
+        let table_ordinal = {
+            let n = tx.per_table.entry(rel).or_insert(0);
+            *n += 1;
+            *n
+        };
+        tx.last = Some(pos);
+        let ctx = tx.ctx;
+        let encoder = state.encoder.clone();
+        let commit_ms = ctx.commit_us.div_euclid(1000);
+        let hour = Hour::from_millis(commit_ms);
+        let now = now_ms();
+        self.batcher
+            .push(rel, &encoder, hour, pos, commit_ms, |out| {
+                let before = match &old {
+                    Some(OldTuple::Key(v)) => Some(Image::KeyOnly(v)),
+                    Some(OldTuple::Full(v)) => Some(Image::Full(v)),
+                    None => None,
+                };
+                encoder.write_event(
+                    out,
+                    op,
+                    before,
+                    new,
+                    &ctx,
+                    lsn,
+                    pos.ordinal,
+                    table_ordinal,
+                    now,
+                );
+            });
+        if self.batcher.bytes() >= self.settings.config.flush_max_bytes {
+            // A transaction larger than a batch: record what we have, mid-transaction.
+            self.start_flush(
+                Checkpoint {
+                    lsn: self.last_commit_end,
+                    partial: Some(pos),
+                    commit_ms,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_inflight(&mut self) -> Result<(), CaptureError> {
+        if let Some(handle) = self.inflight.take() {
+            let done = handle.await;
+            self.flush_done(done)?;
+        }
+        Ok(())
+    }
+
+    fn flush_done(
+        &mut self,
+        done: Result<Result<FlushOutcome, FlushError>, tokio::task::JoinError>,
+    ) -> Result<(), CaptureError> {
+        let outcome = match done {
+            Ok(Ok(o)) => o,
+            Ok(Err(FlushError::Fenced(e))) => return Err(CaptureError::LeaseLost(e.to_string())),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(CaptureError::Setup(format!("flush task failed: {e}"))),
+        };
+        let cp = &outcome.checkpoint;
+        tracing::debug!(lsn = %cp.lsn, rows = outcome.rows, bytes = outcome.bytes, latency_ms = outcome.latency.as_millis() as u64, "flush recorded");
+        if let Some(emit) = &self.metrics {
+            if outcome.rows > 0 {
+                let now = now_ms();
+                emit(metrics::emf_line(
+                    &self.settings.slot,
+                    now,
+                    &[
+                        (metrics::FLUSH_ROWS, outcome.rows as f64),
+                        (metrics::FLUSH_BYTES, outcome.bytes as f64),
+                        (metrics::FLUSH_LATENCY, outcome.latency.as_millis() as f64),
+                        (metrics::FLUSH_RETRIES, outcome.retries as f64),
+                        (
+                            metrics::COMMIT_TO_LEDGER_LATENCY,
+                            (now - cp.commit_ms).max(0) as f64,
+                        ),
+                    ],
+                ));
+            }
+        }
+        debug_assert!(cp.lsn >= self.recorded.lsn, "progress only moves forward");
+        if cp.lsn >= self.recorded.lsn {
+            self.recorded = outcome.checkpoint;
+        }
+        self.idle_since_record = Instant::now();
+        Ok(())
+    }
+
+    async fn start_flush(
+        &mut self,
+        mut checkpoint: Checkpoint,
+        notify_empty: bool,
+    ) -> Result<(), CaptureError> {
+        self.wait_inflight().await?;
+        // The checkpoint never moves backwards, and keeps the caught-up time it had.
+        if checkpoint.caught_up_ms.is_none() {
+            checkpoint.caught_up_ms = self.recorded.caught_up_ms;
+        }
+        checkpoint.commit_ms = checkpoint.commit_ms.max(self.recorded.commit_ms);
+        let segments = self.batcher.take();
+        let seq = self.recorded.flush_seq + 1;
+        let flusher = self.flusher.clone();
+        self.inflight = Some(tokio::spawn(async move {
+            flusher.flush(segments, checkpoint, seq, notify_empty).await
+        }));
+        Ok(())
+    }
+
+    async fn flush_on_shutdown(&mut self) -> Result<(), CaptureError> {
+        if !self.batcher.is_empty() {
+            let checkpoint = match &self.tx {
+                Some(tx) => Checkpoint {
+                    lsn: self.last_commit_end,
+                    partial: tx.last.or(self
+                        .recorded
+                        .partial
+                        .filter(|p| p.commit_lsn == tx.ctx.commit_lsn)),
+                    commit_ms: tx.ctx.commit_us.div_euclid(1000),
+                    ..Default::default()
+                },
+                None => Checkpoint {
+                    lsn: self.last_commit_end,
+                    partial: None,
+                    commit_ms: self.last_commit_ms,
+                    ..Default::default()
+                },
+            };
+            self.start_flush(checkpoint, false).await?;
+        }
+        self.wait_inflight().await
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,128 @@
+//! Where micro-batches go: gzipped JSONL objects on S3, or standard output in LOCAL TEST MODE.
+
+use std::io::Write;
+
+use async_trait::async_trait;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+
+/// Why a batch could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Throttling, timeouts, 5xx, lost connections: retry.
+    #[error("batch upload failed, will retry: {0}")]
+    Transient(String),
+    /// Missing bucket, access denied: a person must act.
+    #[error("batch upload refused: {0}")]
+    Definite(String),
+}
+
+impl SinkError {
+    /// True when retrying may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient(_))
+    }
+}
+
+/// Stores one micro-batch (uncompressed JSON lines) under its key; returns the stored size.
+#[async_trait]
+pub trait BatchSink: Send + Sync {
+    /// Stores `jsonl` at `key`. Rewriting the same key with the same content is harmless.
+    async fn put_batch(&self, key: &str, jsonl: Bytes) -> Result<u64, SinkError>;
+}
+
+/// Gzips JSON lines (fast level: the batch is read once, by the compactor).
+pub fn gzip(jsonl: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(jsonl.len() / 6 + 64),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(jsonl)?;
+    enc.finish()
+}
+
+/// Micro-batches on S3.
+pub struct S3Sink {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl S3Sink {
+    /// A sink into `bucket`.
+    pub fn new(client: aws_sdk_s3::Client, bucket: String) -> Self {
+        Self { client, bucket }
+    }
+
+    /// Fails with a clear error when the bucket does not exist or cannot be reached.
+    pub async fn check(&self) -> Result<(), SinkError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| classify(&format!("bucket {}", self.bucket), e))?;
+        Ok(())
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
+    what: &str,
+    err: SdkError<E, aws_smithy_runtime_api::http::Response>,
+) -> SinkError {
+    let status = match &err {
+        SdkError::ServiceError(_) => err.raw_response().map(|r| r.status().as_u16()),
+        _ => None,
+    };
+    let text = crate::ledger::aws_error_text(&err);
+    match (&err, status) {
+        (SdkError::ServiceError(_), Some(code))
+            if (400..500).contains(&code) && code != 408 && code != 429 =>
+        {
+            let hint = if code == 404 {
+                " (does the bucket exist?)"
+            } else {
+                ""
+            };
+            SinkError::Definite(format!("{what}: HTTP {code} {text}{hint}"))
+        }
+        (SdkError::ConstructionFailure(_), _) => SinkError::Definite(format!("{what}: {text}")),
+        _ => SinkError::Transient(format!("{what}: {text}")),
+    }
+}
+
+#[async_trait]
+impl BatchSink for S3Sink {
+    async fn put_batch(&self, key: &str, jsonl: Bytes) -> Result<u64, SinkError> {
+        let gz = tokio::task::spawn_blocking(move || gzip(&jsonl))
+            .await
+            .map_err(|e| SinkError::Definite(format!("compression task: {e}")))?
+            .map_err(|e| SinkError::Definite(format!("compression: {e}")))?;
+        let size = gz.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/x-ndjson")
+            .content_encoding("gzip")
+            .body(gz.into())
+            .send()
+            .await
+            .map_err(|e| classify(&format!("put {key}"), e))?;
+        Ok(size)
+    }
+}
+
+/// LOCAL TEST MODE: each event as one JSON line on standard output.
+pub struct StdoutSink;
+
+#[async_trait]
+impl BatchSink for StdoutSink {
+    async fn put_batch(&self, _key: &str, jsonl: Bytes) -> Result<u64, SinkError> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&jsonl)
+            .and_then(|_| out.flush())
+            .map_err(|e| SinkError::Definite(format!("standard output: {e}")))?;
+        Ok(jsonl.len() as u64)
+    }
+}
