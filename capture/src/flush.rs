@@ -65,6 +65,10 @@ pub struct Flusher {
     pub epoch: u64,
     /// Parallel uploads per flush.
     pub upload_concurrency: usize,
+    /// Fault-injection hook for the crash tests (`CDC_TEST_CRASH_AT`): the process aborts, as if
+    /// killed, right after the uploads (`after_upload`) or right after the ledger record
+    /// (`after_record`, before the confirmation).
+    pub crash_at: Option<String>,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -73,6 +77,13 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl Flusher {
+    fn crash_point(&self, point: &str, rows: u64) {
+        if rows > 0 && self.crash_at.as_deref() == Some(point) {
+            tracing::error!(point, "CDC_TEST_CRASH_AT: aborting");
+            std::process::abort();
+        }
+    }
+
     /// Runs one flush of `segments` to `checkpoint` as flush number `seq`. `notify` says whether
     /// to notify when no batch was written (a heartbeat that closes an hour).
     pub async fn flush(
@@ -150,6 +161,7 @@ impl Flusher {
             .await?;
         retries += retry_count.load(std::sync::atomic::Ordering::Relaxed);
         let bytes = batches.iter().map(|b| b.bytes).sum();
+        self.crash_point("after_upload", rows);
 
         let request = FlushRequest {
             id,
@@ -175,6 +187,8 @@ impl Flusher {
                 Err(e) => return Err(FlushError::Ledger(e)),
             }
         }
+
+        self.crash_point("after_record", rows);
 
         if !request.batches.is_empty() || notify_empty {
             let mut hours: Vec<TableHour> = request

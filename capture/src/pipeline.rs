@@ -311,6 +311,9 @@ async fn stream(
         owner: owner.to_owned(),
         epoch,
         upload_concurrency: 8,
+        crash_at: std::env::var("CDC_TEST_CRASH_AT")
+            .ok()
+            .filter(|v| !v.is_empty()),
     });
     let mut s = Streamer {
         settings,

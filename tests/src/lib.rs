@@ -7,6 +7,7 @@
 
 pub mod aws;
 pub mod bins;
+pub mod capture;
 pub mod postgres;
 
 /// A name unique to this test process and call, for databases, slots, buckets, tables, queues.

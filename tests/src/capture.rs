@@ -1,0 +1,283 @@
+//! Driving the real `capture` binary against a throwaway cluster and the emulator, and reading
+//! back what it recorded (through the ledger, as the compactor does).
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+use cdc_contract::ledger::{self, BatchItem, Checkpoint, FlushId};
+use cdc_contract::{Hour, Position, TableName};
+
+use crate::aws::AwsFixture;
+use crate::postgres::PgCluster;
+
+/// One source database and slot, with the AWS fixture the capture writes to.
+pub struct CaptureSetup<'a> {
+    /// The cluster.
+    pub pg: &'a PgCluster,
+    /// The database.
+    pub db: String,
+    /// The slot.
+    pub slot: String,
+    /// The publication.
+    pub publication: String,
+    /// AWS resources.
+    pub aws: &'a AwsFixture,
+    /// Extra environment (flush settings, ...).
+    pub env: Vec<(String, String)>,
+}
+
+impl<'a> CaptureSetup<'a> {
+    /// A setup for `db` with a fresh slot name and publication `pub_all`.
+    pub fn new(pg: &'a PgCluster, db: &str, aws: &'a AwsFixture) -> Self {
+        Self {
+            pg,
+            db: db.to_owned(),
+            slot: crate::unique_name("slot_"),
+            publication: "pub_all".into(),
+            aws,
+            env: vec![
+                ("FLUSH_INTERVAL_MS".into(), "300".into()),
+                ("LEASE_DURATION_MS".into(), "3000".into()),
+            ],
+        }
+    }
+
+    /// Creates the publication (for all tables) and the slot, so later writes are captured.
+    pub async fn create_publication_and_slot(&self) -> anyhow::Result<()> {
+        self.pg
+            .execute(
+                &self.db,
+                &format!("CREATE PUBLICATION {} FOR ALL TABLES", self.publication),
+            )
+            .await?;
+        self.pg
+            .execute(
+                &self.db,
+                &format!(
+                    "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+                    self.slot
+                ),
+            )
+            .await
+    }
+
+    /// The capture command with every setting pointing at this setup.
+    pub fn command(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(crate::bins::bin_path("capture")?);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,capture=debug")
+            .env("POSTGRES_HOST", "127.0.0.1")
+            .env("POSTGRES_PORT", self.pg.port.to_string())
+            .env("POSTGRES_DATABASE", &self.db)
+            .env("POSTGRES_USER", "postgres")
+            .env("POSTGRES_PASSWORD", crate::postgres::SUPERUSER_PASSWORD)
+            .env("PGSSLMODE", "disable")
+            .env("CDC_SLOT_NAME", &self.slot)
+            .env("CDC_PUBLICATION", &self.publication)
+            .env("HOSTNAME", "test")
+            .envs(self.aws.env())
+            .envs(self.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// Runs the capture with `--exit-when-caught-up` and fails unless it exits 0 within `timeout`.
+    pub async fn run_until_caught_up(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::Output> {
+        let mut cmd = self.command()?;
+        cmd.arg("--exit-when-caught-up")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().context("starting capture")?;
+        let out = tokio::time::timeout(timeout, child.wait_with_output())
+            .await
+            .context("capture --exit-when-caught-up did not finish in time")??;
+        if !out.status.success() {
+            bail!(
+                "capture exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// Starts the capture in the background (stderr kept in a pipe).
+    pub fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
+        let mut cmd = self.command()?;
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.spawn().context("starting capture")
+    }
+
+    /// The recorded checkpoint.
+    pub async fn checkpoint(&self) -> anyhow::Result<Option<Checkpoint>> {
+        let item = self
+            .aws
+            .get_ledger_item(&ledger::slot_pk(&self.slot), ledger::CHECKPOINT_SK)
+            .await?;
+        Ok(match item {
+            Some(i) => Some(Checkpoint::from_item(&i)?),
+            None => None,
+        })
+    }
+
+    /// The slot's `confirmed_flush_lsn`.
+    pub async fn confirmed_flush_lsn(&self) -> anyhow::Result<cdc_contract::Lsn> {
+        let client = self.pg.connect(&self.db).await?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await?;
+        Ok(row.get::<_, String>(0).parse()?)
+    }
+
+    /// Every valid batch the ledger holds for the slot (flush record present), by table, in
+    /// position order; orphans (no flush record) are left out as the compactor leaves them out.
+    pub async fn recorded_batches(&self) -> anyhow::Result<BTreeMap<TableName, Vec<BatchItem>>> {
+        let mut tables: BTreeMap<TableName, Vec<BatchItem>> = BTreeMap::new();
+        let markers = self
+            .aws
+            .query_ledger(&ledger::pending_pk(&self.slot))
+            .await?;
+        let mut flushes: BTreeMap<FlushId, bool> = BTreeMap::new();
+        for marker in markers {
+            let m = ledger::PendingHour::from_item(&marker)?;
+            let items = self
+                .aws
+                .query_ledger(&ledger::batch_pk(&self.slot, &m.table, m.hour))
+                .await?;
+            for item in items {
+                let batch = BatchItem::from_item(&item)?;
+                let valid = match flushes.get(&batch.flush_id) {
+                    Some(v) => *v,
+                    None => {
+                        let v = self
+                            .aws
+                            .get_ledger_item(
+                                &ledger::slot_pk(&self.slot),
+                                &ledger::flush_sk(&batch.flush_id),
+                            )
+                            .await?
+                            .is_some();
+                        flushes.insert(batch.flush_id, v);
+                        v
+                    }
+                };
+                if valid {
+                    tables.entry(batch.table.clone()).or_default().push(batch);
+                }
+            }
+        }
+        for batches in tables.values_mut() {
+            batches.sort_by_key(|b| b.first);
+        }
+        Ok(tables)
+    }
+
+    /// Every recorded event of `table`, in (commit LSN, ordinal) order; fails if two recorded
+    /// batches overlap or an event repeats.
+    pub async fn recorded_events(&self, table: &str) -> anyhow::Result<Vec<Value>> {
+        let table: TableName = table.parse()?;
+        let batches = self.recorded_batches().await?;
+        let mut events = Vec::new();
+        let mut last: Option<Position> = None;
+        for batch in batches.get(&table).map(Vec::as_slice).unwrap_or_default() {
+            if let Some(prev) = last {
+                if batch.first <= prev {
+                    bail!(
+                        "batch {} overlaps the previous one (ends {})",
+                        batch.key,
+                        prev
+                    );
+                }
+            }
+            let lines = self.aws.read_jsonl_gz(&batch.key).await?;
+            if lines.len() as u64 != batch.rows {
+                bail!(
+                    "batch {} holds {} lines, ledger says {}",
+                    batch.key,
+                    lines.len(),
+                    batch.rows
+                );
+            }
+            for ev in lines {
+                let pos = event_position(&ev)?;
+                if last.is_some_and(|l| pos <= l) {
+                    bail!("event {pos} out of order or repeated");
+                }
+                last = Some(pos);
+                events.push(ev);
+            }
+        }
+        Ok(events)
+    }
+
+    /// The hours the slot has batches for.
+    pub async fn pending_hours(&self) -> anyhow::Result<Vec<(TableName, Hour)>> {
+        let markers = self
+            .aws
+            .query_ledger(&ledger::pending_pk(&self.slot))
+            .await?;
+        markers
+            .iter()
+            .map(|m| {
+                ledger::PendingHour::from_item(m)
+                    .map(|p| (p.table, p.hour))
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
+}
+
+/// An event's (commit LSN, ordinal).
+pub fn event_position(ev: &Value) -> anyhow::Result<Position> {
+    let lsn = ev["source"]["commit_lsn"]
+        .as_u64()
+        .context("source.commit_lsn")?;
+    let ord = ev["transaction"]["total_order"]
+        .as_u64()
+        .context("transaction.total_order")?;
+    Ok(Position::new(cdc_contract::Lsn(lsn), ord as u32))
+}
+
+/// Replays events per key (`id` column) into the final table state.
+pub fn replay(events: &[Value]) -> BTreeMap<String, Value> {
+    let mut state = BTreeMap::new();
+    for ev in events {
+        match ev["op"].as_str() {
+            Some("c") | Some("r") | Some("u") => {
+                if let Some(before) = ev["before"].as_object() {
+                    state.remove(&before["id"].to_string());
+                }
+                state.insert(ev["after"]["id"].to_string(), ev["after"].clone());
+            }
+            Some("d") => {
+                state.remove(&ev["before"]["id"].to_string());
+            }
+            Some("t") => state.clear(),
+            _ => {}
+        }
+    }
+    state
+}
+
+/// Peak resident memory (VmHWM) of a running process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,269 @@
+//! The capture against a throwaway PostgreSQL and the AWS emulator, through the real binary.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use pipeline_tests::aws::AwsFixture;
+use pipeline_tests::capture::{replay, CaptureSetup};
+use pipeline_tests::postgres::PgCluster;
+
+const CAUGHT_UP: Duration = Duration::from_secs(90);
+
+async fn setup(pg: &PgCluster, schema_sql: &str) -> anyhow::Result<String> {
+    let db = pg.create_database("cap").await?;
+    pg.execute(&db, schema_sql).await?;
+    Ok(db)
+}
+
+fn ops(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["op"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn changes_arrive_as_envelopes_in_commit_order_with_ledger_and_notifications(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         CREATE TABLE b (id int PRIMARY KEY, n numeric(10,2));
+         CREATE TABLE c (id int PRIMARY KEY, v text);",
+    )
+    .await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+
+    // Single statements, a multi-statement transaction, interleaved concurrent transactions,
+    // an update changing the key, deletes and a truncate.
+    pg.execute(&db, "INSERT INTO a VALUES (1, 'one')").await?;
+    pg.execute(&db, "BEGIN; INSERT INTO a VALUES (2, 'two'); INSERT INTO b VALUES (1, 1.50); UPDATE a SET v = 'uno' WHERE id = 1; COMMIT;").await?;
+    let t1 = pg.connect(&db).await?;
+    let t2 = pg.connect(&db).await?;
+    t1.batch_execute("BEGIN; INSERT INTO c VALUES (10, 'first-begun')")
+        .await?;
+    t2.batch_execute("BEGIN; INSERT INTO c VALUES (20, 'second-begun')")
+        .await?;
+    t1.batch_execute("INSERT INTO c VALUES (11, 'first-again')")
+        .await?;
+    t2.batch_execute("COMMIT").await?;
+    t1.batch_execute("COMMIT").await?;
+    pg.execute(&db, "UPDATE a SET id = 3 WHERE id = 2").await?;
+    pg.execute(&db, "DELETE FROM b WHERE id = 1").await?;
+    pg.execute(&db, "TRUNCATE c").await?;
+
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+
+    let a = cap.recorded_events("public.a").await?;
+    assert_eq!(ops(&a), ["c", "c", "u", "u"]);
+    assert_eq!(a[0]["after"], json!({"id": 1, "v": "one"}));
+    assert_eq!(a[0]["before"], Value::Null);
+    assert_eq!(a[0]["source"]["table"], "a");
+    assert_eq!(a[0]["source"]["snapshot"], "false");
+    assert_eq!(a[0]["source"]["db"], db.as_str());
+    assert_eq!(a[0]["source"]["name"], cap.slot.as_str());
+    // The multi-statement transaction: one commit LSN, ordinals 1..3 across tables.
+    assert_eq!(a[1]["source"]["commit_lsn"], a[2]["source"]["commit_lsn"]);
+    assert_eq!(a[1]["transaction"]["total_order"], 1);
+    assert_eq!(a[2]["transaction"]["total_order"], 3);
+    assert_eq!(a[2]["transaction"]["data_collection_order"], 2);
+    assert_eq!(a[2]["after"], json!({"id": 1, "v": "uno"}));
+    // REPLICA IDENTITY DEFAULT: an update without key change has no before image; one that
+    // changes the key carries the old key.
+    assert_eq!(a[2]["before"], Value::Null);
+    assert_eq!(a[3]["before"], json!({"id": 2}));
+    assert_eq!(a[3]["after"], json!({"id": 3, "v": "two"}));
+    let b = cap.recorded_events("public.b").await?;
+    assert_eq!(ops(&b), ["c", "d"]);
+    assert_eq!(b[0]["after"]["n"], "1.50");
+    assert_eq!(b[1]["before"], json!({"id": 1}));
+    assert_eq!(b[1]["after"], Value::Null);
+    let c = cap.recorded_events("public.c").await?;
+    // The second-begun transaction committed first: commit order, not begin order.
+    assert_eq!(ops(&c), ["c", "c", "c", "t"]);
+    assert_eq!(c[0]["after"]["id"], 20);
+    assert_eq!(c[1]["after"]["id"], 10);
+    assert_eq!(c[2]["after"]["id"], 11);
+    assert_eq!(c[3]["before"], Value::Null);
+    assert!(replay(&c).is_empty());
+    // Commit LSNs never go backwards within a table.
+    for events in [&a, &b, &c] {
+        let lsns: Vec<u64> = events
+            .iter()
+            .map(|e| e["source"]["commit_lsn"].as_u64().unwrap_or(0))
+            .collect();
+        assert!(lsns.windows(2).all(|w| w[0] <= w[1]), "{lsns:?}");
+    }
+
+    // The ledger names every batch, with the staging layout's key, and the checkpoint covers them.
+    let batches = cap.recorded_batches().await?;
+    assert_eq!(batches.len(), 3);
+    for (table, list) in &batches {
+        for batch in list {
+            assert!(
+                batch.key.starts_with(&format!("_staging/{table}/")),
+                "{}",
+                batch.key
+            );
+            assert!(batch.key.ends_with(&format!(
+                "{}-{}.jsonl.gz",
+                batch.first.key(),
+                batch.last.key()
+            )));
+        }
+    }
+    let checkpoint = cap.checkpoint().await?.context("checkpoint")?;
+    let last_commit = c[3]["source"]["commit_lsn"].as_u64().unwrap_or(0);
+    assert!(checkpoint.lsn.0 > last_commit);
+    assert!(checkpoint.partial.is_none());
+    // The slot never runs ahead of the ledger.
+    assert!(cap.confirmed_flush_lsn().await? <= checkpoint.lsn);
+
+    // SQS carries notifications naming the table-hours.
+    let notes = aws.drain_queue().await?;
+    assert!(!notes.is_empty());
+    let mut named: Vec<String> = Vec::new();
+    for body in &notes {
+        let note: cdc_contract::notify::Notification = serde_json::from_str(body)?;
+        assert_eq!(note.slot, cap.slot);
+        named.extend(note.hours.iter().map(|h| h.table.to_string()));
+    }
+    for t in ["public.a", "public.b", "public.c"] {
+        assert!(named.iter().any(|n| n == t), "{t} not notified: {named:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_builtin_type_family_maps_to_the_documented_json() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+         CREATE TABLE t (
+            id int PRIMARY KEY, i2 smallint, i8 bigint, n numeric(12,3), n_nan numeric, f4 real, f8 double precision,
+            f_nan double precision, f_inf double precision, b boolean, txt text, vc varchar(5), ch char(3),
+            ts timestamp, tstz timestamptz, tstz_inf timestamptz, d date, tm time, tmtz timetz, iv interval,
+            u uuid, j json, jb jsonb, by bytea, ia int[], ta text[], m mood, dom posint, money_v money,
+            inet_v inet, big_arr bigint[][]);",
+    )
+    .await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(
+        &db,
+        r#"INSERT INTO t VALUES (1, -7, 9007199254740993, 1234.5, 'NaN', 1.5, 0.1, 'NaN', '-Infinity', true,
+            E'héllo "wörld"\n✓', 'abc', 'x', '2025-01-08 10:30:00.123456', '2025-01-08 12:30:00.5+02', 'infinity',
+            '2025-01-08', '10:30:00', '10:30:00+02', '1 year 2 months 3 days 04:05:06.5',
+            'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"a" : [1, 2]}', '{"k": {"n": null}}', '\x48656c6c6f',
+            '{1,NULL,3}', '{"a b",c}', 'happy', 5, 12.34, '10.0.0.1/8', '{{1,2},{3,4}}');
+           INSERT INTO t (id) VALUES (2);"#,
+    )
+    .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(events.len(), 2);
+    let row = &events[0]["after"];
+    let expect = json!({
+        "id": 1, "i2": -7, "i8": 9007199254740993_i64, "n": "1234.500", "n_nan": "NaN", "f4": 1.5, "f8": 0.1,
+        "f_nan": "NaN", "f_inf": "-Infinity", "b": true, "txt": "héllo \"wörld\"\n✓", "vc": "abc", "ch": "x  ",
+        "ts": "2025-01-08T10:30:00.123456", "tstz": "2025-01-08T10:30:00.500000Z", "tstz_inf": "infinity",
+        "d": "2025-01-08", "tm": "10:30:00", "tmtz": "10:30:00+02", "iv": "P1Y2M3DT4H5M6.5S",
+        "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "j": {"a": [1, 2]}, "jb": {"k": {"n": null}},
+        "by": "SGVsbG8=", "ia": [1, null, 3], "ta": ["a b", "c"], "m": "happy", "dom": 5, "money_v": "$12.34",
+        "inet_v": "10.0.0.1/8", "big_arr": [[1, 2], [3, 4]]
+    });
+    for (k, v) in expect.as_object().context("object")? {
+        assert_eq!(&row[k], v, "column {k}");
+    }
+    // The infinite timestamp could not be converted: text form, column named in the event.
+    assert_eq!(events[0]["raw_columns"], json!(["tstz_inf"]));
+    // NULLs stay null.
+    let nulls = &events[1]["after"];
+    assert!(nulls
+        .as_object()
+        .context("object")?
+        .iter()
+        .all(|(k, v)| k == "id" || v.is_null()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarts_resume_without_loss_or_duplicates_after_clean_stops_and_crashes(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY, v int)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+
+    let mut expected = 0;
+    let write = |expected: &mut i32, n: i32| {
+        let first = *expected;
+        *expected += n;
+        format!(
+            "INSERT INTO t SELECT g, g FROM generate_series({}, {}) g",
+            first + 1,
+            first + n
+        )
+    };
+    // A clean run, then a crash between upload and record, then between record and confirm.
+    pg.execute(&db, &write(&mut expected, 50)).await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    for crash in ["after_upload", "after_record"] {
+        pg.execute(&db, &write(&mut expected, 50)).await?;
+        cap.env.push(("CDC_TEST_CRASH_AT".into(), crash.into()));
+        let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+        assert!(
+            !out.status.success(),
+            "the crash hook {crash} must kill the capture"
+        );
+        cap.env.pop();
+        let events = cap.recorded_events("public.t").await?;
+        let before_restart = events.len();
+        cap.run_until_caught_up(CAUGHT_UP).await?;
+        let events = cap.recorded_events("public.t").await?;
+        assert_eq!(
+            events.len(),
+            expected as usize,
+            "after a crash {crash} (had {before_restart} before restart)"
+        );
+    }
+    // A clean stop with SIGTERM while changes are buffered.
+    cap.env.push(("FLUSH_INTERVAL_MS".into(), "600000".into()));
+    let child = cap.spawn(&[])?;
+    pg.execute(&db, &write(&mut expected, 30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = child.id().context("pid")?;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cap.env.pop();
+    assert_eq!(
+        cap.recorded_events("public.t").await?.len(),
+        expected as usize
+    );
+    pg.execute(&db, &write(&mut expected, 5)).await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(ids, (1..=expected as i64).collect::<Vec<_>>());
+    Ok(())
+}
