@@ -38,10 +38,16 @@ pub struct Config {
     #[arg(long, env = "POSTGRES_PASSWORD", hide_env_values = true)]
     pub password: Option<SecretString>,
     /// TLS mode, as libpq's sslmode.
-    #[arg(long, env = "PGSSLMODE", value_enum, default_value = "prefer")]
+    #[arg(
+        long,
+        env = "PGSSLMODE",
+        value_name = "PGSSLMODE",
+        value_enum,
+        default_value = "prefer"
+    )]
     pub sslmode: SslMode,
     /// Root certificate (PEM) for verify-ca and verify-full; default: the system's roots.
-    #[arg(long, env = "PGSSLROOTCERT")]
+    #[arg(long, env = "PGSSLROOTCERT", value_name = "PGSSLROOTCERT")]
     pub sslrootcert: Option<String>,
     /// Logical replication slot (one capture per slot).
     #[arg(long, env = "CDC_SLOT_NAME")]

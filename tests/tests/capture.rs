@@ -267,3 +267,300 @@ async fn restarts_resume_without_loss_or_duplicates_after_clean_stops_and_crashe
     assert_eq!(ids, (1..=expected as i64).collect::<Vec<_>>());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_capture_records_nothing_while_the_first_holds_the_lease() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("LEASE_DURATION_MS".into(), "60000".into()));
+    cap.create_publication_and_slot().await?;
+    let first = cap.spawn(&[])?;
+    pipeline_tests::wait_for(
+        "the first capture's lease",
+        Duration::from_secs(30),
+        || async {
+            Ok(aws
+                .get_ledger_item(&cdc_contract::ledger::slot_pk(&cap.slot), "lease")
+                .await?
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    let mut second = cap.spawn(&[])?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(1, 20)")
+        .await?;
+    pipeline_tests::wait_for(
+        "the first capture to record",
+        Duration::from_secs(30),
+        || async {
+            let n = cap.recorded_events("public.t").await?.len();
+            Ok((n == 20).then_some(()))
+        },
+    )
+    .await?;
+    // The second one waits, saying why, and has recorded nothing: every flush so far is the first's.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        second.try_wait()?.is_none(),
+        "the second capture must wait, not exit"
+    );
+    let batches = cap.recorded_batches().await?;
+    let epochs: std::collections::BTreeSet<u64> = batches
+        .values()
+        .flatten()
+        .map(|b| b.flush_id.epoch)
+        .collect();
+    assert_eq!(epochs.len(), 1, "{epochs:?}");
+    second.start_kill()?;
+    let out = second.wait_with_output().await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("slot is leased by another capture"), "{log}");
+
+    // The holder dies without releasing; a successor takes over once the lease expires... here,
+    // a clean stop releases it at once.
+    let pid = first.id().context("pid")?;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
+    first.wait_with_output().await?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(21, 30)")
+        .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(events.len(), 30);
+    let epochs: std::collections::BTreeSet<u64> = cap
+        .recorded_batches()
+        .await?
+        .values()
+        .flatten()
+        .map(|b| b.flush_id.epoch)
+        .collect();
+    assert_eq!(
+        epochs.len(),
+        2,
+        "the successor records under a new epoch: {epochs:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fenced_capture_cannot_record() -> anyhow::Result<()> {
+    // A capture whose lease was taken over (its epoch bumped behind its back) stops writing.
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("LEASE_DURATION_MS".into(), "60000".into()));
+    cap.env.push(("FLUSH_INTERVAL_MS".into(), "200".into()));
+    cap.create_publication_and_slot().await?;
+    let child = cap.spawn(&[])?;
+    pipeline_tests::wait_for("the lease", Duration::from_secs(30), || async {
+        Ok(aws
+            .get_ledger_item(&cdc_contract::ledger::slot_pk(&cap.slot), "lease")
+            .await?
+            .map(|_| ()))
+    })
+    .await?;
+    // Another owner takes the lease over (as after an expiry).
+    aws.dynamodb
+        .update_item()
+        .table_name(&aws.table)
+        .set_key(Some(cdc_contract::ledger::key(
+            cdc_contract::ledger::slot_pk(&cap.slot),
+            "lease".into(),
+        )))
+        .update_expression("SET #o = :o ADD epoch :one")
+        .expression_attribute_names("#o", "owner")
+        .expression_attribute_values(":o", cdc_contract::ledger::s("intruder"))
+        .expression_attribute_values(":one", cdc_contract::ledger::n(1))
+        .send()
+        .await?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(1, 10)")
+        .await?;
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("lease lost"), "{log}");
+    assert!(cap.recorded_events("public.t").await?.is_empty());
+    assert_eq!(
+        cap.confirmed_flush_lsn().await?,
+        cap.checkpoint()
+            .await?
+            .map(|c| c.lsn)
+            .unwrap_or_default()
+            .max(cap.confirmed_flush_lsn().await?)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn add_column_mid_stream_starts_a_new_schema_version() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY, v text)").await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(&db, "INSERT INTO t VALUES (1, 'a')").await?;
+    pg.execute(&db, "ALTER TABLE t ADD COLUMN extra numeric(5,1)")
+        .await?;
+    pg.execute(&db, "INSERT INTO t VALUES (2, 'b', 4.5)")
+        .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(events[0]["after"], json!({"id": 1, "v": "a"}));
+    assert_eq!(
+        events[1]["after"],
+        json!({"id": 2, "v": "b", "extra": "4.5"})
+    );
+    let batches = cap.recorded_batches().await?;
+    let list = &batches[&"public.t".parse()?];
+    assert_eq!(list.len(), 2, "a schema change cuts the batch");
+    assert_ne!(list[0].schema_id, list[1].schema_id);
+    for b in list {
+        let item = aws
+            .get_ledger_item(
+                &cdc_contract::ledger::schema_pk(&cap.slot, &b.table),
+                &b.schema_id,
+            )
+            .await?
+            .context("schema item")?;
+        let schema = cdc_contract::ledger::SchemaItem::from_item(&item)?.schema;
+        assert_eq!(schema.version_id(), b.schema_id);
+    }
+    let new = cdc_contract::ledger::SchemaItem::from_item(
+        &aws.get_ledger_item(
+            &cdc_contract::ledger::schema_pk(&cap.slot, &list[1].table),
+            &list[1].schema_id,
+        )
+        .await?
+        .context("schema")?,
+    )?
+    .schema;
+    assert_eq!(
+        new.columns.last().map(|c| c.type_name.as_str()),
+        Some("numeric(5,1)")
+    );
+    assert!(new.columns[0].key);
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_transaction_over_more_tables_than_a_dynamodb_transaction_holds_is_recorded(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let mut ddl = String::new();
+    let mut insert = String::from("BEGIN;");
+    for i in 0..130 {
+        ddl.push_str(&format!("CREATE TABLE t{i} (id int PRIMARY KEY);"));
+        insert.push_str(&format!("INSERT INTO t{i} VALUES ({i});"));
+    }
+    insert.push_str("COMMIT;");
+    let db = setup(&pg, &ddl).await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(&db, &insert).await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let batches = cap.recorded_batches().await?;
+    assert_eq!(batches.len(), 130);
+    let flushes: std::collections::BTreeSet<_> =
+        batches.values().flatten().map(|b| b.flush_id).collect();
+    assert_eq!(flushes.len(), 1, "one flush records the whole transaction");
+    assert_eq!(cap.pending_hours().await?.len(), 130);
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_test_mode_prints_events_and_resumes_from_its_file() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    let dir = tempfile::tempdir()?;
+    let ledger_file = dir.path().join("ledger.json");
+    cap.env.push((
+        "LOCAL_LEDGER_FILE".into(),
+        ledger_file.display().to_string(),
+    ));
+    // No AWS setting at all: local mode must not need them.
+    let run = |cap: &CaptureSetup<'_>| {
+        let mut cmd = cap.command()?;
+        cmd.env_remove("S3_BUCKET_NAME")
+            .env_remove("LEDGER_TABLE")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .args(["--local-test-mode", "--exit-when-caught-up"]);
+        anyhow::Ok(cmd)
+    };
+    pg.execute(&db, "INSERT INTO t VALUES (1), (2)").await?;
+    let out = tokio::time::timeout(CAUGHT_UP, run(&cap)?.output()).await??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["after"]["id"], 2);
+    assert!(ledger_file.is_file());
+    pg.execute(&db, "INSERT INTO t VALUES (3)").await?;
+    let out = tokio::time::timeout(CAUGHT_UP, run(&cap)?.output()).await??;
+    let text = String::from_utf8(out.stdout)?;
+    assert_eq!(text.lines().count(), 1, "only the new change: {text}");
+    assert!(aws.list_keys("").await?.is_empty(), "nothing goes to AWS");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_settings_fail_fast_naming_the_setting() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "SELECT 1").await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("S3_BUCKET_NAME", "")], "S3_BUCKET_NAME"),
+        (vec![("CDC_SLOT_NAME", "Bad-Name")], "CDC_SLOT_NAME"),
+        (vec![("CDC_TABLES", "nodot")], "CDC_TABLES"),
+        (vec![("FLUSH_MAX_BYTES", "10")], "FLUSH_MAX_BYTES"),
+        (vec![("PGSSLMODE", "sometimes")], "PGSSLMODE"),
+        (
+            vec![("S3_BUCKET_NAME", "no-such-bucket-here")],
+            "S3_BUCKET_NAME",
+        ),
+        (vec![("LEDGER_TABLE", "no-such-table")], "LEDGER_TABLE"),
+        (vec![("CDC_PUBLICATION", "nopub")], "CDC_PUBLICATION"),
+    ];
+    for (env, setting) in cases {
+        let mut cmd = cap.command()?;
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await??;
+        assert!(!out.status.success(), "{env:?} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(setting),
+            "{env:?}: error does not name {setting}: {err}"
+        );
+    }
+    // A wrong password: a clear error that never prints the password.
+    let out = cap
+        .command()?
+        .env("POSTGRES_PASSWORD", "s3cr3t-Pa55")
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(
+        !err.contains("s3cr3t-Pa55"),
+        "the password must never be printed: {err}"
+    );
+    Ok(())
+}
