@@ -564,3 +564,71 @@ async fn bad_settings_fail_fast_naming_the_setting() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output()?;
+    anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A CA and a server certificate for localhost/127.0.0.1 signed by it.
+fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
+    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca"])?;
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"])?;
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
+    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext"])?;
+    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other-ca.crt", "-days", "2", "-subj", "/CN=other-ca"])?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> anyhow::Result<()> {
+    let certs = tempfile::tempdir()?;
+    make_certs(certs.path())?;
+    let opts = pipeline_tests::postgres::ClusterOptions {
+        extra_conf: vec!["ssl = on".into(), "ssl_cert_file = 'server.crt'".into(), "ssl_key_file = 'server.key'".into()],
+        hba: Some("local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 reject\n".into()),
+        data_files: vec![
+            ("server.crt".into(), std::fs::read(certs.path().join("server.crt"))?, 0o644),
+            ("server.key".into(), std::fs::read(certs.path().join("server.key"))?, 0o600),
+        ],
+        ..Default::default()
+    };
+    let pg = PgCluster::start_with(opts)?;
+    let aws = AwsFixture::new().await?;
+    let db = pg.create_database_over_socket("tls").await?;
+    pg.execute_over_socket(&db, "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub_all FOR ALL TABLES;").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    pg.execute_over_socket(&db, &format!("SELECT pg_create_logical_replication_slot('{}', 'pgoutput')", cap.slot)).await?;
+    pg.execute_over_socket(&db, "INSERT INTO t VALUES (1)").await?;
+    let ca = certs.path().join("ca.crt").display().to_string();
+    cap.env.extend([
+        ("POSTGRES_HOST".to_string(), "localhost".to_string()),
+        ("PGSSLMODE".to_string(), "verify-full".to_string()),
+        ("PGSSLROOTCERT".to_string(), ca),
+    ]);
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    assert_eq!(cap.recorded_events("public.t").await?.len(), 1);
+
+    // A root that did not sign the server's certificate: refused.
+    let other = certs.path().join("other-ca.crt").display().to_string();
+    let out = cap.command()?.env("PGSSLROOTCERT", &other).arg("--exit-when-caught-up").output().await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // A server without TLS, with TLS required: refused, nothing recorded.
+    let plain = PgCluster::start()?;
+    let out = cap
+        .command()?
+        .env("POSTGRES_HOST", "127.0.0.1")
+        .env("POSTGRES_PORT", plain.port.to_string())
+        .env("PGSSLMODE", "require")
+        .arg("--exit-when-caught-up")
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not support TLS"), "{err}");
+    Ok(())
+}
