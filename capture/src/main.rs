@@ -17,9 +17,11 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn")
     });
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -108,7 +110,7 @@ async fn main() -> ExitCode {
     };
     match run(settings).await {
         Ok(stopped) => {
-            tracing::info!(?stopped, "capture stopped");
+            tracing::info!(?stopped, peak_rss_kib = peak_rss_kib(), "capture stopped");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -116,6 +118,19 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Peak resident memory of this process (VmHWM), for the stop log line and benchmarks.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn run(settings: Settings) -> anyhow::Result<Stopped> {

@@ -307,13 +307,21 @@ impl PgCluster {
 
     /// Connects to `database` over the unix socket (trust), for set-up on clusters whose TCP
     /// rules a test restricts.
-    pub async fn connect_over_socket(&self, database: &str) -> anyhow::Result<tokio_postgres::Client> {
+    pub async fn connect_over_socket(
+        &self,
+        database: &str,
+    ) -> anyhow::Result<tokio_postgres::Client> {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host_path(self.socket_dir()).port(self.port).user("postgres").dbname(database);
-        let (client, conn) = cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("connecting over the socket in {}", self.socket_dir().display()))?;
+        cfg.host_path(self.socket_dir())
+            .port(self.port)
+            .user("postgres")
+            .dbname(database);
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.with_context(|| {
+            format!(
+                "connecting over the socket in {}",
+                self.socket_dir().display()
+            )
+        })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -324,14 +332,19 @@ impl PgCluster {
     pub async fn create_database_over_socket(&self, prefix: &str) -> anyhow::Result<String> {
         let name = crate::unique_name(prefix);
         let admin = self.connect_over_socket("postgres").await?;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
         Ok(name)
     }
 
     /// [`PgCluster::execute`] over the unix socket.
     pub async fn execute_over_socket(&self, database: &str, sql: &str) -> anyhow::Result<()> {
         let client = self.connect_over_socket(database).await?;
-        client.batch_execute(sql).await.with_context(|| format!("running SQL: {sql}"))
+        client
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("running SQL: {sql}"))
     }
 
     /// The server's log so far (for failure messages).

@@ -566,18 +566,95 @@ async fn bad_settings_fail_fast_naming_the_setting() -> anyhow::Result<()> {
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output()?;
-    anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 /// A CA and a server certificate for localhost/127.0.0.1 signed by it.
 fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca"])?;
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"])?;
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext"])?;
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other-ca.crt", "-days", "2", "-subj", "/CN=other-ca"])?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    )?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other-ca",
+        ],
+    )?;
     Ok(())
 }
 
@@ -597,10 +674,22 @@ async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> an
     let pg = PgCluster::start_with(opts)?;
     let aws = AwsFixture::new().await?;
     let db = pg.create_database_over_socket("tls").await?;
-    pg.execute_over_socket(&db, "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub_all FOR ALL TABLES;").await?;
+    pg.execute_over_socket(
+        &db,
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
     let mut cap = CaptureSetup::new(&pg, &db, &aws);
-    pg.execute_over_socket(&db, &format!("SELECT pg_create_logical_replication_slot('{}', 'pgoutput')", cap.slot)).await?;
-    pg.execute_over_socket(&db, "INSERT INTO t VALUES (1)").await?;
+    pg.execute_over_socket(
+        &db,
+        &format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+            cap.slot
+        ),
+    )
+    .await?;
+    pg.execute_over_socket(&db, "INSERT INTO t VALUES (1)")
+        .await?;
     let ca = certs.path().join("ca.crt").display().to_string();
     cap.env.extend([
         ("POSTGRES_HOST".to_string(), "localhost".to_string()),
@@ -612,7 +701,12 @@ async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> an
 
     // A root that did not sign the server's certificate: refused.
     let other = certs.path().join("other-ca.crt").display().to_string();
-    let out = cap.command()?.env("PGSSLROOTCERT", &other).arg("--exit-when-caught-up").output().await?;
+    let out = cap
+        .command()?
+        .env("PGSSLROOTCERT", &other)
+        .arg("--exit-when-caught-up")
+        .output()
+        .await?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
@@ -630,5 +724,48 @@ async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> an
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not support TLS"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_two_million_row_transaction_streams_through_in_bounded_memory() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE big (id int PRIMARY KEY, v text)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    // Default flush settings.
+    cap.env.retain(|(k, _)| k != "FLUSH_INTERVAL_MS");
+    cap.create_publication_and_slot().await?;
+    pg.execute(
+        &db,
+        "INSERT INTO big SELECT g, 'row-' || g FROM generate_series(1, 2000000) g",
+    )
+    .await?;
+    let out = cap.run_until_caught_up(Duration::from_secs(600)).await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    let peak_kib: u64 = log
+        .lines()
+        .filter_map(|l| l.split("peak_rss_kib=").nth(1))
+        .next_back()
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .context("peak_rss_kib in the stop line")?;
+    assert!(peak_kib < 150 * 1024, "peak RSS {peak_kib} KiB");
+    let batches = cap.recorded_batches().await?;
+    let list = &batches[&"public.big".parse()?];
+    assert!(
+        list.len() > 1,
+        "a transaction larger than a batch streams out as several batches"
+    );
+    let rows: u64 = list.iter().map(|b| b.rows).sum();
+    assert_eq!(rows, 2_000_000);
+    // Contiguous ordinals 1..=2,000,000 across the batches, one commit LSN.
+    let mut next = 1;
+    for b in list {
+        assert_eq!(b.first.ordinal, next);
+        assert_eq!(b.first.commit_lsn, list[0].first.commit_lsn);
+        next = b.last.ordinal + 1;
+    }
+    assert_eq!(next, 2_000_001);
     Ok(())
 }
