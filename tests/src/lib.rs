@@ -8,6 +8,7 @@
 pub mod aws;
 pub mod bins;
 pub mod capture;
+pub mod faultproxy;
 pub mod postgres;
 
 /// A name unique to this test process and call, for databases, slots, buckets, tables, queues.

@@ -769,3 +769,76 @@ async fn a_two_million_row_transaction_streams_through_in_bounded_memory() -> an
     assert_eq!(next, 2_000_001);
     Ok(())
 }
+
+#[tokio::test]
+async fn aws_errors_and_lost_replies_neither_stop_the_capture_nor_lose_or_double_changes(
+) -> anyhow::Result<()> {
+    use pipeline_tests::faultproxy::{Fault, FaultProxy};
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY)",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    // Every third call to S3, DynamoDB or SQS fails: 503, throttled, or its reply lost after it
+    // took effect.
+    let proxy = FaultProxy::start(
+        &aws.endpoint,
+        3,
+        vec![Fault::Unavailable, Fault::LoseReply, Fault::Throttle],
+    )
+    .await?;
+    cap.env
+        .push(("AWS_ENDPOINT_URL".into(), proxy.endpoint.clone()));
+    cap.env.push(("FLUSH_INTERVAL_MS".into(), "100".into()));
+    let child = cap.spawn(&[])?;
+    for round in 0..20 {
+        let base = round * 10;
+        pg.execute(
+            &db,
+            &format!(
+                "BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series({}, {}) g; INSERT INTO u VALUES ({round}); COMMIT;",
+                base + 1,
+                base + 10
+            ),
+        )
+        .await?;
+        if round % 5 == 4 {
+            pg.execute(
+                &db,
+                &format!("UPDATE t SET v = 'changed' WHERE id <= {base}"),
+            )
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 200 inserts, then updates of ids <= 40, 90, 140 and 190.
+    let expected_t = 200 + 40 + 90 + 140 + 190;
+    pipeline_tests::wait_for(
+        "every change recorded",
+        Duration::from_secs(120),
+        || async {
+            let n = cap.recorded_events("public.t").await?.len();
+            Ok((n >= expected_t).then_some(n))
+        },
+    )
+    .await?;
+    let mut child = child;
+    assert!(
+        child.try_wait()?.is_none(),
+        "the capture keeps running through AWS faults"
+    );
+    let t = cap.recorded_events("public.t").await?;
+    let u = cap.recorded_events("public.u").await?;
+    assert_eq!(t.len(), expected_t, "no change lost or doubled");
+    assert_eq!(u.len(), 20);
+    let state = replay(&t);
+    assert_eq!(state.len(), 200);
+    assert_eq!(state.values().filter(|r| r["v"] == "changed").count(), 190);
+    assert!(proxy.faults() >= 5, "faults injected: {}", proxy.faults());
+    child.start_kill()?;
+    Ok(())
+}

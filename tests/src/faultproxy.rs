@@ -1,0 +1,213 @@
+//! A fault-injecting HTTP proxy in front of the AWS emulator: for a share of requests it answers
+//! 503 without forwarding, or forwards and then drops the connection so the reply is lost after
+//! the call took effect, or forwards after a delay.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the proxy does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward as is.
+    None,
+    /// Answer 503 Service Unavailable without forwarding.
+    Unavailable,
+    /// Answer a throttling error without forwarding (400 for DynamoDB's JSON protocol, 503
+    /// SlowDown otherwise).
+    Throttle,
+    /// Forward, then close the connection without sending the reply.
+    LoseReply,
+}
+
+/// Counters of what the proxy did.
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    /// Requests seen.
+    pub requests: AtomicU64,
+    /// Faults injected.
+    pub faults: AtomicU64,
+}
+
+/// A running proxy.
+pub struct FaultProxy {
+    /// `http://127.0.0.1:{port}`.
+    pub endpoint: String,
+    /// What it did.
+    pub stats: Arc<FaultStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` (`http://host:port`) injecting, on every `every`-th request,
+    /// the faults of `cycle` in turn.
+    pub async fn start(upstream: &str, every: u64, cycle: Vec<Fault>) -> anyhow::Result<Self> {
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let stats = Arc::new(FaultStats::default());
+        let cycle = Arc::new(cycle);
+        let s = stats.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let stats = s.clone();
+                let cycle = cycle.clone();
+                tokio::spawn(async move {
+                    let _ = serve(client, &upstream, every, &cycle, &stats).await;
+                });
+            }
+        });
+        Ok(Self {
+            endpoint,
+            stats,
+            task,
+        })
+    }
+
+    /// Faults injected so far.
+    pub fn faults(&self) -> u64 {
+        self.stats.faults.load(Ordering::Relaxed)
+    }
+}
+
+async fn read_request(
+    reader: &mut BufReader<TcpStream>,
+) -> anyhow::Result<Option<(String, Vec<u8>)>> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await? == 0 {
+            return Ok(None);
+        }
+        let end = line == "\r\n";
+        head.push_str(&line);
+        if end {
+            break;
+        }
+    }
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if let Some(len) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        body.resize(len, 0);
+        reader.read_exact(&mut body).await?;
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let mut size_line = String::new();
+            reader.read_line(&mut size_line).await?;
+            body.extend_from_slice(size_line.as_bytes());
+            let size =
+                usize::from_str_radix(size_line.trim().split(';').next().unwrap_or("0"), 16)?;
+            if size == 0 {
+                // Trailers until an empty line.
+                loop {
+                    let mut t = String::new();
+                    reader.read_line(&mut t).await?;
+                    body.extend_from_slice(t.as_bytes());
+                    if t == "\r\n" || t.is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).await?;
+            body.extend_from_slice(&chunk);
+        }
+    }
+    Ok(Some((head, body)))
+}
+
+async fn serve(
+    client: TcpStream,
+    upstream: &str,
+    every: u64,
+    cycle: &[Fault],
+    stats: &FaultStats,
+) -> anyhow::Result<()> {
+    let mut reader = BufReader::new(client);
+    while let Some((head, body)) = read_request(&mut reader).await? {
+        let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let fault = if every > 0 && n % every == 0 && !cycle.is_empty() {
+            cycle[((n / every) as usize) % cycle.len()]
+        } else {
+            Fault::None
+        };
+        if fault != Fault::None {
+            stats.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        let dynamo = head.to_ascii_lowercase().contains("x-amz-target: dynamodb");
+        match fault {
+            Fault::Unavailable => {
+                let body = "service unavailable (injected)";
+                let resp = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                reader.get_mut().write_all(resp.as_bytes()).await?;
+                continue;
+            }
+            Fault::Throttle => {
+                let resp = if dynamo {
+                    let body = r#"{"__type":"com.amazonaws.dynamodb.v20120810#ThrottlingException","message":"injected"}"#;
+                    format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/x-amz-json-1.0\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let body = "<Error><Code>SlowDown</Code><Message>injected</Message></Error>";
+                    format!(
+                        "HTTP/1.1 503 Slow Down\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                reader.get_mut().write_all(resp.as_bytes()).await?;
+                continue;
+            }
+            Fault::None | Fault::LoseReply => {}
+        }
+        let response = forward(upstream, &head, &body).await?;
+        if fault == Fault::LoseReply {
+            // The call took effect upstream; the client never hears of it.
+            return Ok(());
+        }
+        reader.get_mut().write_all(&response).await?;
+    }
+    Ok(())
+}
+
+async fn forward(upstream: &str, head: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut conn =
+        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(upstream)).await??;
+    let mut rewritten = String::new();
+    for line in head.split_inclusive("\r\n") {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        if line == "\r\n" {
+            rewritten.push_str("connection: close\r\n");
+        }
+        rewritten.push_str(line);
+    }
+    conn.write_all(rewritten.as_bytes()).await?;
+    conn.write_all(body).await?;
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).await?;
+    Ok(response)
+}
