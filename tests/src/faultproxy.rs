@@ -144,7 +144,7 @@ async fn serve(
     let mut reader = BufReader::new(client);
     while let Some((head, body)) = read_request(&mut reader).await? {
         let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        let fault = if every > 0 && n % every == 0 && !cycle.is_empty() {
+        let fault = if every > 0 && n.is_multiple_of(every) && !cycle.is_empty() {
             cycle[((n / every) as usize) % cycle.len()]
         } else {
             Fault::None
