@@ -54,6 +54,40 @@ PY
 export NOTIFY_QUEUE_URL
 NOTIFY_QUEUE_URL=$(cat "$state/queue_url")
 
+export POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=app POSTGRES_USER=cdc_user \
+  POSTGRES_PASSWORD=cdc_password PGSSLMODE=disable CDC_SLOT_NAME=cdc_demo CDC_PUBLICATION=cdc_publication \
+  FLUSH_INTERVAL_MS=1000
+
+echo "[demo] first capture run: creates the replication slot"
+./target/debug/capture --exit-when-caught-up >"$state/metrics.log" 2>"$state/capture.log"
+
+echo "[demo] sample writes: inserts, an update, a delete, in a few transactions"
+psql_pg "$state/pg" app <<'SQL'
+INSERT INTO users (email, full_name) VALUES ('linus@example.com', 'Linus'), ('barbara@example.com', 'Barbara Liskov');
+BEGIN;
+INSERT INTO orders (user_id, amount, items, tags) VALUES (1, 42.50, '[{"sku": "A-1", "qty": 2}]', '{new,web}');
+INSERT INTO orders (user_id, amount, currency) VALUES (2, 9.99, 'USD');
+UPDATE users SET status = 'vip', updated_at = now() WHERE id = 1;
+COMMIT;
+DELETE FROM users WHERE email = 'linus@example.com';
+SQL
+
+echo "[demo] capture: stream the changes into gzipped JSONL micro-batches and the ledger"
+./target/debug/capture --exit-when-caught-up >>"$state/metrics.log" 2>>"$state/capture.log"
+
+echo
+echo "== staged micro-batches (s3://$S3_BUCKET_NAME/$S3_BASE_PATH/_staging/...) =="
+.venv/bin/python - <<'PY'
+import gzip, json, os, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+bucket = os.environ["S3_BUCKET_NAME"]
+for obj in s3.list_objects_v2(Bucket=bucket, Prefix=os.environ["S3_BASE_PATH"] + "/_staging/").get("Contents", []):
+    print(obj["Key"])
+    for line in gzip.decompress(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()).splitlines():
+        ev = json.loads(line)
+        print("   ", ev["op"], json.dumps(ev["after"] or ev["before"])[:110])
+PY
+
 cat <<MSG
 
 Started:
