@@ -99,9 +99,22 @@ pub struct Config {
     /// recorded and notified.
     #[arg(long)]
     pub exit_when_caught_up: bool,
+    /// Port of the `/healthz` endpoint (0: none).
+    #[arg(long, env = "HEALTH_PORT", default_value_t = 8080)]
+    pub health_port: u16,
+    /// `healthcheck`: probe a running capture's `/healthz` and exit 0 when healthy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Probe `http://127.0.0.1:{HEALTH_PORT}/healthz`; exit 0 when healthy (the ECS health check).
+    Healthcheck,
 }
 
 /// Log output format.

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod config;
 pub mod encode;
 pub mod flush;
+pub mod health;
 pub mod ledger;
 pub mod notify;
 pub mod pgoutput;

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use capture::config::{Config, LogFormat, Settings, Target};
+use capture::config::{Command, Config, LogFormat, Settings, Target};
+use capture::health::Health;
 use capture::ledger::{DynamoLedger, LocalLedger};
 use capture::notify::{NoNotifier, Notifier, SqsNotifier};
 use capture::pipeline::{self, Deps, Stopped};
@@ -35,6 +36,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
             sink: Arc::new(StdoutSink),
             notifier: Arc::new(NoNotifier),
             metrics: None,
+            health: Health::new(),
         }),
         Target::Aws {
             bucket,
@@ -78,6 +80,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                 })),
+                health: Health::new(),
             })
         }
     }
@@ -100,6 +103,13 @@ fn shutdown_on_signals(token: CancellationToken) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(Command::Healthcheck) = config.command {
+        return if capture::health::probe(config.health_port).await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     init_tracing(config.log_format);
     let settings = match config.validate() {
         Ok(s) => s,
@@ -137,6 +147,17 @@ async fn run(settings: Settings) -> anyhow::Result<Stopped> {
     let deps = deps(&settings).await?;
     let token = CancellationToken::new();
     shutdown_on_signals(token.clone())?;
+    if settings.config.health_port != 0 {
+        let port = settings.config.health_port;
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("HEALTH_PORT: cannot listen on port {port}"))?;
+        tokio::spawn(capture::health::serve(
+            listener,
+            deps.health.clone(),
+            token.child_token(),
+        ));
+    }
     let stopped = pipeline::run(settings, deps, token)
         .await
         .context("capture")?;

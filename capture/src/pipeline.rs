@@ -71,6 +71,8 @@ pub struct Deps {
     pub notifier: Arc<dyn Notifier>,
     /// Where EMF metric lines go (None: not emitted).
     pub metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
+    /// What `/healthz` reports.
+    pub health: Arc<crate::health::Health>,
 }
 
 struct RelState {
@@ -118,6 +120,7 @@ pub async fn run(
         }
     };
     tracing::info!(slot = %settings.slot, owner = %owner, epoch, "lease taken");
+    deps.health.set_lease(true);
 
     let lease_lost = CancellationToken::new();
     let renewal = tokio::spawn(renew_lease(
@@ -131,6 +134,8 @@ pub async fn run(
 
     let result = stream(&settings, &deps, &owner, epoch, &shutdown, &lease_lost).await;
     renewal.abort();
+    deps.health.set_streaming(false);
+    deps.health.set_lease(false);
     if !matches!(result, Err(CaptureError::LeaseLost(_))) {
         if let Err(error) = deps.ledger.release_lease(&owner, epoch).await {
             tracing::warn!(error = %error, "releasing the lease failed; a successor waits for its expiry");
@@ -278,6 +283,7 @@ struct Streamer<'a> {
     idle_since_record: Instant,
     target: Option<Lsn>,
     metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
+    health: Arc<crate::health::Health>,
     grace_ms: i64,
 }
 
@@ -330,11 +336,27 @@ async fn stream(
         idle_since_record: Instant::now(),
         target,
         metrics: deps.metrics.clone(),
+        health: deps.health.clone(),
         grace_ms: settings.config.close_grace_seconds as i64 * 1000,
     };
 
     let mut attempt = 0u32;
     loop {
+        if s.catalog.client().is_closed() {
+            match crate::catalog::connect(&params).await {
+                Ok(client) => s.catalog = Catalog::new(client),
+                Err(e) => {
+                    let wait = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "sql connection failed; retrying");
+                    attempt += 1;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Stopped::Shutdown),
+                        _ = lease_lost.cancelled() => return Err(CaptureError::LeaseLost("renewal failed".into())),
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            }
+        }
         let conn = match connect_and_start(settings, &params, s.recorded.lsn).await {
             Ok(c) => {
                 attempt = 0;
@@ -352,10 +374,17 @@ async fn stream(
             }
             Err(e) => return Err(e.into()),
         };
-        match s.run_stream(conn, shutdown, lease_lost).await {
+        s.health.set_streaming(true);
+        let outcome = s.run_stream(conn, shutdown, lease_lost).await;
+        s.health.set_streaming(false);
+        match outcome {
             Ok(stopped) => return Ok(stopped),
             Err(CaptureError::Replication(e)) if e.is_transient() => {
                 tracing::warn!(error = %e, "replication stream broke; reconnecting from the recorded checkpoint");
+                s.reset_after_disconnect().await?;
+            }
+            Err(CaptureError::Sql(e)) if e.is_closed() || e.code().is_none() => {
+                tracing::warn!(error = %e, "sql connection broke; reconnecting from the recorded checkpoint");
                 s.reset_after_disconnect().await?;
             }
             Err(e) => return Err(e),
@@ -400,6 +429,8 @@ impl Streamer<'_> {
     ) -> Result<Stopped, CaptureError> {
         let mut status_tick = tokio::time::interval(Duration::from_secs(1));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut slot_tick = tokio::time::interval(self.settings.heartbeat_interval());
+        slot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let flush_interval = self.settings.flush_interval();
         loop {
             let flush_deadline = self
@@ -456,6 +487,9 @@ impl Streamer<'_> {
                         }
                     }
                 }
+                _ = slot_tick.tick() => {
+                    self.slot_heartbeat().await?;
+                }
                 _ = status_tick.tick() => {
                     let lsn = self.recorded.lsn;
                     conn.send_status(lsn, lsn, false).await?;
@@ -466,6 +500,77 @@ impl Streamer<'_> {
                 }
             }
         }
+    }
+
+    /// On the heartbeat timer: emit a logical message while idle, so a quiet database's slot
+    /// still sees WAL and moves, and report slot health and lag.
+    async fn slot_heartbeat(&mut self) -> Result<(), CaptureError> {
+        let client = self.catalog.client();
+        if self.tx.is_none() && self.batcher.is_empty() {
+            if let Err(error) = client
+                .execute(
+                    "SELECT pg_logical_emit_message(false, 'pg-cdc-s3', 'heartbeat')",
+                    &[],
+                )
+                .await
+            {
+                tracing::warn!(error = %error, "heartbeat message failed (grant EXECUTE on pg_logical_emit_message)");
+            }
+        }
+        let row = match client
+            .query_opt(
+                "SELECT pg_current_wal_lsn()::text, coalesce(wal_status, ''), safe_wal_size \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.settings.slot],
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(error) => {
+                tracing::warn!(error = %error, "reading slot health failed");
+                return Ok(());
+            }
+        };
+        let Some(row) = row else {
+            return Err(CaptureError::Setup(format!(
+                "replication slot {:?} was dropped while streaming",
+                self.settings.slot
+            )));
+        };
+        let current: Lsn = row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO);
+        let wal_status: String = row.get(1);
+        let safe_wal: Option<i64> = row.get(2);
+        if wal_status == "lost" {
+            return Err(CaptureError::Setup(format!(
+                "replication slot {:?} is invalidated (wal_status = lost): changes since the checkpoint are gone",
+                self.settings.slot
+            )));
+        }
+        if wal_status == "unreserved" {
+            tracing::warn!(slot = %self.settings.slot, "slot's WAL is unreserved: it will be lost at the next checkpoint unless the capture catches up");
+        }
+        if let Some(emit) = &self.metrics {
+            let now = now_ms();
+            let lag_bytes = current.0.saturating_sub(self.recorded.lsn.0) as f64;
+            let lag_s = ((now - self.recorded.closing_ms()).max(0) / 1000) as f64;
+            let mut values = vec![
+                (metrics::REPLICATION_LAG_BYTES, lag_bytes),
+                (metrics::REPLICATION_LAG_SECONDS, lag_s),
+                (
+                    metrics::SLOT_WAL_LOST,
+                    if matches!(wal_status.as_str(), "lost" | "unreserved") {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                ),
+            ];
+            if let Some(safe) = safe_wal {
+                values.push((metrics::SLOT_SAFE_WAL_BYTES, safe as f64));
+            }
+            emit(metrics::emf_line(&self.settings.slot, now, &values));
+        }
+        Ok(())
     }
 
     fn caught_up(&self) -> bool {
@@ -734,6 +839,7 @@ impl Streamer<'_> {
             self.recorded = outcome.checkpoint;
         }
         self.idle_since_record = Instant::now();
+        self.health.recorded(now_ms());
         Ok(())
     }
 

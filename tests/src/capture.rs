@@ -43,6 +43,7 @@ impl<'a> CaptureSetup<'a> {
             env: vec![
                 ("FLUSH_INTERVAL_MS".into(), "300".into()),
                 ("LEASE_DURATION_MS".into(), "3000".into()),
+                ("HEALTH_PORT".into(), "0".into()),
             ],
         }
     }
@@ -111,11 +112,26 @@ impl<'a> CaptureSetup<'a> {
         Ok(out)
     }
 
-    /// Starts the capture in the background (stderr kept in a pipe).
+    /// Starts the capture in the background; its log goes to [`CaptureSetup::log_path`] (a pipe
+    /// nobody reads would fill up and block it).
     pub fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let mut cmd = self.command()?;
-        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(args).stdout(Stdio::null()).stderr(log);
         cmd.spawn().context("starting capture")
+    }
+
+    /// Where spawned captures of this setup log.
+    pub fn log_path(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{}.capture.log", self.slot))
+    }
+
+    /// The spawned captures' log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The recorded checkpoint.

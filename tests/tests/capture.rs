@@ -314,8 +314,8 @@ async fn a_second_capture_records_nothing_while_the_first_holds_the_lease() -> a
         .collect();
     assert_eq!(epochs.len(), 1, "{epochs:?}");
     second.start_kill()?;
-    let out = second.wait_with_output().await?;
-    let log = String::from_utf8_lossy(&out.stderr);
+    second.wait().await?;
+    let log = cap.log();
     assert!(log.contains("slot is leased by another capture"), "{log}");
 
     // The holder dies without releasing; a successor takes over once the lease expires... here,
@@ -380,9 +380,11 @@ async fn a_fenced_capture_cannot_record() -> anyhow::Result<()> {
         .await?;
     pg.execute(&db, "INSERT INTO t SELECT generate_series(1, 10)")
         .await?;
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
-    assert!(!out.status.success());
-    let log = String::from_utf8_lossy(&out.stderr);
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await??
+        .status;
+    assert!(!status.success());
+    let log = cap.log();
     assert!(log.contains("lease lost"), "{log}");
     assert!(cap.recorded_events("public.t").await?.is_empty());
     assert_eq!(
@@ -840,5 +842,126 @@ async fn aws_errors_and_lost_replies_neither_stop_the_capture_nor_lose_or_double
     assert_eq!(state.values().filter(|r| r["v"] == "changed").count(), 190);
     assert!(proxy.faults() >= 5, "faults injected: {}", proxy.faults());
     child.start_kill()?;
+    Ok(())
+}
+
+async fn healthcheck(cap: &CaptureSetup<'_>, port: u16) -> anyhow::Result<bool> {
+    let status = cap
+        .command()?
+        .env("HEALTH_PORT", port.to_string())
+        .arg("healthcheck")
+        .status()
+        .await?;
+    Ok(status.success())
+}
+
+#[tokio::test]
+async fn healthz_turns_unhealthy_when_the_stream_is_cut_and_the_capture_resumes_after_a_restart(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    cap.env.push(("HEALTH_PORT".into(), port.to_string()));
+    let mut child = cap.spawn(&[])?;
+    pipeline_tests::wait_for("healthy", Duration::from_secs(30), || async {
+        Ok(healthcheck(&cap, port).await?.then_some(()))
+    })
+    .await?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(1, 10)")
+        .await?;
+    pipeline_tests::wait_for("first rows", Duration::from_secs(30), || async {
+        Ok((cap.recorded_events("public.t").await?.len() == 10).then_some(()))
+    })
+    .await?;
+
+    // PostgreSQL stops (fast shutdown): the stream is cut, /healthz says so, the capture waits.
+    pg.stop("fast")?;
+    pipeline_tests::wait_for("unhealthy", Duration::from_secs(30), || async {
+        Ok((!healthcheck(&cap, port).await?).then_some(()))
+    })
+    .await?;
+    assert!(child.try_wait()?.is_none(), "the capture keeps retrying");
+    pg.restart_stopped()?;
+    pipeline_tests::wait_for("healthy again", Duration::from_secs(60), || async {
+        Ok(healthcheck(&cap, port).await?.then_some(()))
+    })
+    .await?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(11, 20)")
+        .await?;
+    // The replication connection is cut from the server side mid-stream, too.
+    pg.execute(
+        &db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication",
+    )
+    .await?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(21, 30)")
+        .await?;
+    pipeline_tests::wait_for(
+        "every row after the restarts",
+        Duration::from_secs(60),
+        || async { Ok((cap.recorded_events("public.t").await?.len() >= 30).then_some(())) },
+    )
+    .await
+    .with_context(|| cap.log())?;
+    let ids: Vec<i64> = cap
+        .recorded_events("public.t")
+        .await?
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(ids, (1..=30).collect::<Vec<_>>());
+    child.start_kill()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idle_databases_slot_keeps_advancing_while_another_database_writes() -> anyhow::Result<()>
+{
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let idle_db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let busy_db = setup(&pg, "CREATE TABLE busy (id int PRIMARY KEY)").await?;
+    let mut cap = CaptureSetup::new(&pg, &idle_db, &aws);
+    cap.env.push(("HEARTBEAT_INTERVAL_MS".into(), "300".into()));
+    cap.create_publication_and_slot().await?;
+    let child = cap.spawn(&[])?;
+    let start = cap.confirmed_flush_lsn().await?;
+    for i in 0..20 {
+        pg.execute(
+            &busy_db,
+            &format!(
+                "INSERT INTO busy SELECT generate_series({}, {})",
+                i * 100 + 1,
+                i * 100 + 100
+            ),
+        )
+        .await?;
+    }
+    let busy_client = pg.connect(&busy_db).await?;
+    let busy_end: String = busy_client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let busy_end: cdc_contract::Lsn = busy_end.parse()?;
+    let moved = pipeline_tests::wait_for(
+        "the idle slot's confirmed_flush_lsn to pass the busy database's writes",
+        Duration::from_secs(60),
+        || async {
+            let now = cap.confirmed_flush_lsn().await?;
+            Ok((now >= busy_end).then_some(now))
+        },
+    )
+    .await?;
+    assert!(moved > start);
+    // What is confirmed is recorded: the ledger's checkpoint is at or past it.
+    let checkpoint = cap.checkpoint().await?.context("checkpoint")?;
+    assert!(checkpoint.lsn >= moved);
+    assert!(checkpoint.caught_up_ms.is_some());
+    drop(child);
     Ok(())
 }
