@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod catalog;
+pub mod checks;
 pub mod config;
 pub mod encode;
 pub mod flush;

@@ -207,20 +207,13 @@ async fn ensure_slot(
     checkpoint: &Option<Checkpoint>,
 ) -> Result<(), CaptureError> {
     let client = catalog.client();
-    let publication = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&settings.config.publication],
-        )
-        .await?;
-    if publication.is_none() {
-        return Err(CaptureError::Setup(format!(
-            "CDC_PUBLICATION: publication {:?} does not exist in database {:?}; create it \
-             (CREATE PUBLICATION {} FOR TABLE ...) or name an existing one",
-            settings.config.publication,
-            settings.database,
-            quote_ident(&settings.config.publication)
-        )));
+    let findings =
+        crate::checks::run(client, &settings.config.publication, &settings.tables).await?;
+    for finding in findings {
+        match finding {
+            crate::checks::Finding::Fatal(message) => return Err(CaptureError::Setup(message)),
+            crate::checks::Finding::Warning(message) => tracing::warn!("start-up check: {message}"),
+        }
     }
     let slot = client
         .query_opt(

@@ -536,7 +536,6 @@ async fn bad_settings_fail_fast_naming_the_setting() -> anyhow::Result<()> {
             "S3_BUCKET_NAME",
         ),
         (vec![("LEDGER_TABLE", "no-such-table")], "LEDGER_TABLE"),
-        (vec![("CDC_PUBLICATION", "nopub")], "CDC_PUBLICATION"),
     ];
     for (env, setting) in cases {
         let mut cmd = cap.command()?;
@@ -963,5 +962,127 @@ async fn an_idle_databases_slot_keeps_advancing_while_another_database_writes() 
     assert!(checkpoint.lsn >= moved);
     assert!(checkpoint.caught_up_ms.is_some());
     drop(child);
+    Ok(())
+}
+
+#[tokio::test]
+async fn start_up_checks_fire_on_databases_that_trip_them() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE keyed (id int PRIMARY KEY);
+         CREATE TABLE nokey (v text);
+         CREATE TABLE parted (id int, at date) PARTITION BY RANGE (at);
+         CREATE TABLE parted_2025 PARTITION OF parted FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         CREATE ROLE plain LOGIN PASSWORD 'plainpw';
+         CREATE PUBLICATION partial_pub FOR TABLE keyed, parted_2025;",
+    )
+    .await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    let run = |env: Vec<(&str, &str)>| {
+        let mut cmd = cap.command()?;
+        cmd.arg("--exit-when-caught-up");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        anyhow::Ok(cmd)
+    };
+    // A missing publication is created (all tables), then tables without a key are reported.
+    let out = run(vec![("CDC_PUBLICATION", "created_pub")])?
+        .output()
+        .await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("publication created"), "{log}");
+    assert!(
+        log.contains("public.nokey has no primary key or replica identity"),
+        "{log}"
+    );
+    assert!(!log.contains("public.keyed has no primary key"), "{log}");
+
+    // A configured table the publication misses: stop, with the fix.
+    let out = run(vec![
+        ("CDC_PUBLICATION", "partial_pub"),
+        ("CDC_TABLES", "public.keyed,public.nokey"),
+    ])?
+    .output()
+    .await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("CDC_TABLES: public.nokey not in publication"),
+        "{log}"
+    );
+
+    // A partition published on its own.
+    let out = run(vec![
+        ("CDC_PUBLICATION", "partial_pub"),
+        ("CDC_SLOT_NAME", "other_slot"),
+    ])?
+    .output()
+    .await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("public.parted_2025 is a partition published on its own"),
+        "{log}"
+    );
+
+    // A role without REPLICATION.
+    let out = run(vec![
+        ("CDC_PUBLICATION", "partial_pub"),
+        ("POSTGRES_USER", "plain"),
+        ("POSTGRES_PASSWORD", "plainpw"),
+        ("CDC_SLOT_NAME", "plain_slot"),
+    ])?
+    .output()
+    .await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("POSTGRES_USER plain may not replicate"),
+        "{log}"
+    );
+
+    // wal_level below logical.
+    let replica = PgCluster::start_with(pipeline_tests::postgres::ClusterOptions {
+        extra_conf: vec!["wal_level = replica".into()],
+        ..Default::default()
+    })?;
+    let out = run(vec![
+        ("POSTGRES_PORT", &replica.port.to_string()),
+        ("POSTGRES_DATABASE", "postgres"),
+    ])?
+    .output()
+    .await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(log.contains("wal_level is replica"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dropped_slot_with_a_checkpoint_stops_the_capture_with_the_way_out() -> anyhow::Result<()>
+{
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(&db, "INSERT INTO t VALUES (1)").await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    pg.execute(
+        &db,
+        &format!("SELECT pg_drop_replication_slot('{}')", cap.slot),
+    )
+    .await?;
+    let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("does not exist but the ledger holds a checkpoint"),
+        "{log}"
+    );
+    assert!(log.contains("To start over"), "{log}");
     Ok(())
 }
