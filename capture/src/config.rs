@@ -13,6 +13,8 @@ use crate::tls::SslMode;
 /// How a new slot starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SnapshotMode {
+    /// A slot the capture creates starts with a consistent snapshot of the captured tables.
+    Initial,
     /// Stream only changes committed after the slot was created.
     Never,
 }
@@ -87,7 +89,7 @@ pub struct Config {
     #[arg(long, env = "CLOSE_GRACE_SECONDS", default_value_t = 300)]
     pub close_grace_seconds: u64,
     /// How a new slot starts.
-    #[arg(long, env = "CDC_SNAPSHOT", value_enum, default_value = "never")]
+    #[arg(long, env = "CDC_SNAPSHOT", value_enum, default_value = "initial")]
     pub snapshot: SnapshotMode,
     /// Print events to standard output; nothing goes to AWS; the ledger is a local file.
     #[arg(long, env = "LOCAL_TEST_MODE")]

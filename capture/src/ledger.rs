@@ -13,11 +13,12 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 
+use cdc_contract::ledger::SnapshotState;
 use cdc_contract::ledger::{
     self as items, BatchItem, Checkpoint, FlushId, FlushRecord, Item, PendingHour, SchemaItem,
 };
 use cdc_contract::schema::TableSchema;
-use cdc_contract::{Hour, TableName};
+use cdc_contract::{Hour, Lsn, TableName};
 
 /// What a ledger operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +132,18 @@ pub trait Ledger: Send + Sync {
     async fn load_checkpoint(&self) -> Result<Option<Checkpoint>, LedgerError>;
     /// Records a flush atomically under the lease. Succeeds when an earlier attempt of the same
     /// flush committed (its reply lost); fails with [`LedgerError::Fenced`] when the lease is lost.
+    /// The slot's snapshot state, if a snapshot was ever started.
+    async fn load_snapshot(&self) -> Result<Option<SnapshotState>, LedgerError>;
+    /// Records the snapshot state under the lease.
+    async fn save_snapshot(
+        &self,
+        state: &SnapshotState,
+        owner: &str,
+        epoch: u64,
+    ) -> Result<(), LedgerError>;
+    /// Retires the batches of an abandoned snapshot (every batch whose changes carry
+    /// `consistent_lsn` as commit LSN) so they are never compacted.
+    async fn retire_snapshot(&self, consistent_lsn: Lsn) -> Result<u64, LedgerError>;
     async fn record_flush(
         &self,
         req: &FlushRequest,
@@ -288,6 +301,27 @@ impl DynamoLedger {
         });
         futures::future::try_join_all(updates).await?;
         Ok(())
+    }
+
+    async fn query_all(&self, pk: String) -> Result<Vec<Item>, LedgerError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", items::s(pk))
+            .consistent_read(true)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            out.extend(
+                page.map_err(|e| classify("query ledger", e))?
+                    .items
+                    .unwrap_or_default(),
+            );
+        }
+        Ok(out)
     }
 
     async fn lease_now(&self) -> Result<Option<items::Lease>, LedgerError> {
@@ -466,6 +500,100 @@ impl Ledger for DynamoLedger {
         Ok(Some(checkpoint))
     }
 
+    async fn load_snapshot(&self) -> Result<Option<SnapshotState>, LedgerError> {
+        match self
+            .get(items::slot_pk(&self.slot), items::SNAPSHOT_SK.into())
+            .await?
+        {
+            None => Ok(None),
+            Some(item) => SnapshotState::from_item(&item)
+                .map(Some)
+                .map_err(|e| LedgerError::Definite(e.to_string())),
+        }
+    }
+
+    async fn save_snapshot(
+        &self,
+        state: &SnapshotState,
+        owner: &str,
+        epoch: u64,
+    ) -> Result<(), LedgerError> {
+        let pk = items::slot_pk(&self.slot);
+        let lease_check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(items::key(pk.clone(), items::LEASE_SK.into())))
+            .condition_expression("#owner = :owner AND epoch = :epoch")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", items::s(owner))
+            .expression_attribute_values(":epoch", items::n(epoch))
+            .build()
+            .map_err(|e| LedgerError::Definite(e.to_string()))?;
+        let mut item = items::key(pk, items::SNAPSHOT_SK.into());
+        item.extend(state.attributes());
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| LedgerError::Definite(e.to_string()))?;
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(
+                TransactWriteItem::builder()
+                    .condition_check(lease_check)
+                    .build(),
+            )
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_transaction_canceled_exception()) =>
+            {
+                match self.lease_now().await? {
+                    Some(l) if l.owner == owner && l.epoch == epoch => Err(LedgerError::Transient(
+                        "snapshot state write cancelled".into(),
+                    )),
+                    _ => Err(LedgerError::Fenced(
+                        "lease lost while recording the snapshot state".into(),
+                    )),
+                }
+            }
+            Err(e) => Err(classify("record snapshot state", e)),
+        }
+    }
+
+    async fn retire_snapshot(&self, consistent_lsn: Lsn) -> Result<u64, LedgerError> {
+        let mut retired = 0;
+        let markers = self.query_all(items::pending_pk(&self.slot)).await?;
+        for marker in markers {
+            let m = PendingHour::from_item(&marker)
+                .map_err(|e| LedgerError::Definite(e.to_string()))?;
+            let batches = self
+                .query_all(items::batch_pk(&self.slot, &m.table, m.hour))
+                .await?;
+            for item in batches {
+                let batch = BatchItem::from_item(&item)
+                    .map_err(|e| LedgerError::Definite(e.to_string()))?;
+                if batch.first.commit_lsn == consistent_lsn
+                    && batch.last.commit_lsn == consistent_lsn
+                {
+                    self.client
+                        .delete_item()
+                        .table_name(&self.table)
+                        .set_key(Some(items::key(batch.pk(&self.slot), batch.sk())))
+                        .send()
+                        .await
+                        .map_err(|e| classify("retire snapshot batch", e))?;
+                    retired += 1;
+                }
+            }
+        }
+        Ok(retired)
+    }
+
     async fn record_flush(
         &self,
         req: &FlushRequest,
@@ -607,6 +735,46 @@ impl Ledger for LocalLedger {
                 self.path.display()
             ))),
         }
+    }
+
+    async fn load_snapshot(&self) -> Result<Option<SnapshotState>, LedgerError> {
+        let path = self.path.with_extension("snapshot.json");
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| LedgerError::Definite(format!("{}: {e}", path.display())))?;
+                Ok(Some(SnapshotState {
+                    complete: v["complete"].as_bool().unwrap_or(false),
+                    consistent_lsn: Lsn(v["consistent_lsn"].as_u64().unwrap_or(0)),
+                    started_ms: v["started_ms"].as_i64().unwrap_or(0),
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LedgerError::Definite(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    async fn save_snapshot(
+        &self,
+        state: &SnapshotState,
+        _owner: &str,
+        _epoch: u64,
+    ) -> Result<(), LedgerError> {
+        let path = self.path.with_extension("snapshot.json");
+        let text = serde_json::json!({
+            "complete": state.complete,
+            "consistent_lsn": state.consistent_lsn.0,
+            "started_ms": state.started_ms,
+        })
+        .to_string();
+        tokio::fs::write(&path, text)
+            .await
+            .map_err(|e| LedgerError::Definite(format!("{}: {e}", path.display())))
+    }
+
+    async fn retire_snapshot(&self, _consistent_lsn: Lsn) -> Result<u64, LedgerError> {
+        // Standard output cannot take lines back: a restarted local snapshot prints them again.
+        Ok(0)
     }
 
     async fn record_flush(

@@ -14,7 +14,7 @@ use cdc_contract::{metrics, Hour, Lsn, Position, TableName};
 
 use crate::batch::Batcher;
 use crate::catalog::Catalog;
-use crate::config::Settings;
+use crate::config::{Settings, SnapshotMode};
 use crate::encode::{Image, TableEncoder, TxContext};
 use crate::flush::{FlushError, FlushOutcome, Flusher};
 use crate::ledger::{Ledger, LedgerError};
@@ -200,12 +200,21 @@ fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError> {
 
 /// Checks the slot and publication; creates the slot when it is missing and the ledger has no
 /// checkpoint. A missing slot with a checkpoint is a definite error: its changes are gone.
+/// A slot just created with an exported snapshot; the connection that exported it stays open
+/// until the snapshot is read.
+struct ExportedSnapshot {
+    _conn: ReplicationConnection,
+    name: String,
+    consistent_lsn: Lsn,
+}
+
 async fn ensure_slot(
     settings: &Settings,
     params: &ConnectParams,
     catalog: &Catalog,
     checkpoint: &Option<Checkpoint>,
-) -> Result<(), CaptureError> {
+    ledger: &dyn Ledger,
+) -> Result<Option<ExportedSnapshot>, CaptureError> {
     let client = catalog.client();
     let findings =
         crate::checks::run(client, &settings.config.publication, &settings.tables).await?;
@@ -232,6 +241,15 @@ async fn ensure_slot(
                     settings.slot, settings.database
                 )));
             }
+            if let Some(state) = ledger.load_snapshot().await? {
+                if !state.complete && settings.config.snapshot == SnapshotMode::Initial {
+                    tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: recreating the slot and taking it again");
+                    drop_slot(client, &settings.slot).await?;
+                    let retired = ledger.retire_snapshot(state.consistent_lsn).await?;
+                    tracing::info!(retired, "batches of the abandoned snapshot retired");
+                    return create_slot(settings, params, true).await;
+                }
+            }
             if wal_status == "lost" {
                 return Err(CaptureError::Setup(format!(
                     "replication slot {:?} is invalidated (wal_status = lost): the WAL it needed was removed and \
@@ -240,7 +258,7 @@ async fn ensure_slot(
                     settings.slot
                 )));
             }
-            Ok(())
+            Ok(None)
         }
         None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => Err(CaptureError::Setup(format!(
             "replication slot {:?} does not exist but the ledger holds a checkpoint for it: changes since \
@@ -248,17 +266,66 @@ async fn ensure_slot(
              the capture again; the gap must be filled by a fresh snapshot",
             settings.slot, settings.slot
         ))),
-        None => {
-            let mut conn = ReplicationConnection::connect(params).await?;
-            conn.simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-                quote_ident(&settings.slot)
-            ))
-            .await?;
-            tracing::info!(slot = %settings.slot, "replication slot created");
-            Ok(())
+        None => create_slot(settings, params, settings.config.snapshot == SnapshotMode::Initial).await,
+    }
+}
+
+async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
+    // The previous task's walsender may still hold the slot for a moment after a crash.
+    for attempt in 0..30u32 {
+        match client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code().map(|c| c.code()) == Some("55006") && attempt < 29 => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
+    Ok(())
+}
+
+async fn create_slot(
+    settings: &Settings,
+    params: &ConnectParams,
+    export: bool,
+) -> Result<Option<ExportedSnapshot>, CaptureError> {
+    let mut conn = ReplicationConnection::connect(params).await?;
+    let rows = conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
+            quote_ident(&settings.slot),
+            if export {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            }
+        ))
+        .await?;
+    tracing::info!(slot = %settings.slot, "replication slot created");
+    if !export {
+        return Ok(None);
+    }
+    let row = rows
+        .first()
+        .ok_or_else(|| CaptureError::Setup("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let consistent_lsn = row
+        .get(1)
+        .and_then(|v| v.as_deref())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            CaptureError::Setup("CREATE_REPLICATION_SLOT returned no consistent point".into())
+        })?;
+    let name = row.get(2).and_then(|v| v.clone()).ok_or_else(|| {
+        CaptureError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into())
+    })?;
+    Ok(Some(ExportedSnapshot {
+        _conn: conn,
+        name,
+        consistent_lsn,
+    }))
 }
 
 struct Streamer<'a> {
@@ -291,7 +358,14 @@ async fn stream(
     let params = connect_params(settings)?;
     let checkpoint = deps.ledger.load_checkpoint().await?;
     let catalog = Catalog::new(crate::catalog::connect(&params).await?);
-    ensure_slot(settings, &params, &catalog, &checkpoint).await?;
+    let exported = ensure_slot(
+        settings,
+        &params,
+        &catalog,
+        &checkpoint,
+        deps.ledger.as_ref(),
+    )
+    .await?;
     let target = if settings.config.exit_when_caught_up {
         let lsn = catalog.current_wal_lsn().await?;
         tracing::info!(target = %lsn, "will exit once everything committed before this position is recorded");
@@ -332,6 +406,11 @@ async fn stream(
         health: deps.health.clone(),
         grace_ms: settings.config.close_grace_seconds as i64 * 1000,
     };
+
+    if let Some(exported) = exported {
+        s.snapshot(&params, exported, deps.ledger.as_ref(), owner, epoch)
+            .await?;
+    }
 
     let mut attempt = 0u32;
     loop {
@@ -493,6 +572,148 @@ impl Streamer<'_> {
                 }
             }
         }
+    }
+
+    /// The initial snapshot: every captured table read in key order inside the slot's exported
+    /// snapshot, as op "r" events at the slot's consistent point, one ordinal per table.
+    async fn snapshot(
+        &mut self,
+        params: &ConnectParams,
+        exported: ExportedSnapshot,
+        ledger: &dyn Ledger,
+        owner: &str,
+        epoch: u64,
+    ) -> Result<(), CaptureError> {
+        let started_ms = now_ms();
+        let consistent = exported.consistent_lsn;
+        let mut state = cdc_contract::ledger::SnapshotState {
+            complete: false,
+            consistent_lsn: consistent,
+            started_ms,
+        };
+        ledger.save_snapshot(&state, owner, epoch).await?;
+        let reader = crate::catalog::connect(params).await?;
+        reader
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                crate::replication::quote_literal(&exported.name)
+            ))
+            .await?;
+        let tables: Vec<TableName> = if self.settings.tables.is_empty() {
+            reader
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+                    &[&self.settings.config.publication],
+                )
+                .await?
+                .iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect()
+        } else {
+            self.settings.tables.clone()
+        };
+        tracing::info!(tables = tables.len(), consistent = %consistent, "initial snapshot started");
+        let ctx = TxContext {
+            xid: None,
+            commit_lsn: consistent,
+            commit_us: started_ms * 1000,
+            prev_commit_end: Lsn::ZERO,
+            snapshot: true,
+        };
+        let hour = Hour::from_millis(started_ms);
+        let mut total = 0u64;
+        for table in &tables {
+            let (rel, order_by) = relation_of(&reader, table).await?;
+            let schema = self.catalog.table_schema(&rel, false).await?;
+            let encoder = Arc::new(TableEncoder::new(
+                schema,
+                &self.settings.slot,
+                &self.settings.database,
+            ));
+            let columns: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+            reader
+                .batch_execute(&format!(
+                    "DECLARE cdc_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}{}",
+                    if columns.is_empty() {
+                        "NULL".to_owned()
+                    } else {
+                        columns.join(", ")
+                    },
+                    quote_ident(&table.schema),
+                    quote_ident(&table.name),
+                    order_by
+                ))
+                .await?;
+            let mut ordinal = 0u32;
+            loop {
+                let messages = reader.simple_query("FETCH 5000 FROM cdc_snapshot").await?;
+                let mut fetched = 0;
+                for message in messages {
+                    let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+                        continue;
+                    };
+                    fetched += 1;
+                    ordinal += 1;
+                    let values: Vec<pgoutput::Value> = (0..rel.columns.len())
+                        .map(|i| match row.get(i) {
+                            Some(text) => pgoutput::Value::Text(bytes::Bytes::copy_from_slice(
+                                text.as_bytes(),
+                            )),
+                            None => pgoutput::Value::Null,
+                        })
+                        .collect();
+                    let pos = Position::new(consistent, ordinal);
+                    let now = now_ms();
+                    let enc = encoder.clone();
+                    self.batcher
+                        .push(rel.oid, &encoder, hour, pos, started_ms, |out| {
+                            enc.write_event(
+                                out,
+                                Op::Read,
+                                None,
+                                Some(&values),
+                                &ctx,
+                                consistent,
+                                ordinal,
+                                ordinal,
+                                now,
+                            );
+                        });
+                    if self.batcher.bytes() >= self.settings.config.flush_max_bytes {
+                        let checkpoint = Checkpoint {
+                            lsn: self.recorded.lsn,
+                            partial: self.recorded.partial,
+                            commit_ms: started_ms,
+                            ..Default::default()
+                        };
+                        self.start_flush(checkpoint, false).await?;
+                    }
+                }
+                if fetched == 0 {
+                    break;
+                }
+            }
+            reader.batch_execute("CLOSE cdc_snapshot").await?;
+            total += u64::from(ordinal);
+            tracing::info!(table = %table, rows = ordinal, "table snapshot read");
+        }
+        reader.batch_execute("COMMIT").await?;
+        drop(exported);
+        let checkpoint = Checkpoint {
+            lsn: consistent,
+            partial: None,
+            commit_ms: started_ms,
+            ..Default::default()
+        };
+        self.start_flush(checkpoint, true).await?;
+        self.wait_inflight().await?;
+        state.complete = true;
+        ledger.save_snapshot(&state, owner, epoch).await?;
+        self.last_commit_end = consistent;
+        self.last_commit_ms = started_ms;
+        self.server_end = self.server_end.max(consistent);
+        tracing::info!(rows = total, "initial snapshot complete");
+        Ok(())
     }
 
     /// On the heartbeat timer: emit a logical message while idle, so a quiet database's slot
@@ -886,4 +1107,61 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// A table's columns as pgoutput would describe them (replica identity columns as the key), and
+/// the ORDER BY that reads it in key order.
+async fn relation_of(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+) -> Result<(pgoutput::Relation, String), CaptureError> {
+    let rows = client
+        .query(
+            "SELECT c.oid, c.relreplident::text, a.attname::text, a.atttypid, a.atttypmod, \
+                    CASE c.relreplident \
+                      WHEN 'f' THEN true \
+                      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident AND a.attnum = ANY(i.indkey)) \
+                      WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY(i.indkey)) \
+                      ELSE false END, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY(i.indkey)) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    let first = rows
+        .first()
+        .ok_or_else(|| CaptureError::Setup(format!("snapshot: table {table} not found")))?;
+    let oid: u32 = first.get(0);
+    let identity: String = first.get(1);
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut pk = Vec::new();
+    for r in &rows {
+        let name: String = r.get(2);
+        if r.get::<_, bool>(6) {
+            pk.push(quote_ident(&name));
+        }
+        columns.push(pgoutput::RelationColumn {
+            key: r.get(5),
+            name,
+            type_oid: r.get(3),
+            typmod: r.get(4),
+        });
+    }
+    let order_by = if pk.is_empty() {
+        String::new()
+    } else {
+        format!(" ORDER BY {}", pk.join(", "))
+    };
+    Ok((
+        pgoutput::Relation {
+            oid,
+            namespace: table.schema.clone(),
+            name: table.name.clone(),
+            replica_identity: identity.bytes().next().unwrap_or(b'd'),
+            columns,
+        },
+        order_by,
+    ))
 }

@@ -1086,3 +1086,127 @@ async fn a_dropped_slot_with_a_checkpoint_stops_the_capture_with_the_way_out() -
     assert!(log.contains("To start over"), "{log}");
     Ok(())
 }
+
+async fn table_state(
+    pg: &PgCluster,
+    db: &str,
+    sql: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, Value>> {
+    let client = pg.connect(db).await?;
+    let rows = client.query(sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let id: i32 = r.get(0);
+            let v: Option<String> = r.get(1);
+            (id.to_string(), json!({"id": id, "v": v}))
+        })
+        .collect())
+}
+
+#[tokio::test]
+async fn a_new_slot_snapshots_existing_rows_once_then_streams_without_a_gap() -> anyhow::Result<()>
+{
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'old-' || g FROM generate_series(1, 3000) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("FLUSH_MAX_BYTES".into(), "65536".into()));
+    let child = cap.spawn(&[])?;
+    // Writes while the snapshot runs and after it.
+    for i in 0..40 {
+        pg.execute(
+            &db,
+            &format!(
+                "BEGIN; UPDATE t SET v = 'new-{i}' WHERE id % 40 = {i}; INSERT INTO t VALUES ({}, 'ins'); DELETE FROM t WHERE id = {}; COMMIT;",
+                10_000 + i,
+                i * 7 + 1
+            ),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let pid = child.id().context("pid")?;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
+    child.wait_with_output().await?;
+    cap.run_until_caught_up(CAUGHT_UP)
+        .await
+        .with_context(|| cap.log())?;
+    let events = cap.recorded_events("public.t").await?;
+    let reads: Vec<&Value> = events.iter().filter(|e| e["op"] == "r").collect();
+    let read_ids: std::collections::BTreeSet<i64> = reads
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(read_ids.len(), reads.len(), "every snapshot row once");
+    assert!(reads.len() >= 3000 - 40, "{}", reads.len());
+    assert!(reads.iter().all(|e| e["source"]["snapshot"] == "true"));
+    // The snapshot comes first, then streamed changes.
+    let first_streamed = events
+        .iter()
+        .position(|e| e["op"] != "r")
+        .unwrap_or(events.len());
+    assert!(events[first_streamed..].iter().all(|e| e["op"] != "r"));
+    let state = table_state(&pg, &db, "SELECT id, v FROM t").await?;
+    assert_eq!(
+        replay(&events),
+        state,
+        "replaying the events gives the table"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_capture_killed_mid_snapshot_takes_it_again_and_every_row_arrives_once(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("FLUSH_MAX_BYTES".into(), "65536".into()));
+    cap.env
+        .push(("CDC_TEST_CRASH_AT".into(), "after_record".into()));
+    let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+    assert!(
+        !out.status.success(),
+        "the crash hook kills the capture mid-snapshot"
+    );
+    let partial = cap.recorded_events("public.t").await?.len();
+    assert!(
+        partial > 0 && partial < 5000,
+        "{partial} rows recorded before the crash"
+    );
+    cap.env.retain(|(k, _)| k != "CDC_TEST_CRASH_AT");
+    let out = cap.run_until_caught_up(CAUGHT_UP).await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("the initial snapshot did not complete"),
+        "{log}"
+    );
+    pg.execute(&db, "INSERT INTO t VALUES (5001, 'after')")
+        .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(ids, (1..=5001).collect::<Vec<_>>());
+    assert_eq!(events.iter().filter(|e| e["op"] == "r").count(), 5000);
+    Ok(())
+}

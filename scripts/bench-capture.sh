@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Drain benchmark of the capture (a command, not a test): builds a backlog in a throwaway
+# PostgreSQL (ROWS rows of ~200 bytes in 1,000-row transactions, plus updates and deletes of a
+# tenth of them), then measures the capture draining it into the emulator (S3 + DynamoDB) at
+# default settings, and pg_recvlogical with pgoutput draining a second slot to /dev/null.
+#
+#   ./scripts/bench-capture.sh [ROWS]        (default 1000000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS=${1:-1000000}
+./scripts/setup.sh
+cargo build --release -p capture --quiet
+state=$(mktemp -d /tmp/bench-capture.XXXXXX)
+# shellcheck source=scripts/pg.sh
+. scripts/pg.sh
+# shellcheck source=scripts/moto.sh
+. scripts/moto.sh
+cleanup() { stop_pg "$state/pg"; stop_moto; rm -rf "$state"; }
+trap cleanup EXIT
+start_pg "$state/pg"
+start_moto "$state/moto.log"
+psql_pg "$state/pg" postgres -c "CREATE DATABASE bench" >/dev/null
+psql_pg "$state/pg" bench >/dev/null <<'SQL'
+CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, price numeric(10,2), note text, at timestamptz);
+CREATE PUBLICATION bench_pub FOR TABLE items;
+SELECT pg_create_logical_replication_slot('bench_capture', 'pgoutput');
+SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput');
+SQL
+echo "building the backlog: $ROWS rows in 1,000-row transactions, plus updates and deletes" >&2
+psql_pg "$state/pg" bench >/dev/null <<SQL
+DO \$\$
+BEGIN
+  FOR b IN 0..($ROWS / 1000 - 1) LOOP
+    INSERT INTO items
+      SELECT g, 'item-' || g, g % 100, (g % 10000) / 100.0, repeat('x', 120), now()
+      FROM generate_series(b * 1000 + 1, b * 1000 + 1000) g;
+    COMMIT;
+  END LOOP;
+  FOR b IN 0..($ROWS / 10000 - 1) LOOP
+    UPDATE items SET qty = qty + 1 WHERE id > b * 10000 AND id <= b * 10000 + 500;
+    DELETE FROM items WHERE id > b * 10000 + 500 AND id <= b * 10000 + 1000;
+    COMMIT;
+  END LOOP;
+END
+\$\$;
+SQL
+changes=$(( ROWS + ROWS / 10 ))
+target=$(psql_pg "$state/pg" bench -At -c "SELECT pg_current_wal_lsn()")
+wal_bytes=$(psql_pg "$state/pg" bench -At -c "SELECT pg_wal_lsn_diff('$target', confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = 'bench_capture'")
+
+.venv/bin/python - <<'PY'
+import os, boto3
+kw = dict(endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+boto3.client("s3", **kw).create_bucket(Bucket="bench-bucket")
+boto3.client("dynamodb", **kw).create_table(TableName="bench-ledger",
+    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
+    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+    BillingMode="PAY_PER_REQUEST")
+PY
+
+start=$(date +%s.%N)
+POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=bench POSTGRES_USER=postgres POSTGRES_PASSWORD=postgres \
+PGSSLMODE=disable CDC_SLOT_NAME=bench_capture CDC_PUBLICATION=bench_pub S3_BUCKET_NAME=bench-bucket \
+LEDGER_TABLE=bench-ledger HEALTH_PORT=0 RUST_LOG=info \
+  ./target/release/capture --exit-when-caught-up >/dev/null 2>"$state/capture.log"
+end=$(date +%s.%N)
+peak_kib=$(grep -o 'peak_rss_kib=[0-9]*' "$state/capture.log" | tail -n1 | cut -d= -f2)
+staged=$(.venv/bin/python -c "
+import os, boto3
+s3 = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'], region_name='us-east-1')
+total = 0
+for page in s3.get_paginator('list_objects_v2').paginate(Bucket='bench-bucket'):
+    total += sum(o['Size'] for o in page.get('Contents', []))
+print(total)")
+
+rstart=$(date +%s.%N)
+PGPASSWORD=postgres "$(pg_bindir)/pg_recvlogical" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d bench \
+  --slot bench_recvlogical --start --endpos "$target" -o proto_version=1 -o publication_names=bench_pub \
+  -f /dev/null --no-loop
+rend=$(date +%s.%N)
+
+python3 - "$changes" "$start" "$end" "$rstart" "$rend" "$peak_kib" "$wal_bytes" "$staged" <<'PY'
+import sys
+changes, s, e, rs, re_, peak, wal, staged = sys.argv[1:]
+changes = int(changes); cap = float(e) - float(s); rec = float(re_) - float(rs); wal = int(wal)
+print(f"backlog: {changes:,} changes, {wal / 1e6:.1f} MB of WAL")
+print(f"capture        : {cap:6.2f} s  {changes / cap:10,.0f} changes/s  {wal / cap / 1e6:6.1f} MB/s of WAL  peak RSS {int(peak) / 1024:.0f} MiB  staged {int(staged) / 1e6:.1f} MB gzip")
+print(f"pg_recvlogical : {rec:6.2f} s  {changes / rec:10,.0f} changes/s  {wal / rec / 1e6:6.1f} MB/s of WAL  (to /dev/null)")
+print(f"ratio (capture rate / pg_recvlogical rate): {rec / cap:.2f}")
+PY
