@@ -102,3 +102,69 @@ fn a_missing_server_binary_gives_one_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains("PG_BIN") && msg.contains("initdb"), "{msg}");
 }
+
+#[test]
+fn compose_file_pins_localstack_and_turns_logical_replication_on() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg("import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))")
+        .arg(root.join("docker-compose.yml"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let compose: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let services = &compose["services"];
+    assert_eq!(
+        services["localstack"]["image"],
+        "localstack/localstack:4.14.0"
+    );
+    assert_eq!(services["postgres"]["image"], "postgres:15");
+    let command: Vec<&str> = services["postgres"]["command"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert!(command.contains(&"wal_level=logical"), "{command:?}");
+    let mounts = services["postgres"]["volumes"].to_string()
+        + &services["localstack"]["volumes"].to_string();
+    assert!(mounts.contains("init-db.sql"));
+    assert!(mounts.contains("/etc/localstack/init/ready.d"));
+    let services_env = services["localstack"]["environment"]["SERVICES"]
+        .as_str()
+        .unwrap_or("");
+    for s in ["s3", "sqs", "dynamodb", "cloudwatch"] {
+        assert!(services_env.contains(s), "{services_env}");
+    }
+    // The init hook creates what infra/ creates: the ledger's keys and TTL attribute, a DLQ.
+    let hook = std::fs::read_to_string(root.join("localstack/init/ready.d/10-resources.sh"))?;
+    assert!(hook.contains("AttributeName=pk") && hook.contains("AttributeName=sk"));
+    assert!(hook.contains(cdc_contract::ledger::TTL_ATTRIBUTE));
+    assert!(hook.contains("RedrivePolicy"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn init_db_sql_loads_and_gives_the_cdc_user_what_it_needs() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let db = pg.create_database("initdb").await?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    pg.execute(&db, &std::fs::read_to_string(root.join("init-db.sql"))?)
+        .await?;
+    let client = pg.connect(&db).await?;
+    let row = client
+        .query_one(
+            "SELECT rolreplication, has_table_privilege('cdc_user', 'public.orders', 'SELECT'),
+                    (SELECT count(*) FROM pg_publication_tables WHERE pubname = 'cdc_publication')
+             FROM pg_roles WHERE rolname = 'cdc_user'",
+            &[],
+        )
+        .await?;
+    assert!(row.get::<_, bool>(0));
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i64>(2), 2);
+    Ok(())
+}
