@@ -1210,3 +1210,51 @@ async fn a_capture_killed_mid_snapshot_takes_it_again_and_every_row_arrives_once
     assert_eq!(events.iter().filter(|e| e["op"] == "r").count(), 5000);
     Ok(())
 }
+
+#[tokio::test]
+async fn every_metric_line_is_emf_with_documented_names() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(&db, "INSERT INTO t SELECT generate_series(1, 100)")
+        .await?;
+    let out = cap.run_until_caught_up(CAUGHT_UP).await?;
+    let catalogue = cdc_contract::metrics::catalogue();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in String::from_utf8(out.stdout)?.lines() {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        let cw = &v["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(cw["Namespace"], catalogue.namespace.as_str());
+        assert_eq!(cw["Dimensions"], json!([[catalogue.dimension]]));
+        assert_eq!(v[&catalogue.dimension], cap.slot.as_str());
+        assert!(v["_aws"]["Timestamp"].is_i64());
+        for m in cw["Metrics"].as_array().context("Metrics")? {
+            let name = m["Name"].as_str().context("Name")?;
+            let def = catalogue
+                .metrics
+                .iter()
+                .find(|d| d.name == name)
+                .with_context(|| format!("undocumented metric {name}"))?;
+            assert_eq!(def.emitter, "capture");
+            assert_eq!(m["Unit"], def.unit.as_str());
+            assert!(v[name].is_number(), "{name} has no value: {line}");
+            seen.insert(name.to_owned());
+        }
+    }
+    for expected in [
+        "FlushRows",
+        "FlushBytes",
+        "FlushLatency",
+        "CommitToLedgerLatency",
+        "ReplicationLagBytes",
+        "ReplicationLagSeconds",
+    ] {
+        assert!(
+            seen.contains(expected),
+            "{expected} never emitted: {seen:?}"
+        );
+    }
+    Ok(())
+}
