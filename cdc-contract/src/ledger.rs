@@ -19,8 +19,11 @@
 //! Per table (`pk = schema#{slot}#{schema.table}`): one [`SchemaItem`] per schema version,
 //! `sk = {version id}`.
 //!
-//! Per table-hour (`pk = hour#{slot}#{schema.table}`, `sk = {hour}`): the compactor's record of
-//! the hour and (`pk = part#{slot}#{schema.table}#{hour}`, `sk = {NNN}`) its parts.
+//! Per table-hour (`pk = hour#{slot}#{schema.table}`, `sk = {hour}`): the compactor's
+//! [`HourRecord`] (claim, version, the `compacted_through` watermark) and
+//! (`pk = part#{slot}#{schema.table}#{hour}`, `sk = {NNN}`) one [`PartItem`] per recorded part.
+//! A batch is consumed once its last change is at or below the watermark; the compactor then
+//! marks its item `compacted` with a TTL.
 //!
 //! Items that expire carry the TTL attribute [`TTL_ATTRIBUTE`] (seconds since the epoch).
 
@@ -495,6 +498,217 @@ impl SchemaItem {
     }
 }
 
+/// Sort key of an hour record: the hour (`2025-01-08T10`).
+pub fn hour_sk(hour: Hour) -> String {
+    hour.to_string()
+}
+
+/// Sort key of a part item: the part number, zero-padded to three digits (`007`).
+pub fn part_sk(part: u32) -> String {
+    format!("{part:03}")
+}
+
+/// The compactor's record of one table-hour (`pk = hour#{slot}#{schema.table}`, `sk = {hour}`).
+///
+/// Every change to it is conditional on [`HourRecord::version`]: a compactor claims the hour by
+/// bumping the version, and records each part in one transaction that puts the [`PartItem`] and
+/// bumps the version again, so two invocations of one hour can never both record a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourRecord {
+    /// The table.
+    pub table: TableName,
+    /// The hour.
+    pub hour: Hour,
+    /// Bumped by every claim and every recorded part.
+    pub version: u64,
+    /// The last change written to a recorded part: every valid batch whose last change is at or
+    /// below it is consumed; later batches (late ones too) become new parts.
+    pub compacted_through: Option<Position>,
+    /// The number the next part gets.
+    pub next_part: u32,
+    /// Changes in recorded parts.
+    pub rows: u64,
+    /// Bytes of recorded parts, every format.
+    pub bytes: u64,
+    /// The attempt that holds the hour (empty when none ever did).
+    pub claim_attempt: String,
+    /// Until when the claim holds (ms since the epoch); 0 once released cleanly. A claim that
+    /// expired without release means its attempt may have left unrecorded files behind.
+    pub claim_until_ms: i64,
+    /// Last change (ms since the epoch).
+    pub updated_ms: i64,
+}
+
+impl HourRecord {
+    /// A record for an hour never compacted before (version 0; not stored yet).
+    pub fn new(table: TableName, hour: Hour) -> Self {
+        HourRecord {
+            table,
+            hour,
+            version: 0,
+            compacted_through: None,
+            next_part: 0,
+            rows: 0,
+            bytes: 0,
+            claim_attempt: String::new(),
+            claim_until_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    /// The full item.
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(hour_pk(slot, &self.table), hour_sk(self.hour));
+        item.extend([
+            ("table".to_owned(), s(self.table.to_string())),
+            ("hour".to_owned(), s(self.hour.to_string())),
+            ("version".to_owned(), n(self.version)),
+            (
+                "compacted_through".to_owned(),
+                s(self.compacted_through.map(|p| p.key()).unwrap_or_default()),
+            ),
+            ("next_part".to_owned(), n(self.next_part)),
+            ("rows".to_owned(), n(self.rows)),
+            ("bytes".to_owned(), n(self.bytes)),
+            ("claim_attempt".to_owned(), s(self.claim_attempt.clone())),
+            ("claim_until_ms".to_owned(), n(self.claim_until_ms)),
+            ("updated_ms".to_owned(), n(self.updated_ms)),
+        ]);
+        item
+    }
+
+    /// Reads an hour record.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        let compacted_through = match r.s_opt("compacted_through") {
+            None | Some("") => None,
+            Some(p) => Some(p.parse().map_err(|_| r.error("compacted_through"))?),
+        };
+        Ok(HourRecord {
+            table: r.parsed("table")?,
+            hour: r.parsed("hour")?,
+            version: r.n("version")?,
+            compacted_through,
+            next_part: r.n("next_part")?,
+            rows: r.n("rows")?,
+            bytes: r.n("bytes")?,
+            claim_attempt: r.s_opt("claim_attempt").unwrap_or_default().to_owned(),
+            claim_until_ms: r.n_opt("claim_until_ms")?.unwrap_or(0),
+            updated_ms: r.n_opt("updated_ms")?.unwrap_or(0),
+        })
+    }
+}
+
+/// One final file of a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartFile {
+    /// Its format.
+    pub format: crate::layout::Format,
+    /// Its S3 key ([`crate::layout::Layout::part_key`]).
+    pub key: String,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// A recorded part of a compacted hour (`pk = part#{slot}#{schema.table}#{hour}`,
+/// `sk = {NNN}`): the same changes in every configured format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartItem {
+    /// The table.
+    pub table: TableName,
+    /// The hour.
+    pub hour: Hour,
+    /// The part number.
+    pub part: u32,
+    /// The compaction attempt that wrote its files (part of each file name).
+    pub attempt: String,
+    /// Number of changes.
+    pub rows: u64,
+    /// First change.
+    pub first: Position,
+    /// Last change.
+    pub last: Position,
+    /// Commit time of the first change (ms).
+    pub first_commit_ms: i64,
+    /// Commit time of the last change (ms).
+    pub last_commit_ms: i64,
+    /// The schema version its Parquet file follows.
+    pub schema_id: String,
+    /// Its files, one per format.
+    pub files: Vec<PartFile>,
+    /// When it was recorded (ms since the epoch).
+    pub created_ms: i64,
+}
+
+impl PartItem {
+    /// The full item (`files` is a map from format to `{key, bytes}`).
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(part_pk(slot, &self.table, self.hour), part_sk(self.part));
+        let files = self
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.format.dir().to_owned(),
+                    AttributeValue::M(HashMap::from([
+                        ("key".to_owned(), s(f.key.clone())),
+                        ("bytes".to_owned(), n(f.bytes)),
+                    ])),
+                )
+            })
+            .collect();
+        item.extend([
+            ("table".to_owned(), s(self.table.to_string())),
+            ("hour".to_owned(), s(self.hour.to_string())),
+            ("part".to_owned(), n(self.part)),
+            ("attempt".to_owned(), s(self.attempt.clone())),
+            ("rows".to_owned(), n(self.rows)),
+            ("first".to_owned(), s(self.first.key())),
+            ("last".to_owned(), s(self.last.key())),
+            ("first_commit_ms".to_owned(), n(self.first_commit_ms)),
+            ("last_commit_ms".to_owned(), n(self.last_commit_ms)),
+            ("schema_id".to_owned(), s(self.schema_id.clone())),
+            ("files".to_owned(), AttributeValue::M(files)),
+            ("created_ms".to_owned(), n(self.created_ms)),
+        ]);
+        item
+    }
+
+    /// Reads a part item.
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        let files_map = item
+            .get("files")
+            .and_then(|v| v.as_m().ok())
+            .ok_or_else(|| r.error("files"))?;
+        let mut files = Vec::with_capacity(files_map.len());
+        for (format, file) in files_map {
+            let file = file.as_m().map_err(|_| r.error("files"))?;
+            let fr = ItemReader::new(file);
+            files.push(PartFile {
+                format: format.parse().map_err(|_| r.error("files"))?,
+                key: fr.s("key").map_err(|_| r.error("files"))?.to_owned(),
+                bytes: fr.n("bytes").map_err(|_| r.error("files"))?,
+            });
+        }
+        files.sort_by_key(|f| f.format);
+        Ok(PartItem {
+            table: r.parsed("table")?,
+            hour: r.parsed("hour")?,
+            part: r.n("part")?,
+            attempt: r.s("attempt")?.to_owned(),
+            rows: r.n("rows")?,
+            first: r.parsed("first")?,
+            last: r.parsed("last")?,
+            first_commit_ms: r.n("first_commit_ms")?,
+            last_commit_ms: r.n("last_commit_ms")?,
+            schema_id: r.s("schema_id")?.to_owned(),
+            files,
+            created_ms: r.n("created_ms")?,
+        })
+    }
+}
+
 /// State of the slot's initial snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotState {
@@ -595,6 +809,54 @@ mod tests {
         assert!(!Checkpoint::default().covers(Position::new(Lsn(1), 1)));
         let round = Checkpoint::from_item(&partial.attributes()).unwrap();
         assert_eq!(round, partial);
+    }
+
+    #[test]
+    fn hour_records_and_parts_round_trip() {
+        let table = TableName::new("public", "users");
+        let hour: Hour = "2025-01-08T10".parse().unwrap();
+        let mut rec = HourRecord::new(table.clone(), hour);
+        assert_eq!(HourRecord::from_item(&rec.to_item("s1")).unwrap(), rec);
+        rec.version = 3;
+        rec.compacted_through = Some(Position::new(Lsn(20), 3));
+        rec.claim_attempt = "a1b2c3d4".into();
+        let item = rec.to_item("s1");
+        assert_eq!(item[PK].as_s().unwrap(), "hour#s1#public.users");
+        assert_eq!(item[SK].as_s().unwrap(), "2025-01-08T10");
+        assert_eq!(HourRecord::from_item(&item).unwrap(), rec);
+
+        let part = PartItem {
+            table,
+            hour,
+            part: 7,
+            attempt: "a1b2c3d4".into(),
+            rows: 10,
+            first: Position::new(Lsn(10), 1),
+            last: Position::new(Lsn(20), 3),
+            first_commit_ms: 1,
+            last_commit_ms: 2,
+            schema_id: "00ff".into(),
+            files: vec![
+                PartFile {
+                    format: crate::layout::Format::Jsonl,
+                    key: "a.jsonl.gz".into(),
+                    bytes: 5,
+                },
+                PartFile {
+                    format: crate::layout::Format::Parquet,
+                    key: "a.parquet".into(),
+                    bytes: 6,
+                },
+            ],
+            created_ms: 3,
+        };
+        let item = part.to_item("s1");
+        assert_eq!(
+            item[PK].as_s().unwrap(),
+            "part#s1#public.users#2025-01-08T10"
+        );
+        assert_eq!(item[SK].as_s().unwrap(), "007");
+        assert_eq!(PartItem::from_item(&item).unwrap(), part);
     }
 
     #[test]

@@ -1,1 +1,285 @@
+//! The compactor: rolls the capture's staging micro-batches of each table and UTC hour into
+//! final, hour-partitioned JSONL.gz and Parquet parts, exactly once, driven by the ledger.
+//!
+//! [`Compactor::sweep`] compacts every closed pending hour of every slot the ledger holds (or
+//! the one `CDC_SLOT_NAME` names); [`Compactor::handle`] answers a Lambda event (SQS
+//! notifications, the scheduled sweep, direct invokes) with it. Compacting one hour is
+//! [`compact`]; what the compactor needs from S3 and DynamoDB are the [`store::ObjectStore`] and
+//! [`ledger::Ledger`] seams, implemented over the AWS SDK.
 
+pub mod columns;
+pub mod compact;
+pub mod config;
+pub mod convert;
+pub mod dead_letter;
+pub mod envelope;
+pub mod handler;
+pub mod ledger;
+pub mod manifest;
+pub mod metrics;
+pub mod parquet_schema;
+pub mod part;
+pub mod plan;
+pub mod retry;
+pub mod store;
+pub mod upload;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use cdc_contract::layout::Layout;
+use cdc_contract::metrics as names;
+use cdc_contract::{Hour, TableName};
+
+pub use compact::{HourError, HourJob, HourReport, HourState};
+pub use config::Config;
+
+use crate::dead_letter::DeadLetterNotifier;
+use crate::ledger::{Ledger, LedgerError};
+use crate::parquet_schema::PartSchema;
+use crate::plan::SlotRun;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// How long consumed batch items live on after compaction (their TTL), in seconds.
+pub const BATCH_TTL_SECONDS: i64 = 7 * 24 * 3600;
+
+/// The gzip level of final JSONL parts.
+pub const JSONL_GZIP_LEVEL: u32 = 6;
+
+/// The compactor: configuration, the S3 and ledger seams, and caches shared by its runs.
+pub struct Compactor {
+    pub(crate) config: Config,
+    pub(crate) layout: Layout,
+    pub(crate) store: Arc<dyn store::ObjectStore>,
+    pub(crate) ledger: Arc<dyn Ledger>,
+    pub(crate) notifier: Option<Arc<dyn DeadLetterNotifier>>,
+    pub(crate) gzip_level: u32,
+    pub(crate) batch_ttl_seconds: i64,
+    #[allow(clippy::type_complexity)]
+    pub(crate) schemas: Mutex<HashMap<(String, TableName, String), Arc<PartSchema>>>,
+}
+
+/// What a sweep is asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct SweepRequest {
+    /// Compact open hours too.
+    pub include_open: bool,
+    /// Also compact this table-hour, closed or not (a direct `compact` invoke).
+    pub only: Option<(TableName, Hour)>,
+    /// Limit the sweep to this slot (on top of `CDC_SLOT_NAME`).
+    pub slot: Option<String>,
+}
+
+/// A slot the sweep could not serve, or an hour that failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// The slot.
+    pub slot: String,
+    /// `schema.table`, when an hour failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// The hour, when an hour failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hour: Option<String>,
+    /// The error.
+    pub error: String,
+    /// True when a later run may succeed without anyone acting.
+    pub transient: bool,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepReport {
+    /// Slots served.
+    pub slots: Vec<String>,
+    /// Hours looked at, with what was done.
+    pub hours: Vec<HourReport>,
+    /// Closed hours still pending after the run (failed, busy or waiting).
+    pub pending_closed_hours: usize,
+    /// Failures.
+    pub failures: Vec<Failure>,
+}
+
+impl SweepReport {
+    /// Changes written by the sweep.
+    pub fn rows(&self) -> u64 {
+        self.hours.iter().map(|h| h.rows).sum()
+    }
+}
+
+impl Compactor {
+    /// A compactor over the given seams.
+    pub fn new(
+        config: Config,
+        store: Arc<dyn store::ObjectStore>,
+        ledger: Arc<dyn Ledger>,
+        notifier: Option<Arc<dyn DeadLetterNotifier>>,
+    ) -> Self {
+        Compactor {
+            layout: Layout::new(&config.base_path),
+            config,
+            store,
+            ledger,
+            notifier,
+            gzip_level: JSONL_GZIP_LEVEL,
+            batch_ttl_seconds: BATCH_TTL_SECONDS,
+            schemas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A compactor over the AWS SDK's clients for `sdk` (S3 path-style when an endpoint such as
+    /// an emulator is configured).
+    pub fn from_sdk(config: Config, sdk: &aws_config::SdkConfig) -> Self {
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(sdk)
+                .force_path_style(sdk.endpoint_url().is_some())
+                .build(),
+        );
+        let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
+        let notifier: Option<Arc<dyn DeadLetterNotifier>> =
+            config.dead_letter_queue_url.as_ref().map(|url| {
+                Arc::new(dead_letter::SqsNotifier::new(
+                    aws_sdk_sqs::Client::new(sdk),
+                    url.clone(),
+                )) as Arc<dyn DeadLetterNotifier>
+            });
+        let store = Arc::new(store::S3Store::new(s3, config.bucket.clone()));
+        let ledger = Arc::new(ledger::DynamoLedger::new(
+            dynamodb,
+            config.ledger_table.clone(),
+        ));
+        Compactor::new(config, store, ledger, notifier)
+    }
+
+    /// Checks at start-up that the bucket can be reached.
+    pub async fn check(&self) -> Result<(), store::StoreError> {
+        retry::retry("check bucket", || self.store.check()).await
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The S3 layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Compacts every closed pending hour of every slot served (and what `req` adds). Fails
+    /// only when the slots cannot be listed; slot and hour failures are in the report.
+    pub async fn sweep(&self, req: &SweepRequest) -> Result<SweepReport, LedgerError> {
+        let slots = match (&self.config.slot, &req.slot) {
+            (Some(only), Some(asked)) if only != asked => Vec::new(),
+            (Some(only), _) => vec![only.clone()],
+            (None, Some(asked)) => vec![asked.clone()],
+            (None, None) => retry::retry("list slots", || self.ledger.slots()).await?,
+        };
+        let mut report = SweepReport {
+            slots: slots.clone(),
+            ..Default::default()
+        };
+        for slot in slots {
+            if let Err(e) = self.sweep_slot(&slot, req, &mut report).await {
+                tracing::error!(slot = %slot, error = %e, "could not read the slot's pending hours");
+                report.failures.push(Failure {
+                    slot: slot.clone(),
+                    table: None,
+                    hour: None,
+                    error: e.to_string(),
+                    transient: e.is_transient(),
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    async fn sweep_slot(
+        &self,
+        slot: &str,
+        req: &SweepRequest,
+        report: &mut SweepReport,
+    ) -> Result<(), LedgerError> {
+        let Some(checkpoint) =
+            retry::retry("get checkpoint", || self.ledger.checkpoint(slot)).await?
+        else {
+            tracing::info!(slot, "slot has no checkpoint yet; nothing to compact");
+            return Ok(());
+        };
+        let first_open = plan::first_open_hour(&checkpoint, self.config.close_grace);
+        let markers = retry::retry("list pending hours", || {
+            self.ledger
+                .pending_hours(slot, (!req.include_open).then_some(first_open))
+        })
+        .await?;
+        let mut jobs: Vec<HourJob> = markers
+            .into_iter()
+            .map(|m| HourJob {
+                table: m.table.clone(),
+                hour: m.hour,
+                marker: Some(m),
+            })
+            .collect();
+        if let Some((table, hour)) = &req.only {
+            if !jobs.iter().any(|j| j.table == *table && j.hour == *hour) {
+                // The marker, if any, is read so the hour can be cleared once done.
+                let marker = retry::retry("list pending hours", || {
+                    self.ledger.pending_hours(slot, None)
+                })
+                .await?
+                .into_iter()
+                .find(|m| m.table == *table && m.hour == *hour);
+                jobs.push(HourJob {
+                    table: table.clone(),
+                    hour: *hour,
+                    marker,
+                });
+            }
+        }
+        let run = SlotRun::new(slot, checkpoint);
+        let run = &run;
+        let results: Vec<(HourJob, Result<HourReport, HourError>)> =
+            futures::stream::iter(jobs.into_iter().map(|job| async move {
+                let r = self.compact_hour(run, &job).await;
+                (job, r)
+            }))
+            .buffer_unordered(self.config.concurrency)
+            .collect()
+            .await;
+        let mut pending = 0usize;
+        for (job, result) in results {
+            let closed = job.hour < first_open;
+            match result {
+                Ok(hour) => {
+                    if closed && hour.state != HourState::Done {
+                        pending += 1;
+                    }
+                    report.hours.push(hour);
+                }
+                Err(e) => {
+                    if closed {
+                        pending += 1;
+                    }
+                    tracing::error!(slot, table = %job.table, hour = %job.hour, error = %e, transient = e.is_transient(), "hour compaction failed");
+                    report.failures.push(Failure {
+                        slot: slot.to_owned(),
+                        table: Some(job.table.to_string()),
+                        hour: Some(job.hour.to_string()),
+                        error: e.to_string(),
+                        transient: e.is_transient(),
+                    });
+                }
+            }
+        }
+        report.pending_closed_hours += pending;
+        metrics::emit(slot, &[(names::PENDING_HOURS, pending as f64)]);
+        Ok(())
+    }
+}

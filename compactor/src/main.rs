@@ -1,1 +1,134 @@
-fn main() {}
+//! The compactor binary: under Lambda it serves the runtime; from a shell, `compactor invoke
+//! --event FILE` answers one event and `compactor sweep [--include-open]` compacts what is there.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::Value;
+use tracing::Instrument;
+
+use compactor::config::{Config, LogFormat, Settings};
+use compactor::{Compactor, SweepRequest};
+
+/// Rolls staging micro-batches into hour-partitioned final JSONL.gz and Parquet files.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one handler call on an event (SQS, sweep or compact JSON) and prints the answer
+    /// as the last line of standard output.
+    Invoke {
+        /// The event file, or `-` for standard input.
+        #[arg(long)]
+        event: String,
+    },
+    /// Compacts every closed pending hour (and open ones with --include-open).
+    Sweep {
+        /// Compact open hours too.
+        #[arg(long)]
+        include_open: bool,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}
+
+async fn compactor(config: Config) -> anyhow::Result<Compactor> {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let c = Compactor::from_sdk(config, &sdk);
+    c.check().await.context("start-up check")?;
+    Ok(c)
+}
+
+fn read_event(path: &str) -> anyhow::Result<Value> {
+    let text = if path == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the event from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading the event file {path}"))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("the event in {path} is not JSON"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let under_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    let config = cli
+        .settings
+        .validate(under_lambda && cli.command.is_none())
+        .context("configuration")?;
+    init_logs(config.log_format);
+
+    match cli.command {
+        Some(Command::Invoke { event }) => {
+            let event = read_event(&event)?;
+            let c = compactor(config).await?;
+            let answer = c.handle(event).await.context("handler call failed")?;
+            println!("{answer}");
+            Ok(())
+        }
+        Some(Command::Sweep { include_open }) => {
+            let c = compactor(config).await?;
+            let report = c
+                .sweep(&SweepRequest {
+                    include_open,
+                    ..Default::default()
+                })
+                .await
+                .context("sweep failed")?;
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.failures.is_empty() {
+                bail!("{} hour(s) or slot(s) failed", report.failures.len());
+            }
+            Ok(())
+        }
+        None if under_lambda => {
+            let c = Arc::new(compactor(config).await?);
+            lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+                let c = c.clone();
+                async move {
+                    let request_id = event.context.request_id.clone();
+                    let span = tracing::info_span!("invocation", request_id = %request_id);
+                    c.handle(event.payload)
+                        .instrument(span)
+                        .await
+                        .map_err(|e| {
+                            tracing::error!(error = %e, transient = e.is_transient(), "invocation failed");
+                            lambda_runtime::Error::from(e.to_string())
+                        })
+                }
+            }))
+            .await
+            .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+        }
+        None => bail!(
+            "no command: run `compactor invoke --event FILE` or `compactor sweep`, or start it \
+             under a Lambda runtime (AWS_LAMBDA_RUNTIME_API)"
+        ),
+    }
+}

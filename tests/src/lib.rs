@@ -10,6 +10,7 @@ pub mod bins;
 pub mod capture;
 pub mod faultproxy;
 pub mod postgres;
+pub mod staging;
 
 /// A name unique to this test process and call, for databases, slots, buckets, tables, queues.
 pub fn unique_name(prefix: &str) -> String {

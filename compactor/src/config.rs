@@ -1,0 +1,390 @@
+//! Configuration: one `clap` struct whose every flag has an environment variable (flags win),
+//! validated once at start-up into [`Config`]; errors name the setting.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use cdc_contract::layout::Format;
+
+/// Parquet compression codecs offered by `PARQUET_COMPRESSION`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Snappy (default: fast, read everywhere).
+    Snappy,
+    /// Zstandard (level 3).
+    Zstd,
+    /// Gzip (level 6).
+    Gzip,
+    /// LZ4 (raw, the codec current readers expect).
+    Lz4,
+    /// No compression.
+    None,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "snappy" => Ok(Compression::Snappy),
+            "zstd" => Ok(Compression::Zstd),
+            "gzip" => Ok(Compression::Gzip),
+            "lz4" => Ok(Compression::Lz4),
+            "none" | "uncompressed" => Ok(Compression::None),
+            other => Err(format!(
+                "{other:?} is not one of snappy, zstd, gzip, lz4, none"
+            )),
+        }
+    }
+}
+
+impl Compression {
+    /// The codec as the Parquet writer takes it.
+    pub fn codec(self) -> parquet::basic::Compression {
+        use parquet::basic::{Compression as C, GzipLevel, ZstdLevel};
+        match self {
+            Compression::Snappy => C::SNAPPY,
+            Compression::Zstd => C::ZSTD(ZstdLevel::default()),
+            Compression::Gzip => C::GZIP(GzipLevel::default()),
+            Compression::Lz4 => C::LZ4_RAW,
+            Compression::None => C::UNCOMPRESSED,
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (CloudWatch Logs Insights).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// The compactor's settings as given (flags or environment).
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Bucket holding the staging batches and the final files.
+    #[arg(long = "s3-bucket", env = "S3_BUCKET_NAME")]
+    pub s3_bucket: Option<String>,
+    /// Prefix of every key the pipeline writes (may be empty).
+    #[arg(long = "s3-base-path", env = "S3_BASE_PATH", default_value = "")]
+    pub s3_base_path: String,
+    /// The DynamoDB ledger table.
+    #[arg(long = "ledger-table", env = "LEDGER_TABLE")]
+    pub ledger_table: Option<String>,
+    /// Final formats, comma-separated: jsonl, parquet.
+    #[arg(
+        long = "output-formats",
+        env = "OUTPUT_FORMATS",
+        default_value = "jsonl,parquet"
+    )]
+    pub output_formats: String,
+    /// Compact only this slot's hours (default: every slot in the ledger).
+    #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
+    pub slot_name: Option<String>,
+    /// An hour closes once the checkpoint's commit or caught-up time is this far past its end.
+    #[arg(
+        long = "close-grace-seconds",
+        env = "CLOSE_GRACE_SECONDS",
+        default_value = "300"
+    )]
+    pub close_grace_seconds: String,
+    /// Final files roll into a new part at this size (bytes).
+    #[arg(
+        long = "part-max-bytes",
+        env = "PART_MAX_BYTES",
+        default_value = "134217728"
+    )]
+    pub part_max_bytes: String,
+    /// A Parquet row group is written once its encoded size reaches this (bytes).
+    #[arg(
+        long = "parquet-row-group-bytes",
+        env = "PARQUET_ROW_GROUP_BYTES",
+        default_value = "33554432"
+    )]
+    pub row_group_bytes: String,
+    /// Parquet compression: snappy, zstd, gzip, lz4 or none.
+    #[arg(
+        long = "parquet-compression",
+        env = "PARQUET_COMPRESSION",
+        default_value = "snappy"
+    )]
+    pub parquet_compression: String,
+    /// SQS queue told about each dead-lettered staging batch (optional).
+    #[arg(long = "dead-letter-queue-url", env = "DEAD_LETTER_QUEUE_URL")]
+    pub dead_letter_queue_url: Option<String>,
+    /// How long a compactor's claim on an hour holds without renewal (seconds).
+    #[arg(
+        long = "hour-claim-seconds",
+        env = "HOUR_CLAIM_SECONDS",
+        default_value = "120"
+    )]
+    pub hour_claim_seconds: String,
+    /// Table-hours compacted at once.
+    #[arg(
+        long = "compact-concurrency",
+        env = "COMPACT_CONCURRENCY",
+        default_value = "2"
+    )]
+    pub concurrency: String,
+    /// Log format: json or text (default: json under Lambda, text in a shell).
+    #[arg(long = "log-format", env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable (and flag) at fault.
+    pub setting: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+fn bad(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The bucket.
+    pub bucket: String,
+    /// The base path (`S3_BASE_PATH`).
+    pub base_path: String,
+    /// The ledger table.
+    pub ledger_table: String,
+    /// Final formats, in a fixed order, without repeats.
+    pub formats: Vec<Format>,
+    /// Only this slot, if set.
+    pub slot: Option<String>,
+    /// Close grace period.
+    pub close_grace: Duration,
+    /// Part roll size.
+    pub part_max_bytes: u64,
+    /// Row group flush size.
+    pub row_group_bytes: u64,
+    /// Parquet codec.
+    pub compression: Compression,
+    /// Dead-letter notices.
+    pub dead_letter_queue_url: Option<String>,
+    /// Claim duration.
+    pub hour_claim: Duration,
+    /// Hours compacted at once.
+    pub concurrency: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// A configuration with every default, for `bucket` and `ledger_table`.
+    pub fn new(bucket: impl Into<String>, ledger_table: impl Into<String>) -> Self {
+        Config {
+            bucket: bucket.into(),
+            base_path: String::new(),
+            ledger_table: ledger_table.into(),
+            formats: vec![Format::Jsonl, Format::Parquet],
+            slot: None,
+            close_grace: Duration::from_secs(300),
+            part_max_bytes: 128 * 1024 * 1024,
+            row_group_bytes: 32 * 1024 * 1024,
+            compression: Compression::Snappy,
+            dead_letter_queue_url: None,
+            hour_claim: Duration::from_secs(120),
+            concurrency: 2,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn number<T: std::str::FromStr>(setting: &'static str, text: &str) -> Result<T, ConfigError> {
+    text.trim()
+        .parse()
+        .map_err(|_| bad(setting, format!("{text:?} is not a whole number")))
+}
+
+/// Parses `jsonl,parquet` into formats in a fixed order.
+pub fn parse_formats(text: &str) -> Result<Vec<Format>, ConfigError> {
+    let mut formats = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let f: Format = part.parse().map_err(|e: cdc_contract::ParseError| {
+            bad(
+                "OUTPUT_FORMATS",
+                format!("{:?} is not jsonl or parquet", e.input),
+            )
+        })?;
+        if !formats.contains(&f) {
+            formats.push(f);
+        }
+    }
+    if formats.is_empty() {
+        return Err(bad("OUTPUT_FORMATS", "names no format (jsonl, parquet)"));
+    }
+    formats.sort();
+    Ok(formats)
+}
+
+impl Settings {
+    /// Validates every setting, naming the first one that is wrong.
+    pub fn validate(&self, under_lambda: bool) -> Result<Config, ConfigError> {
+        let bucket = self
+            .s3_bucket
+            .as_deref()
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| bad("S3_BUCKET_NAME", "is required"))?
+            .to_owned();
+        let ledger_table = self
+            .ledger_table
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| bad("LEDGER_TABLE", "is required"))?
+            .to_owned();
+        let formats = parse_formats(&self.output_formats)?;
+        let slot = self
+            .slot_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+        if let Some(s) = &slot {
+            if s.contains('#') {
+                return Err(bad("CDC_SLOT_NAME", format!("{s:?} contains '#'")));
+            }
+        }
+        let grace: u64 = number("CLOSE_GRACE_SECONDS", &self.close_grace_seconds)?;
+        let part_max_bytes: u64 = number("PART_MAX_BYTES", &self.part_max_bytes)?;
+        if part_max_bytes < 4096 {
+            return Err(bad("PART_MAX_BYTES", "must be at least 4096"));
+        }
+        let row_group_bytes: u64 = number("PARQUET_ROW_GROUP_BYTES", &self.row_group_bytes)?;
+        if row_group_bytes < 4096 {
+            return Err(bad("PARQUET_ROW_GROUP_BYTES", "must be at least 4096"));
+        }
+        let compression = self
+            .parquet_compression
+            .parse()
+            .map_err(|e| bad("PARQUET_COMPRESSION", e))?;
+        let dead_letter_queue_url = self
+            .dead_letter_queue_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned);
+        if let Some(u) = &dead_letter_queue_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(bad("DEAD_LETTER_QUEUE_URL", format!("{u:?} is not a URL")));
+            }
+        }
+        let claim: u64 = number("HOUR_CLAIM_SECONDS", &self.hour_claim_seconds)?;
+        if claim == 0 {
+            return Err(bad("HOUR_CLAIM_SECONDS", "must be at least 1"));
+        }
+        let concurrency: usize = number("COMPACT_CONCURRENCY", &self.concurrency)?;
+        if concurrency == 0 || concurrency > 64 {
+            return Err(bad("COMPACT_CONCURRENCY", "must be between 1 and 64"));
+        }
+        let log_format = match self.log_format.as_deref().map(str::trim) {
+            None | Some("") => {
+                if under_lambda {
+                    LogFormat::Json
+                } else {
+                    LogFormat::Text
+                }
+            }
+            Some(f) => match f.to_ascii_lowercase().as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                _ => return Err(bad("LOG_FORMAT", format!("{f:?} is not json or text"))),
+            },
+        };
+        Ok(Config {
+            bucket,
+            base_path: self.s3_base_path.trim().to_owned(),
+            ledger_table,
+            formats,
+            slot,
+            close_grace: Duration::from_secs(grace),
+            part_max_bytes,
+            row_group_bytes,
+            compression,
+            dead_letter_queue_url,
+            hour_claim: Duration::from_secs(claim),
+            concurrency,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn settings(args: &[&str]) -> Settings {
+        let mut all = vec!["compactor"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().settings
+    }
+
+    #[test]
+    fn defaults_validate_once_bucket_and_table_are_given() {
+        let c = settings(&["--s3-bucket", "b", "--ledger-table", "t"])
+            .validate(false)
+            .unwrap();
+        assert_eq!(c.formats, vec![Format::Jsonl, Format::Parquet]);
+        assert_eq!(c.part_max_bytes, 128 * 1024 * 1024);
+        assert_eq!(c.compression, Compression::Snappy);
+        assert_eq!(c.close_grace, Duration::from_secs(300));
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.slot, None);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let err = |args: &[&str]| settings(args).validate(false).unwrap_err().setting;
+        assert_eq!(err(&["--ledger-table", "t"]), "S3_BUCKET_NAME");
+        assert_eq!(err(&["--s3-bucket", "b"]), "LEDGER_TABLE");
+        let base = ["--s3-bucket", "b", "--ledger-table", "t"];
+        let with = |extra: &[&str]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            err(&v)
+        };
+        assert_eq!(with(&["--output-formats", "csv"]), "OUTPUT_FORMATS");
+        assert_eq!(with(&["--output-formats", " , "]), "OUTPUT_FORMATS");
+        assert_eq!(
+            with(&["--parquet-compression", "brotli"]),
+            "PARQUET_COMPRESSION"
+        );
+        assert_eq!(with(&["--part-max-bytes", "12MB"]), "PART_MAX_BYTES");
+        assert_eq!(with(&["--close-grace-seconds=-1"]), "CLOSE_GRACE_SECONDS");
+        assert_eq!(with(&["--log-format", "xml"]), "LOG_FORMAT");
+        assert_eq!(
+            with(&["--dead-letter-queue-url", "queue"]),
+            "DEAD_LETTER_QUEUE_URL"
+        );
+    }
+
+    #[test]
+    fn formats_parse_in_a_fixed_order_without_repeats() {
+        assert_eq!(
+            parse_formats("parquet, jsonl,parquet").unwrap(),
+            vec![Format::Jsonl, Format::Parquet]
+        );
+        assert_eq!(parse_formats("parquet").unwrap(), vec![Format::Parquet]);
+    }
+}

@@ -1,0 +1,199 @@
+//! Reading a staged line: the parts of the change event the compactor needs, borrowed from the
+//! line (row images stay raw JSON until each value is converted for its column).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use cdc_contract::event::Op;
+use cdc_contract::{Lsn, Position};
+
+/// A change event as the compactor reads it.
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
+    /// The row before the change.
+    #[serde(borrow, default)]
+    pub before: Option<&'a RawValue>,
+    /// The row after the change.
+    #[serde(borrow, default)]
+    pub after: Option<&'a RawValue>,
+    /// The source block.
+    pub source: EnvelopeSource,
+    /// The operation.
+    pub op: Op,
+    /// The transaction block.
+    pub transaction: EnvelopeTransaction,
+    /// Columns the capture gave as PostgreSQL text.
+    #[serde(borrow, default)]
+    pub raw_columns: Vec<Cow<'a, str>>,
+}
+
+/// The `source` fields the compactor uses.
+#[derive(Debug, Deserialize)]
+pub struct EnvelopeSource {
+    /// Commit time (ms).
+    pub ts_ms: i64,
+    /// Commit time (µs), when present.
+    #[serde(default)]
+    pub ts_us: Option<i64>,
+    /// Transaction id.
+    #[serde(rename = "txId", default)]
+    pub tx_id: Option<i64>,
+    /// Commit LSN.
+    pub commit_lsn: u64,
+}
+
+/// The `transaction` fields the compactor uses.
+#[derive(Debug, Deserialize)]
+pub struct EnvelopeTransaction {
+    /// Ordinal within the transaction.
+    pub total_order: u32,
+}
+
+impl<'a> Envelope<'a> {
+    /// The change's (commit LSN, ordinal).
+    pub fn position(&self) -> Position {
+        Position::new(Lsn(self.source.commit_lsn), self.transaction.total_order)
+    }
+
+    /// Commit time in microseconds.
+    pub fn commit_us(&self) -> i64 {
+        self.source
+            .ts_us
+            .unwrap_or_else(|| self.source.ts_ms.saturating_mul(1000))
+    }
+
+    /// The row image whose values fill the table columns: `after`, or `before` for deletes.
+    pub fn image(&self) -> Option<&'a RawValue> {
+        match self.op {
+            Op::Delete => self.before,
+            _ => self.after.or(self.before),
+        }
+    }
+}
+
+/// A column name, borrowed from the line when it has no escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a column name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A row image split into values by column position; values of names the schema does not know
+/// are kept aside.
+pub struct RowValues<'a> {
+    /// One slot per schema column.
+    pub values: Vec<Option<&'a RawValue>>,
+    /// Columns not in the schema: name and raw value.
+    pub unknown: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+struct RowSeed<'s, 'a> {
+    lookup: &'s HashMap<String, usize>,
+    out: &'s mut RowValues<'a>,
+}
+
+impl<'de> DeserializeSeed<'de> for RowSeed<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a row image object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            match self.lookup.get(name.as_ref()) {
+                Some(&i) => self.out.values[i] = Some(value),
+                None => self.out.unknown.push((name, value)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a row image (a JSON object) into `out`, whose `values` must hold one slot per column.
+pub fn split_row<'a>(
+    image: &'a RawValue,
+    lookup: &HashMap<String, usize>,
+    out: &mut RowValues<'a>,
+) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(image.get());
+    RowSeed { lookup, out }.deserialize(&mut de)?;
+    de.end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = r#"{"before":null,"after":{"id":1,"n\"q":"x","v":[1,2]},"source":{"version":"0.1.0","connector":"postgresql","name":"s","ts_ms":1736332200123,"ts_us":1736332200123456,"snapshot":"false","db":"app","sequence":"[\"1\",\"2\"]","schema":"public","table":"t","txId":7,"lsn":496,"commit_lsn":512},"op":"c","ts_ms":99,"transaction":{"id":"7:512","total_order":3,"data_collection_order":1},"raw_columns":["v"]}"#;
+
+    #[test]
+    fn envelopes_borrow_their_row_images() {
+        let env: Envelope<'_> = serde_json::from_str(LINE).unwrap();
+        assert_eq!(env.position(), Position::new(Lsn(512), 3));
+        assert_eq!(env.commit_us(), 1_736_332_200_123_456);
+        assert_eq!(env.source.tx_id, Some(7));
+        assert!(env.before.is_none());
+        assert_eq!(env.raw_columns, vec!["v"]);
+        let lookup = HashMap::from([("id".to_string(), 0), ("v".to_string(), 1)]);
+        let mut row = RowValues {
+            values: vec![None; 3],
+            unknown: Vec::new(),
+        };
+        split_row(env.image().unwrap(), &lookup, &mut row).unwrap();
+        assert_eq!(row.values[0].unwrap().get(), "1");
+        assert_eq!(row.values[1].unwrap().get(), "[1,2]");
+        assert!(row.values[2].is_none());
+        assert_eq!(row.unknown.len(), 1);
+        assert_eq!(row.unknown[0].0, "n\"q");
+    }
+
+    #[test]
+    fn deletes_read_the_before_image_and_bad_lines_are_refused() {
+        let del = LINE
+            .replace(r#""before":null"#, r#""before":{"id":9}"#)
+            .replace(r#""op":"c""#, r#""op":"d""#);
+        let env: Envelope<'_> = serde_json::from_str(&del).unwrap();
+        assert_eq!(env.image().unwrap().get(), r#"{"id":9}"#);
+        assert!(serde_json::from_str::<Envelope<'_>>("{\"op\":\"c\"}").is_err());
+        assert!(serde_json::from_str::<Envelope<'_>>(&LINE.replace("\"c\"", "\"x\"")).is_err());
+        let bad_row = RawValue::from_string("[1]".into()).unwrap();
+        let mut row = RowValues {
+            values: vec![],
+            unknown: vec![],
+        };
+        assert!(split_row(&bad_row, &HashMap::new(), &mut row).is_err());
+    }
+}

@@ -1,0 +1,649 @@
+//! One part being written: the same changes as a gzipped JSONL file (lines copied as staged)
+//! and a Parquet file (flat, typed rows). Synchronous and CPU-bound; the caller drains the
+//! encoded bytes as they come ([`PartWriter::take_output`]) and uploads them.
+//!
+//! Memory is bounded by the Arrow batch being built, the Parquet row group in progress
+//! (`PARQUET_ROW_GROUP_BYTES`) and the bytes not yet drained.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use flate2::write::GzEncoder;
+use parquet::arrow::ArrowWriter;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+use cdc_contract::event::UNAVAILABLE_VALUE;
+use cdc_contract::layout::Format;
+use cdc_contract::Position;
+
+use crate::columns::ColumnBuilder;
+use crate::config::Compression;
+use crate::convert::{convert, text_form, Scalar};
+use crate::envelope::{split_row, Envelope, RowValues};
+use crate::parquet_schema::{utc, PartSchema};
+
+/// Why a part could not be written (a bug or resource problem, not bad input).
+#[derive(Debug, thiserror::Error)]
+pub enum PartError {
+    /// Arrow refused a batch.
+    #[error("arrow: {0}")]
+    Arrow(#[from] ArrowError),
+    /// The Parquet writer failed.
+    #[error("parquet: {0}")]
+    Parquet(#[from] ParquetError),
+    /// Compression failed.
+    #[error("gzip: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A row image that is not a JSON object: the line goes to the dead-letter prefix.
+#[derive(Debug, thiserror::Error)]
+#[error("row image is not a JSON object: {0}")]
+pub struct BadRow(String);
+
+/// Size limits of a part.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Roll to a new part at this size (either format).
+    pub part_max_bytes: u64,
+    /// Write a Parquet row group once its encoded size reaches this.
+    pub row_group_bytes: u64,
+    /// Parquet compression.
+    pub compression: Compression,
+    /// gzip level of JSONL parts.
+    pub gzip_level: u32,
+}
+
+impl Limits {
+    /// Staged bytes gathered into one Arrow batch before it is encoded.
+    fn batch_bytes(&self) -> usize {
+        (self.part_max_bytes / 8).clamp(2048, 4 * 1024 * 1024) as usize
+    }
+}
+
+const BATCH_ROWS: usize = 8192;
+
+/// Statistics of a finished part.
+#[derive(Debug, Clone)]
+pub struct PartStats {
+    /// The part number.
+    pub part: u32,
+    /// Schema version of its rows.
+    pub schema_id: String,
+    /// Changes.
+    pub rows: u64,
+    /// First change.
+    pub first: Position,
+    /// Last change.
+    pub last: Position,
+    /// Commit time of the first change (ms).
+    pub first_commit_ms: i64,
+    /// Commit time of the last change (ms).
+    pub last_commit_ms: i64,
+}
+
+/// A finished part: its statistics and, per format, the bytes not drained yet and the total size.
+pub struct FinishedPart {
+    /// Statistics.
+    pub stats: PartStats,
+    /// Per format: remaining bytes and the file's total size.
+    pub tails: Vec<(Format, Vec<u8>, u64)>,
+}
+
+struct ParquetPart {
+    writer: ArrowWriter<Vec<u8>>,
+    op: StringBuilder,
+    lsn: Int64Builder,
+    seq: Int64Builder,
+    tx_id: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    raw: MapBuilder<StringBuilder, StringBuilder>,
+    columns: Vec<ColumnBuilder>,
+    drained: u64,
+    estimate: u64,
+}
+
+struct JsonlPart {
+    gz: GzEncoder<Vec<u8>>,
+    drained: u64,
+}
+
+/// The part being written.
+pub struct PartWriter {
+    part: u32,
+    schema_id: String,
+    schema: Arc<PartSchema>,
+    lookup: Arc<HashMap<String, usize>>,
+    limits: Limits,
+    jsonl: Option<JsonlPart>,
+    parquet: Option<ParquetPart>,
+    rows: u64,
+    first: Option<(Position, i64)>,
+    last: Option<(Position, i64)>,
+    pending_rows: usize,
+    pending_bytes: usize,
+}
+
+fn raw_builder() -> MapBuilder<StringBuilder, StringBuilder> {
+    MapBuilder::new(
+        Some(MapFieldNames {
+            entry: "key_value".into(),
+            key: "key".into(),
+            value: "value".into(),
+        }),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    )
+}
+
+/// The column lookup (event column name to position) of a part schema.
+pub fn column_lookup(schema: &PartSchema) -> HashMap<String, usize> {
+    schema
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.clone(), i))
+        .collect()
+}
+
+impl PartWriter {
+    /// Starts part number `part` for rows of schema version `schema_id`, in `formats`.
+    pub fn new(
+        part: u32,
+        schema_id: String,
+        schema: Arc<PartSchema>,
+        formats: &[Format],
+        limits: Limits,
+        table: &str,
+    ) -> Result<Self, PartError> {
+        let jsonl = formats.contains(&Format::Jsonl).then(|| JsonlPart {
+            gz: GzEncoder::new(Vec::new(), flate2::Compression::new(limits.gzip_level)),
+            drained: 0,
+        });
+        let parquet = if formats.contains(&Format::Parquet) {
+            let props = WriterProperties::builder()
+                .set_compression(limits.compression.codec())
+                .set_max_row_group_size(1 << 22)
+                .set_statistics_enabled(EnabledStatistics::Chunk)
+                .set_key_value_metadata(Some(vec![
+                    KeyValue::new("cdc.table".to_owned(), table.to_owned()),
+                    KeyValue::new("cdc.schema_id".to_owned(), schema_id.clone()),
+                ]))
+                .build();
+            let writer = ArrowWriter::try_new(Vec::new(), schema.arrow.clone(), Some(props))?;
+            Some(ParquetPart {
+                writer,
+                op: StringBuilder::new(),
+                lsn: Int64Builder::new(),
+                seq: Int64Builder::new(),
+                tx_id: Int64Builder::new(),
+                commit_ts: TimestampMicrosecondBuilder::new().with_timezone(utc()),
+                raw: raw_builder(),
+                columns: schema
+                    .columns
+                    .iter()
+                    .map(|c| ColumnBuilder::new(&c.ty))
+                    .collect::<Result<_, _>>()?,
+                drained: 0,
+                estimate: 0,
+            })
+        } else {
+            None
+        };
+        Ok(PartWriter {
+            part,
+            schema_id,
+            lookup: Arc::new(column_lookup(&schema)),
+            schema,
+            limits,
+            jsonl,
+            parquet,
+            rows: 0,
+            first: None,
+            last: None,
+            pending_rows: 0,
+            pending_bytes: 0,
+        })
+    }
+
+    /// The next part, same schema and formats.
+    pub fn next(&self, table: &str) -> Result<Self, PartError> {
+        let mut formats = Vec::new();
+        if self.jsonl.is_some() {
+            formats.push(Format::Jsonl);
+        }
+        if self.parquet.is_some() {
+            formats.push(Format::Parquet);
+        }
+        PartWriter::new(
+            self.part + 1,
+            self.schema_id.clone(),
+            self.schema.clone(),
+            &formats,
+            self.limits,
+            table,
+        )
+    }
+
+    /// The part number.
+    pub fn part(&self) -> u32 {
+        self.part
+    }
+
+    /// The schema version its rows follow.
+    pub fn schema_id(&self) -> &str {
+        &self.schema_id
+    }
+
+    /// The part schema.
+    pub fn schema(&self) -> &Arc<PartSchema> {
+        &self.schema
+    }
+
+    /// Changes written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Estimated size of the larger file so far.
+    pub fn estimated_bytes(&self) -> u64 {
+        let jsonl = self
+            .jsonl
+            .as_ref()
+            .map(|j| j.drained + j.gz.get_ref().len() as u64)
+            .unwrap_or(0);
+        let parquet = self.parquet.as_ref().map(|p| p.estimate).unwrap_or(0);
+        jsonl.max(parquet)
+    }
+
+    /// True once the part has reached its size limit.
+    pub fn is_full(&self) -> bool {
+        self.rows > 0 && self.estimated_bytes() >= self.limits.part_max_bytes
+    }
+
+    /// Appends one change: `line` as staged, `env` its parsed envelope. Fails (writing nothing)
+    /// when the row image is not an object.
+    pub fn push(
+        &mut self,
+        line: &str,
+        env: &Envelope<'_>,
+    ) -> Result<Result<(), BadRow>, PartError> {
+        let pos = env.position();
+        let commit_us = env.commit_us();
+        if let Some(p) = self.parquet.as_mut() {
+            // The row is split before anything is appended: a bad image leaves every builder
+            // untouched.
+            let mut row = RowValues {
+                values: Vec::with_capacity(self.schema.columns.len()),
+                unknown: Vec::new(),
+            };
+            if let Err(bad) = push_row(p, &self.schema, &self.lookup, &mut row, env, pos, commit_us)
+            {
+                return Ok(Err(bad));
+            }
+        }
+        if let Some(j) = self.jsonl.as_mut() {
+            j.gz.write_all(line.as_bytes())?;
+            j.gz.write_all(b"\n")?;
+        }
+        let commit_ms = commit_us.div_euclid(1000);
+        self.rows += 1;
+        if self.first.is_none() {
+            self.first = Some((pos, commit_ms));
+        }
+        self.last = Some((pos, commit_ms));
+        self.pending_rows += 1;
+        self.pending_bytes += line.len();
+        if self.pending_rows >= BATCH_ROWS || self.pending_bytes >= self.limits.batch_bytes() {
+            self.flush_batch()?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Encodes the rows gathered so far into the Parquet writer, writing a row group when full.
+    fn flush_batch(&mut self) -> Result<(), PartError> {
+        self.pending_rows = 0;
+        self.pending_bytes = 0;
+        let Some(p) = self.parquet.as_mut() else {
+            return Ok(());
+        };
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(p.op.finish()),
+            Arc::new(p.lsn.finish()),
+            Arc::new(p.seq.finish()),
+            Arc::new(p.tx_id.finish()),
+            Arc::new(p.commit_ts.finish()),
+            Arc::new(p.raw.finish()),
+        ];
+        for c in &mut p.columns {
+            arrays.push(c.finish()?);
+        }
+        if arrays[0].is_empty() {
+            return Ok(());
+        }
+        let batch = RecordBatch::try_new(self.schema.arrow.clone(), arrays)?;
+        p.writer.write(&batch)?;
+        if p.writer.in_progress_size() as u64 >= self.limits.row_group_bytes {
+            p.writer.flush()?;
+        }
+        p.estimate = p.writer.bytes_written() as u64 + p.writer.in_progress_size() as u64;
+        Ok(())
+    }
+
+    /// Takes the encoded bytes of `format` produced so far.
+    pub fn take_output(&mut self, format: Format) -> Vec<u8> {
+        match format {
+            Format::Jsonl => self
+                .jsonl
+                .as_mut()
+                .map(|j| {
+                    let out = std::mem::take(j.gz.get_mut());
+                    j.drained += out.len() as u64;
+                    out
+                })
+                .unwrap_or_default(),
+            Format::Parquet => self
+                .parquet
+                .as_mut()
+                .map(|p| {
+                    let out = std::mem::take(p.writer.inner_mut());
+                    p.drained += out.len() as u64;
+                    out
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Bytes of `format` produced and not taken yet.
+    pub fn output_len(&self, format: Format) -> usize {
+        match format {
+            Format::Jsonl => self.jsonl.as_ref().map(|j| j.gz.get_ref().len()),
+            Format::Parquet => self.parquet.as_ref().map(|p| p.writer.inner().len()),
+        }
+        .unwrap_or(0)
+    }
+
+    /// Closes the files. Call only with at least one row.
+    pub fn finish(mut self) -> Result<FinishedPart, PartError> {
+        self.flush_batch()?;
+        let mut tails = Vec::new();
+        if let Some(j) = self.jsonl.take() {
+            let tail = j.gz.finish()?;
+            let total = j.drained + tail.len() as u64;
+            tails.push((Format::Jsonl, tail, total));
+        }
+        if let Some(mut p) = self.parquet.take() {
+            p.writer.finish()?;
+            let tail = std::mem::take(p.writer.inner_mut());
+            let total = p.drained + tail.len() as u64;
+            tails.push((Format::Parquet, tail, total));
+        }
+        let (first, first_commit_ms) = self.first.unwrap_or_default();
+        let (last, last_commit_ms) = self.last.unwrap_or_default();
+        Ok(FinishedPart {
+            stats: PartStats {
+                part: self.part,
+                schema_id: self.schema_id,
+                rows: self.rows,
+                first,
+                last,
+                first_commit_ms,
+                last_commit_ms,
+            },
+            tails,
+        })
+    }
+}
+
+fn push_row<'a>(
+    p: &mut ParquetPart,
+    schema: &PartSchema,
+    lookup: &HashMap<String, usize>,
+    row: &mut RowValues<'a>,
+    env: &Envelope<'a>,
+    pos: Position,
+    commit_us: i64,
+) -> Result<(), BadRow> {
+    row.values.clear();
+    row.values.resize(schema.columns.len(), None);
+    row.unknown.clear();
+    if let Some(image) = env.image() {
+        split_row(image, lookup, row).map_err(|e| BadRow(e.to_string()))?;
+    }
+    p.op.append_value(env.op.code());
+    p.lsn.append_value(pos.commit_lsn.0 as i64);
+    p.seq.append_value(i64::from(pos.ordinal));
+    p.tx_id.append_option(env.source.tx_id);
+    p.commit_ts.append_value(commit_us);
+    let mut raw_entries = 0usize;
+    for (i, col) in schema.columns.iter().enumerate() {
+        let builder = &mut p.columns[i];
+        let Some(value) = row.values[i] else {
+            builder.append_null();
+            continue;
+        };
+        let text = value.get();
+        let placeholder = text.len() == UNAVAILABLE_VALUE.len() + 2
+            && text.starts_with('"')
+            && &text[1..text.len() - 1] == UNAVAILABLE_VALUE;
+        let flagged = env.raw_columns.iter().any(|c| *c == col.name);
+        let converted = if placeholder || flagged {
+            None
+        } else {
+            convert(&col.ty, text).ok()
+        };
+        match converted {
+            Some(Scalar::Null) => builder.append_null(),
+            Some(v) => builder.append(&v),
+            None => {
+                builder.append_null();
+                p.raw.keys().append_value(&col.name);
+                p.raw.values().append_value(text_form(text));
+                raw_entries += 1;
+            }
+        }
+    }
+    // Values of columns the schema does not name are kept as text rather than dropped.
+    for (name, value) in &row.unknown {
+        p.raw.keys().append_value(name);
+        p.raw.values().append_value(text_form(value.get()));
+        raw_entries += 1;
+    }
+    // Keys and values always have equal lengths here.
+    let _ = p.raw.append(raw_entries > 0);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Decimal128Type, Int32Type, Int64Type};
+    use bytes::Bytes;
+    use cdc_contract::schema::{ColumnSchema, TableSchema};
+    use cdc_contract::TableName;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    fn col(name: &str, oid: u32, typmod: i32) -> ColumnSchema {
+        ColumnSchema {
+            name: name.into(),
+            type_name: String::new(),
+            type_oid: oid,
+            typmod,
+            key: name == "id",
+            base_oid: oid,
+            element_oid: None,
+        }
+    }
+
+    fn schema() -> Arc<PartSchema> {
+        Arc::new(PartSchema::new(&TableSchema {
+            table: TableName::new("public", "t"),
+            columns: vec![
+                col("id", 23, -1),
+                col("price", 1700, ((10 << 16) | 2) + 4),
+                col("note", 25, -1),
+            ],
+        }))
+    }
+
+    fn line(op: &str, lsn: u64, ord: u32, before: &str, after: &str, raw: &str) -> String {
+        format!(
+            r#"{{"before":{before},"after":{after},"source":{{"version":"x","connector":"postgresql","name":"s","ts_ms":1000,"ts_us":1000123,"snapshot":"false","db":"d","sequence":"[]","schema":"public","table":"t","txId":5,"lsn":{lsn},"commit_lsn":{lsn}}},"op":"{op}","ts_ms":1,"transaction":{{"id":"5:{lsn}","total_order":{ord},"data_collection_order":{ord}}}{raw}}}"#
+        )
+    }
+
+    fn limits(part_max_bytes: u64) -> Limits {
+        Limits {
+            part_max_bytes,
+            row_group_bytes: 1 << 20,
+            compression: Compression::Snappy,
+            gzip_level: 1,
+        }
+    }
+
+    #[test]
+    fn a_part_holds_both_formats_with_typed_rows_and_raw_text() {
+        let mut w = PartWriter::new(
+            0,
+            "sid".into(),
+            schema(),
+            &[Format::Jsonl, Format::Parquet],
+            limits(1 << 20),
+            "public.t",
+        )
+        .unwrap();
+        let lines = [
+            line(
+                "c",
+                10,
+                1,
+                "null",
+                r#"{"id":1,"price":"12.50","note":"a"}"#,
+                "",
+            ),
+            line(
+                "u",
+                11,
+                1,
+                "null",
+                r#"{"id":1,"price":"NaN","note":"__debezium_unavailable_value"}"#,
+                "",
+            ),
+            line("d", 12, 1, r#"{"id":1}"#, "null", ""),
+            line(
+                "c",
+                13,
+                2,
+                "null",
+                r#"{"id":2,"price":null,"note":"x","extra":true}"#,
+                "",
+            ),
+        ];
+        for l in &lines {
+            let env: Envelope<'_> = serde_json::from_str(l).unwrap();
+            w.push(l, &env).unwrap().unwrap();
+        }
+        let bad = line("c", 14, 1, "null", "[1]", "");
+        let env: Envelope<'_> = serde_json::from_str(&bad).unwrap();
+        assert!(w.push(&bad, &env).unwrap().is_err());
+        assert_eq!(w.rows(), 4);
+        let finished = w.finish().unwrap();
+        assert_eq!(finished.stats.first.commit_lsn.0, 10);
+        assert_eq!(finished.stats.last.ordinal, 2);
+        assert_eq!(finished.stats.first_commit_ms, 1000);
+
+        let (_, gz, total) = &finished.tails[0];
+        assert_eq!(*total as usize, gz.len());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text)
+            .unwrap();
+        assert_eq!(text, lines.join("\n") + "\n");
+
+        let (_, pq, _) = &finished.tails[1];
+        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(pq.clone()))
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        assert_eq!(b.num_rows(), 4);
+        let ops = b.column_by_name("_op").unwrap().as_string::<i32>();
+        assert_eq!(
+            (0..4).map(|i| ops.value(i)).collect::<Vec<_>>(),
+            ["c", "u", "d", "c"]
+        );
+        let lsn = b
+            .column_by_name("_lsn")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        assert_eq!(lsn.value(3), 13);
+        let id = b.column_by_name("id").unwrap().as_primitive::<Int32Type>();
+        assert_eq!(id.value(2), 1, "deletes take the before image");
+        let price = b
+            .column_by_name("price")
+            .unwrap()
+            .as_primitive::<Decimal128Type>();
+        assert_eq!(price.value(0), 1250);
+        assert!(price.is_null(1) && price.is_null(3));
+        let note = b.column_by_name("note").unwrap().as_string::<i32>();
+        assert!(note.is_null(1));
+        let raw = b.column_by_name("_raw").unwrap().as_map();
+        assert!(raw.is_null(0));
+        let entries = raw.value(1);
+        let keys = entries.column(0).as_string::<i32>();
+        let values = entries.column(1).as_string::<i32>();
+        assert_eq!((keys.value(0), values.value(0)), ("price", "NaN"));
+        assert_eq!(
+            (keys.value(1), values.value(1)),
+            ("note", UNAVAILABLE_VALUE)
+        );
+        let extra = raw.value(3);
+        assert_eq!(extra.column(0).as_string::<i32>().value(0), "extra");
+    }
+
+    #[test]
+    fn parts_report_when_full_and_roll_with_the_same_schema() {
+        let mut w = PartWriter::new(
+            3,
+            "sid".into(),
+            schema(),
+            &[Format::Jsonl, Format::Parquet],
+            limits(4096),
+            "public.t",
+        )
+        .unwrap();
+        let mut n = 0;
+        while !w.is_full() {
+            n += 1;
+            let l = line(
+                "c",
+                n,
+                1,
+                "null",
+                &format!(
+                    r#"{{"id":{n},"price":"1.00","note":"{}"}}"#,
+                    "x".repeat(n as usize % 97)
+                ),
+                "",
+            );
+            let env: Envelope<'_> = serde_json::from_str(&l).unwrap();
+            w.push(&l, &env).unwrap().unwrap();
+            assert!(n < 10_000, "never became full");
+        }
+        let next = w.next("public.t").unwrap();
+        assert_eq!(next.part(), 4);
+        let drained = w.take_output(Format::Jsonl).len() as u64;
+        let done = w.finish().unwrap();
+        assert_eq!(done.stats.rows, n);
+        assert!(done.tails[0].2 >= drained);
+    }
+}

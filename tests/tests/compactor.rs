@@ -1,0 +1,1517 @@
+//! The compactor against the AWS emulator: batches staged exactly as the capture records them
+//! (`pipeline_tests::staging`), compacted through the library, the shell commands and the Lambda
+//! binary under cargo-lambda; final files read back with pyarrow and DuckDB.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use cdc_contract::layout::{Format, Layout};
+use cdc_contract::ledger::{
+    self, BatchItem, Checkpoint, FlushId, HourRecord, PartItem, PendingHour,
+};
+use cdc_contract::schema::TableSchema;
+use cdc_contract::{Hour, TableName};
+use compactor::config::Config;
+use compactor::ledger::{Claim, DynamoLedger, Ledger, LedgerError, Recorded};
+use compactor::store::{ObjectStore, S3Store, StoreError};
+use compactor::{Compactor, HourState, SweepRequest};
+use pipeline_tests::aws::AwsFixture;
+use pipeline_tests::capture::{event_position, replay};
+use pipeline_tests::staging::{column, now_ms, Change, ColumnExt, Stager};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+const HOUR: &str = "2025-01-08T10";
+
+fn hour() -> Hour {
+    HOUR.parse().expect("hour")
+}
+
+/// Commit time `minute:second` into the test hour, in µs.
+fn at(minute: i64, second: i64) -> i64 {
+    (hour().start_millis() + (minute * 60 + second) * 1000) * 1000 + 123_456
+}
+
+fn config(aws: &AwsFixture) -> Config {
+    let mut c = Config::new(&aws.bucket, &aws.table);
+    c.hour_claim = Duration::from_secs(2);
+    c
+}
+
+fn compactor_with(aws: &AwsFixture, config: Config) -> Compactor {
+    Compactor::from_sdk(config, &aws.config)
+}
+
+fn users_schema() -> TableSchema {
+    TableSchema {
+        table: TableName::new("public", "users"),
+        columns: vec![
+            column("id", "integer", 23).key(),
+            column("name", "text", 25),
+            column("price", "numeric(10,2)", 1700).numeric(10, 2),
+            column("ratio", "double precision", 701),
+            column("big", "numeric", 1700),
+            column("flag", "boolean", 16),
+            column("created", "timestamp with time zone", 1184),
+            column("local_ts", "timestamp without time zone", 1114),
+            column("birth_day", "date", 1082),
+            column("at_time", "time without time zone", 1083),
+            column("doc", "jsonb", 3802),
+            column("tags", "text[]", 1009).array_of(25),
+            column("scores", "integer[]", 1007).array_of(23),
+            column("blob", "bytea", 17),
+            column("uid", "uuid", 2950),
+            column("dur", "interval", 1186),
+            column("mood", "mood", 16_400).typmod(-1),
+            column("small", "smallint", 21),
+            column("big_id", "bigint", 20),
+            column("f4", "real", 700),
+        ],
+    }
+    .with_enum_as_text()
+}
+
+trait EnumAsText {
+    fn with_enum_as_text(self) -> Self;
+}
+
+impl EnumAsText for TableSchema {
+    /// The capture types enums as text (base_oid 25).
+    fn with_enum_as_text(mut self) -> Self {
+        for c in &mut self.columns {
+            if c.type_oid == 16_400 {
+                c.base_oid = 25;
+            }
+        }
+        self
+    }
+}
+
+fn full_row(id: i64) -> Value {
+    json!({
+        "id": id, "name": format!("user {id}"), "price": "1234.50", "ratio": 0.25,
+        "big": "123456789012345678901234567890123456789012.5", "flag": true,
+        "created": "2025-01-08T10:30:00.123456Z", "local_ts": "2025-01-08T10:30:00.000001",
+        "birth_day": "2025-01-08", "at_time": "10:30:00.5", "doc": {"a": [1, "x"], "b": null},
+        "tags": ["a", "b c", null], "scores": [1, 2, 3], "blob": "SGVsbG8=",
+        "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "dur": "P1Y2M3DT4H5M6.5S",
+        "mood": "happy", "small": -7, "big_id": 9_007_199_254_740_993i64, "f4": 1.5
+    })
+}
+
+/// Runs a Python snippet from the repository's `.venv`, returning its standard output as JSON.
+fn python_json(script: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let python = repo_root().join(".venv/bin/python");
+    let out = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!("python failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).context("python output is not JSON")
+}
+
+/// Reads every Parquet file under a table directory with pyarrow (Hive partitioning) and
+/// DuckDB (`read_parquet(..., hive_partitioning=true)`): schema types and rows, with values in
+/// JSON-comparable forms (decimals and timestamps as text, bytes as base64, DuckDB's zoned
+/// timestamps as epoch microseconds).
+const READ_PARQUET: &str = r#"
+import sys, json, base64, math, decimal, datetime
+import pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq, duckdb
+root = sys.argv[1]
+def conv(v):
+    if v is None: return None
+    if isinstance(v, bool): return v
+    if isinstance(v, float):
+        if math.isnan(v): return "NaN"
+        if math.isinf(v): return "Infinity" if v > 0 else "-Infinity"
+        return v
+    if isinstance(v, decimal.Decimal): return str(v)
+    if isinstance(v, datetime.datetime):
+        if v.tzinfo is not None: return v.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return v.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    if isinstance(v, (datetime.date, datetime.time)): return v.isoformat()
+    if isinstance(v, (bytes, bytearray)): return base64.b64encode(v).decode()
+    if isinstance(v, (list, tuple)): return [conv(x) for x in v]
+    if isinstance(v, dict): return {str(k): conv(x) for k, x in v.items()}
+    return v
+def pa_map(v):
+    return None if v is None else {k: x for k, x in v}
+dataset = ds.dataset(root, format="parquet", partitioning="hive")
+table = dataset.to_table()
+rows = []
+for r in table.to_pylist():
+    r["_raw"] = pa_map(r.get("_raw"))
+    rows.append({k: conv(v) for k, v in r.items()})
+rows.sort(key=lambda r: (r["_lsn"], r["_seq"]))
+out = {"files": sorted(dataset.files),
+       "pyarrow": {"schema": {f.name: str(f.type) for f in table.schema}, "rows": rows}}
+con = duckdb.connect()
+src = f"read_parquet('{root}/**/*.parquet', hive_partitioning=true, union_by_name=true)"
+rel = con.sql(f"SELECT * FROM {src}")
+types = {n: str(t) for n, t in zip(rel.columns, rel.types)}
+cols = [f'epoch_us("{n}") AS "{n}"' if t == "TIMESTAMP WITH TIME ZONE" else f'"{n}"' for n, t in types.items()]
+rel = con.sql(f"SELECT {', '.join(cols)} FROM {src} ORDER BY _lsn, _seq")
+out["duckdb"] = {"types": types, "rows": [dict(zip(rel.columns, [conv(x) for x in row])) for row in rel.fetchall()]}
+print(json.dumps(out))
+"#;
+
+/// Downloads every object under `prefix` into `dir`, keeping the keys as paths.
+async fn download(aws: &AwsFixture, prefix: &str, dir: &Path) -> anyhow::Result<Vec<String>> {
+    let keys = aws.list_keys(prefix).await?;
+    for key in &keys {
+        let path = dir.join(key);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, aws.get_bytes(key).await?)?;
+    }
+    Ok(keys)
+}
+
+async fn read_parquet(aws: &AwsFixture, table: &TableName) -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let prefix = format!("{table}/parquet/");
+    let keys = download(aws, &prefix, dir.path()).await?;
+    if !keys.iter().any(|k| k.ends_with(".parquet")) {
+        bail!("no parquet files under {prefix}");
+    }
+    let root = dir.path().join(format!("{table}/parquet"));
+    python_json(READ_PARQUET, &[&root.to_string_lossy()])
+}
+
+/// The final JSONL events of a table-hour, read through the manifest, in file order.
+async fn final_events(
+    aws: &AwsFixture,
+    table: &TableName,
+    hour: Hour,
+) -> anyhow::Result<Vec<Value>> {
+    let layout = Layout::new("");
+    let manifest: Value = serde_json::from_slice(
+        &aws.get_bytes(&layout.manifest_key(table, Format::Jsonl, hour))
+            .await?,
+    )?;
+    let mut events = Vec::new();
+    for part in manifest["parts"].as_array().context("manifest parts")? {
+        let key = part["key"].as_str().context("part key")?;
+        let lines = aws.read_jsonl_gz(key).await?;
+        if lines.len() as u64 != part["rows"].as_u64().unwrap_or(0) {
+            bail!(
+                "{key} holds {} lines, manifest says {}",
+                lines.len(),
+                part["rows"]
+            );
+        }
+        events.extend(lines);
+    }
+    Ok(events)
+}
+
+/// Fails unless `events` are in strictly increasing (commit LSN, ordinal) order: each once.
+fn assert_each_once_in_order(events: &[Value]) -> anyhow::Result<()> {
+    let mut last = None;
+    for ev in events {
+        let pos = event_position(ev)?;
+        if last.is_some_and(|l| pos <= l) {
+            bail!("event {pos} repeated or out of order");
+        }
+        last = Some(pos);
+    }
+    Ok(())
+}
+
+async fn parts(
+    aws: &AwsFixture,
+    slot: &str,
+    table: &TableName,
+    hour: Hour,
+) -> anyhow::Result<Vec<PartItem>> {
+    let mut parts: Vec<PartItem> = aws
+        .query_ledger(&ledger::part_pk(slot, table, hour))
+        .await?
+        .iter()
+        .map(PartItem::from_item)
+        .collect::<Result<_, _>>()?;
+    parts.sort_by_key(|p| p.part);
+    Ok(parts)
+}
+
+async fn hour_record(
+    aws: &AwsFixture,
+    slot: &str,
+    table: &TableName,
+    hour: Hour,
+) -> anyhow::Result<Option<HourRecord>> {
+    Ok(
+        match aws
+            .get_ledger_item(&ledger::hour_pk(slot, table), &ledger::hour_sk(hour))
+            .await?
+        {
+            Some(i) => Some(HourRecord::from_item(&i)?),
+            None => None,
+        },
+    )
+}
+
+async fn pending(aws: &AwsFixture, slot: &str) -> anyhow::Result<Vec<PendingHour>> {
+    aws.query_ledger(&ledger::pending_pk(slot))
+        .await?
+        .iter()
+        .map(|i| PendingHour::from_item(i).map_err(Into::into))
+        .collect()
+}
+
+async fn batch_items(
+    aws: &AwsFixture,
+    slot: &str,
+    table: &TableName,
+    hour: Hour,
+) -> anyhow::Result<Vec<BatchItem>> {
+    aws.query_ledger(&ledger::batch_pk(slot, table, hour))
+        .await?
+        .iter()
+        .map(|i| BatchItem::from_item(i).map_err(Into::into))
+        .collect()
+}
+
+/// A table of `id` + a text column whose values barely compress, so small parts fill quickly.
+fn notes_schema() -> TableSchema {
+    TableSchema {
+        table: TableName::new("public", "notes"),
+        columns: vec![
+            column("id", "integer", 23).key(),
+            column("body", "text", 25),
+        ],
+    }
+}
+
+fn noisy(id: i64, round: i64) -> String {
+    let mut x = (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (round as u64);
+    (0..24)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{:x}", x & 0xfff)
+        })
+        .collect()
+}
+
+/// Stages `n` inserts into `notes` in the test hour, `per_tx` per transaction, and flushes.
+async fn stage_notes(
+    stager: &mut Stager<'_>,
+    first_id: i64,
+    n: i64,
+    per_tx: i64,
+) -> anyhow::Result<Vec<String>> {
+    let schema = notes_schema();
+    let mut lines = Vec::new();
+    let mut id = first_id;
+    while id < first_id + n {
+        let changes: Vec<Change> = (id..(id + per_tx).min(first_id + n))
+            .map(|i| Change::insert(&schema, json!({"id": i, "body": noisy(i, 0)})))
+            .collect();
+        id += changes.len() as i64;
+        lines.extend(stager.tx(at(10, id % 60), changes));
+    }
+    stager.flush(Some(now_ms())).await?;
+    Ok(lines)
+}
+
+#[tokio::test]
+async fn final_files_follow_the_layout_and_read_back_typed_in_pyarrow_and_duckdb(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_types").await?;
+    let users = users_schema();
+    let mut row3 = full_row(3);
+    row3["price"] = json!("NaN");
+    row3["ratio"] = json!("NaN");
+    row3["created"] = json!("infinity");
+    row3["birth_day"] = json!("infinity");
+    let mut nulls = serde_json::Map::new();
+    for c in &users.columns {
+        nulls.insert(c.name.clone(), Value::Null);
+    }
+    nulls.insert("id".into(), json!(2));
+    let mut toasted = full_row(1);
+    toasted["doc"] = json!("__debezium_unavailable_value");
+    toasted["name"] = json!("renamed");
+    let staged = [
+        stager.tx(
+            at(5, 0),
+            vec![
+                Change::insert(&users, full_row(1)),
+                Change::insert(&users, Value::Object(nulls)),
+            ],
+        ),
+        stager.tx(
+            at(6, 0),
+            vec![Change::insert(&users, row3).raw(&["created", "birth_day"])],
+        ),
+        stager.tx(
+            at(7, 0),
+            vec![
+                Change::update(&users, toasted),
+                Change::delete(&users, json!({"id": 2})),
+            ],
+        ),
+    ]
+    .concat();
+    stager.flush(Some(now_ms())).await?;
+
+    let c = compactor_with(&aws, config(&aws));
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.hours.len(), 1);
+    assert_eq!(report.hours[0].state, HourState::Done);
+    assert_eq!(report.rows(), 5);
+
+    // The layout: one prefix per format, parts named with the attempt, a manifest each.
+    let t = users.table.clone();
+    let recorded = parts(&aws, "slot_types", &t, hour()).await?;
+    assert_eq!(recorded.len(), 1);
+    let attempt = &recorded[0].attempt;
+    let keys = aws.list_keys("public.users/").await?;
+    assert_eq!(
+        keys,
+        vec![
+            "public.users/jsonl/year=2025/month=01/day=08/hour=10/_manifest.json".to_string(),
+            format!("public.users/jsonl/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-000-{attempt}.jsonl.gz"),
+            "public.users/parquet/year=2025/month=01/day=08/hour=10/_manifest.json".to_string(),
+            format!("public.users/parquet/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-000-{attempt}.parquet"),
+        ]
+    );
+    let manifest: Value = serde_json::from_slice(&aws.get_bytes(&keys[2]).await?)?;
+    assert_eq!(manifest["rows"], 5);
+    assert_eq!(manifest["parts"][0]["key"], keys[3].as_str());
+
+    // JSONL: the staged lines, unchanged.
+    let events = final_events(&aws, &t, hour()).await?;
+    let staged_values: Vec<Value> = staged
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(events, staged_values);
+    let jsonl_text = {
+        let gz = aws.get_bytes(&keys[1]).await?;
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut s)?;
+        s
+    };
+    assert_eq!(jsonl_text, staged.join("\n") + "\n");
+
+    // Parquet, through pyarrow and DuckDB.
+    let read = read_parquet(&aws, &t).await?;
+    let schema = &read["pyarrow"]["schema"];
+    let expect_types = [
+        ("_op", "string"),
+        ("_lsn", "int64"),
+        ("_seq", "int64"),
+        ("_tx_id", "int64"),
+        ("_commit_ts", "timestamp[us, tz=UTC]"),
+        ("_raw", "map<string, string ('_raw')>"),
+        ("id", "int32"),
+        ("name", "string"),
+        ("price", "decimal128(10, 2)"),
+        ("ratio", "double"),
+        ("big", "string"),
+        ("flag", "bool"),
+        ("created", "timestamp[us, tz=UTC]"),
+        ("local_ts", "timestamp[us]"),
+        ("birth_day", "date32[day]"),
+        ("at_time", "time64[us]"),
+        ("doc", "string"),
+        ("tags", "list<element: string>"),
+        ("scores", "list<element: int32>"),
+        ("blob", "binary"),
+        ("uid", "string"),
+        ("dur", "string"),
+        ("mood", "string"),
+        ("small", "int16"),
+        ("big_id", "int64"),
+        ("f4", "float"),
+        ("year", "int32"),
+        ("month", "int32"),
+        ("day", "int32"),
+        ("hour", "int32"),
+    ];
+    for (name, ty) in expect_types {
+        let got = schema[name].as_str().unwrap_or("missing");
+        assert!(
+            got == ty || (name == "_raw" && got.starts_with("map<string, string")),
+            "pyarrow type of {name}: {got}, expected {ty}"
+        );
+    }
+    let rows = read["pyarrow"]["rows"].as_array().context("rows")?;
+    assert_eq!(rows.len(), 5);
+    let r1 = &rows[0];
+    assert_eq!(r1["_op"], "c");
+    assert_eq!(r1["_commit_ts"], "2025-01-08T10:05:00.123456Z");
+    assert_eq!(r1["id"], 1);
+    assert_eq!(r1["price"], "1234.50");
+    assert_eq!(r1["big"], "123456789012345678901234567890123456789012.5");
+    assert_eq!(r1["created"], "2025-01-08T10:30:00.123456Z");
+    assert_eq!(r1["local_ts"], "2025-01-08T10:30:00.000001");
+    assert_eq!(r1["at_time"], "10:30:00.500000");
+    assert_eq!(
+        serde_json::from_str::<Value>(r1["doc"].as_str().unwrap_or(""))?,
+        json!({"a": [1, "x"], "b": null})
+    );
+    assert_eq!(r1["tags"], json!(["a", "b c", null]));
+    assert_eq!(r1["scores"], json!([1, 2, 3]));
+    assert_eq!(r1["blob"], "SGVsbG8=");
+    assert_eq!(r1["dur"], "P1Y2M3DT4H5M6.5S");
+    assert_eq!(r1["mood"], "happy");
+    assert_eq!(r1["big_id"], 9_007_199_254_740_993i64);
+    assert_eq!(r1["_raw"], Value::Null);
+    let r2 = &rows[1];
+    for c in &users.columns {
+        if c.name != "id" {
+            assert_eq!(
+                r2[&c.name],
+                Value::Null,
+                "column {} of the all-null row",
+                c.name
+            );
+        }
+    }
+    let r3 = &rows[2];
+    assert_eq!(r3["price"], Value::Null);
+    assert_eq!(r3["ratio"], "NaN", "a float NaN is a NaN");
+    assert_eq!(r3["created"], Value::Null);
+    assert_eq!(
+        r3["_raw"],
+        json!({"price": "NaN", "created": "infinity", "birth_day": "infinity"})
+    );
+    let r4 = &rows[3];
+    assert_eq!(r4["_op"], "u");
+    assert_eq!(r4["doc"], Value::Null);
+    assert_eq!(r4["_raw"], json!({"doc": "__debezium_unavailable_value"}));
+    let r5 = &rows[4];
+    assert_eq!(
+        (r5["_op"].as_str(), r5["id"].as_i64(), r5["_seq"].as_i64()),
+        (Some("d"), Some(2), Some(2))
+    );
+    assert_eq!(r5["_lsn"], r4["_lsn"], "one transaction, one commit LSN");
+
+    let duck = &read["duckdb"];
+    let types = &duck["types"];
+    for (name, ty) in [
+        ("_lsn", "BIGINT"),
+        ("_commit_ts", "TIMESTAMP WITH TIME ZONE"),
+        ("price", "DECIMAL(10,2)"),
+        ("created", "TIMESTAMP WITH TIME ZONE"),
+        ("local_ts", "TIMESTAMP"),
+        ("at_time", "TIME"),
+        ("tags", "VARCHAR[]"),
+        ("scores", "INTEGER[]"),
+        ("blob", "BLOB"),
+        ("small", "SMALLINT"),
+        ("_raw", "MAP(VARCHAR, VARCHAR)"),
+        ("hour", "BIGINT"),
+    ] {
+        assert_eq!(types[name].as_str(), Some(ty), "duckdb type of {name}");
+    }
+    let drows = duck["rows"].as_array().context("duckdb rows")?;
+    assert_eq!(drows.len(), 5);
+    assert_eq!(drows[0]["price"], "1234.50");
+    assert_eq!(drows[0]["created"], 1_736_332_200_123_456i64);
+    assert_eq!(drows[0]["_commit_ts"], at(5, 0));
+    assert_eq!(drows[0]["hour"], 10);
+    assert_eq!(drows[2]["_raw"]["price"], "NaN");
+    assert_eq!(drows[1]["name"], Value::Null);
+
+    // The consumed batch: its staging object tagged for expiry, its item marked with a TTL.
+    let items = batch_items(&aws, "slot_types", &t, hour()).await?;
+    assert!(items.iter().all(|b| b.compacted));
+    let raw = aws
+        .query_ledger(&ledger::batch_pk("slot_types", &t, hour()))
+        .await?;
+    assert!(raw.iter().all(|i| i.contains_key(ledger::TTL_ATTRIBUTE)));
+    let tags = aws
+        .s3
+        .get_object_tagging()
+        .bucket(&aws.bucket)
+        .key(&items[0].key)
+        .send()
+        .await?;
+    assert!(tags
+        .tag_set()
+        .iter()
+        .any(|t| t.key() == "compacted" && t.value() == "true"));
+    assert!(pending(&aws, "slot_types").await?.is_empty());
+    Ok(())
+}
+
+/// Deterministic pseudo-random numbers for the workload.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test]
+async fn replaying_the_final_events_reproduces_the_table_state() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_replay").await?;
+    stager.batch_rows = 37;
+    let schema = notes_schema();
+    let mut expected: BTreeMap<String, Value> = BTreeMap::new();
+    let mut rng = Lcg(7);
+    let hours = [hour(), hour().next()];
+    for (h, start) in hours.iter().enumerate() {
+        for tx in 0..60i64 {
+            let mut changes = Vec::new();
+            for _ in 0..(1 + rng.next(4)) {
+                let id = rng.next(40) as i64;
+                let key = json!(id).to_string();
+                match (expected.contains_key(&key), rng.next(3)) {
+                    (false, _) => {
+                        let row = json!({"id": id, "body": noisy(id, tx)});
+                        expected.insert(key, row.clone());
+                        changes.push(Change::insert(&schema, row));
+                    }
+                    (true, 0) => {
+                        expected.remove(&key);
+                        changes.push(Change::delete(&schema, json!({"id": id})));
+                    }
+                    (true, _) => {
+                        let row = json!({"id": id, "body": noisy(id, tx + 1000)});
+                        expected.insert(key, row.clone());
+                        changes.push(Change::update(&schema, row));
+                    }
+                }
+            }
+            let us = (start.start_millis() + tx * 50_000) * 1000 + h as i64;
+            stager.tx(us, changes);
+            if tx % 17 == 16 {
+                stager.flush(Some(now_ms())).await?;
+            }
+        }
+        stager.flush(Some(now_ms())).await?;
+    }
+
+    let mut cfg = config(&aws);
+    cfg.part_max_bytes = 8192;
+    let report = compactor_with(&aws, cfg)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.hours.iter().all(|h| h.state == HourState::Done));
+    assert!(
+        report.hours.iter().map(|h| h.parts).sum::<u32>() > 2,
+        "small parts roll"
+    );
+
+    let mut events = Vec::new();
+    for h in hours {
+        events.extend(final_events(&aws, &schema.table, h).await?);
+    }
+    assert_each_once_in_order(&events)?;
+    assert_eq!(replay(&events), expected);
+    let read = read_parquet(&aws, &schema.table).await?;
+    assert_eq!(
+        read["pyarrow"]["rows"].as_array().map(Vec::len),
+        Some(events.len())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_sqs_batch_reports_only_the_bad_message_as_failed() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_sqs").await?;
+    stage_notes(&mut stager, 1, 20, 5).await?;
+    let note =
+        json!({"slot": "slot_sqs", "flush_id": "000000000001-1", "commit_ms": 1, "hours": []})
+            .to_string();
+    let event = json!({"Records": [
+        {"messageId": "good-1", "body": note, "eventSource": "aws:sqs"},
+        {"messageId": "bad-2", "body": "{not json", "eventSource": "aws:sqs"},
+        {"messageId": "good-3", "body": note, "eventSource": "aws:sqs"},
+    ]});
+    let c = compactor_with(&aws, config(&aws));
+    let answer = c.handle(event).await?;
+    assert_eq!(
+        answer,
+        json!({"batchItemFailures": [{"itemIdentifier": "bad-2"}]})
+    );
+    // The sweep ran anyway.
+    assert_eq!(
+        final_events(&aws, &notes_schema().table, hour())
+            .await?
+            .len(),
+        20
+    );
+    let answer = c
+        .handle(json!({"Records": [{"messageId": "ok", "body": note}]}))
+        .await?;
+    assert_eq!(answer, json!({"batchItemFailures": []}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_hour_compacted_twice_or_concurrently_holds_each_change_once() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_twice").await?;
+    stager.batch_rows = 50;
+    let staged = stage_notes(&mut stager, 1, 400, 7).await?;
+    let mut cfg = config(&aws);
+    cfg.part_max_bytes = 8192;
+    let a = compactor_with(&aws, cfg.clone());
+    let b = compactor_with(&aws, cfg.clone());
+    let req = SweepRequest::default();
+    let (ra, rb) = tokio::join!(a.sweep(&req), b.sweep(&req));
+    let (ra, rb) = (ra?, rb?);
+    assert!(
+        ra.failures.is_empty() && rb.failures.is_empty(),
+        "{:?} {:?}",
+        ra.failures,
+        rb.failures
+    );
+    let states: Vec<HourState> = ra.hours.iter().chain(&rb.hours).map(|h| h.state).collect();
+    assert!(
+        states.contains(&HourState::Done) || states.contains(&HourState::Pending),
+        "{states:?}"
+    );
+    // Whoever was busy left the hour pending; a later run finishes it.
+    let again = compactor_with(&aws, cfg.clone())
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(again.failures.is_empty(), "{:?}", again.failures);
+    let t = notes_schema().table;
+    let before = parts(&aws, "slot_twice", &t, hour()).await?;
+    // And once more, compacting an already compacted hour directly: nothing is rewritten.
+    let direct = compactor_with(&aws, cfg)
+        .handle(json!({"action": "compact", "table": "public.notes", "hour": HOUR}))
+        .await?;
+    assert_eq!(direct["hours"][0]["parts"], 0);
+    assert_eq!(parts(&aws, "slot_twice", &t, hour()).await?, before);
+
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged.len());
+    let read = read_parquet(&aws, &t).await?;
+    let positions: BTreeSet<(i64, i64)> = read["pyarrow"]["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .map(|r| {
+            (
+                r["_lsn"].as_i64().unwrap_or(-1),
+                r["_seq"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(positions.len(), staged.len());
+    assert_eq!(
+        read["pyarrow"]["rows"].as_array().map(Vec::len),
+        Some(staged.len())
+    );
+    // Only recorded parts' files exist.
+    let recorded: BTreeSet<String> = before
+        .iter()
+        .flat_map(|p| p.files.iter().map(|f| f.key.clone()))
+        .collect();
+    let finals: BTreeSet<String> = aws
+        .list_keys("public.notes/")
+        .await?
+        .into_iter()
+        .filter(|k| !k.ends_with("_manifest.json"))
+        .collect();
+    assert_eq!(finals, recorded);
+    assert!(pending(&aws, "slot_twice").await?.is_empty());
+    Ok(())
+}
+
+/// A process that dies: after `kill_after` recorded parts, the next part's files are uploaded
+/// and then every call fails, as if the Lambda were killed between upload and record.
+struct Mortal {
+    dead: AtomicBool,
+    records: AtomicU32,
+    kill_after: u32,
+}
+
+impl Mortal {
+    fn check<E>(&self, err: impl Fn(String) -> E) -> Result<(), E> {
+        if self.dead.load(Ordering::SeqCst) {
+            Err(err("the process is dead".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+struct MortalLedger(Arc<DynamoLedger>, Arc<Mortal>);
+struct MortalStore(Arc<S3Store>, Arc<Mortal>);
+
+#[async_trait]
+impl Ledger for MortalLedger {
+    async fn slots(&self) -> Result<Vec<String>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.slots().await
+    }
+    async fn checkpoint(&self, slot: &str) -> Result<Option<Checkpoint>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.checkpoint(slot).await
+    }
+    async fn pending_hours(
+        &self,
+        slot: &str,
+        before: Option<Hour>,
+    ) -> Result<Vec<PendingHour>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.pending_hours(slot, before).await
+    }
+    async fn batches(
+        &self,
+        slot: &str,
+        table: &TableName,
+        hour: Hour,
+    ) -> Result<Vec<BatchItem>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.batches(slot, table, hour).await
+    }
+    async fn flush_recorded(&self, slot: &str, id: &FlushId) -> Result<bool, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.flush_recorded(slot, id).await
+    }
+    async fn schema(
+        &self,
+        slot: &str,
+        table: &TableName,
+        id: &str,
+    ) -> Result<Option<TableSchema>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.schema(slot, table, id).await
+    }
+    async fn hour_record(
+        &self,
+        slot: &str,
+        table: &TableName,
+        hour: Hour,
+    ) -> Result<Option<HourRecord>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.hour_record(slot, table, hour).await
+    }
+    async fn parts(
+        &self,
+        slot: &str,
+        table: &TableName,
+        hour: Hour,
+    ) -> Result<Vec<PartItem>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.parts(slot, table, hour).await
+    }
+    async fn claim_hour(
+        &self,
+        slot: &str,
+        seen: u64,
+        claimed: &HourRecord,
+        now: i64,
+    ) -> Result<Claim, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.claim_hour(slot, seen, claimed, now).await
+    }
+    async fn renew_claim(
+        &self,
+        slot: &str,
+        record: &HourRecord,
+        until: i64,
+    ) -> Result<bool, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.renew_claim(slot, record, until).await
+    }
+    async fn record_part(
+        &self,
+        slot: &str,
+        part: &PartItem,
+        v: u64,
+        next: &HourRecord,
+    ) -> Result<Recorded, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        if self.1.records.fetch_add(1, Ordering::SeqCst) == self.1.kill_after {
+            self.1.dead.store(true, Ordering::SeqCst);
+            return Err(LedgerError::Definite("killed".into()));
+        }
+        self.0.record_part(slot, part, v, next).await
+    }
+    async fn release_hour(&self, slot: &str, record: &HourRecord) -> Result<(), LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.release_hour(slot, record).await
+    }
+    async fn mark_compacted(
+        &self,
+        slot: &str,
+        batch: &BatchItem,
+        exp: i64,
+    ) -> Result<(), LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.mark_compacted(slot, batch, exp).await
+    }
+    async fn delete_batch(&self, slot: &str, batch: &BatchItem) -> Result<(), LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.delete_batch(slot, batch).await
+    }
+    async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.clear_pending(slot, marker).await
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MortalStore {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.get(key).await
+    }
+    async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.put(key, body, ct).await
+    }
+    async fn create_multipart(&self, key: &str, ct: &str) -> Result<String, StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.create_multipart(key, ct).await
+    }
+    async fn upload_part(
+        &self,
+        key: &str,
+        id: &str,
+        n: i32,
+        body: Bytes,
+    ) -> Result<String, StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.upload_part(key, id, n, body).await
+    }
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        id: &str,
+        parts: &[(i32, String)],
+    ) -> Result<(), StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.complete_multipart(key, id, parts).await
+    }
+    async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.abort_multipart(key, id).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.list(prefix).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.delete(keys).await
+    }
+    async fn tag(&self, key: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
+        self.1.check(StoreError::Definite)?;
+        self.0.tag(key, tags).await
+    }
+}
+
+#[tokio::test]
+async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() -> anyhow::Result<()>
+{
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_kill").await?;
+    stager.batch_rows = 40;
+    let staged = stage_notes(&mut stager, 1, 300, 3).await?;
+    let mut cfg = config(&aws);
+    cfg.part_max_bytes = 8192;
+    let t = notes_schema().table;
+
+    let mortal = Arc::new(Mortal {
+        dead: AtomicBool::new(false),
+        records: AtomicU32::new(0),
+        kill_after: 1,
+    });
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws.config)
+            .force_path_style(true)
+            .build(),
+    );
+    let store = Arc::new(MortalStore(
+        Arc::new(S3Store::new(s3, &aws.bucket)),
+        mortal.clone(),
+    ));
+    let ledger = Arc::new(MortalLedger(
+        Arc::new(DynamoLedger::new(
+            aws_sdk_dynamodb::Client::new(&aws.config),
+            &aws.table,
+        )),
+        mortal.clone(),
+    ));
+    let doomed = Compactor::new(cfg.clone(), store, ledger, None);
+    let report = doomed.sweep(&SweepRequest::default()).await?;
+    assert_eq!(
+        report.failures.len(),
+        1,
+        "the killed run fails its hour: {report:?}"
+    );
+
+    let recorded = parts(&aws, "slot_kill", &t, hour()).await?;
+    assert_eq!(recorded.len(), 1, "one part was recorded before the kill");
+    let doomed_attempt = recorded[0].attempt.clone();
+    let left_behind: Vec<String> = aws
+        .list_keys("public.notes/")
+        .await?
+        .into_iter()
+        .filter(|k| k.contains(&format!("-001-{doomed_attempt}")))
+        .collect();
+    assert_eq!(
+        left_behind.len(),
+        2,
+        "the unrecorded part's files were uploaded before the kill"
+    );
+    let record = hour_record(&aws, "slot_kill", &t, hour())
+        .await?
+        .context("hour record")?;
+    assert!(
+        record.claim_until_ms > 0,
+        "the dead attempt never released its claim"
+    );
+
+    // While the dead attempt's claim holds, another run leaves the hour alone.
+    let c = compactor_with(&aws, cfg.clone());
+    let busy = c.sweep(&SweepRequest::default()).await?;
+    assert_eq!(busy.hours[0].state, HourState::Busy);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resumed = c.sweep(&SweepRequest::default()).await?;
+    assert!(resumed.failures.is_empty(), "{:?}", resumed.failures);
+    assert_eq!(resumed.hours[0].state, HourState::Done);
+    assert_eq!(resumed.hours[0].stale_files_removed, 2);
+
+    let all = parts(&aws, "slot_kill", &t, hour()).await?;
+    assert_eq!(all[0], recorded[0], "the recorded part is kept as it was");
+    let keys: BTreeSet<String> = aws
+        .list_keys("public.notes/")
+        .await?
+        .into_iter()
+        .filter(|k| !k.ends_with("_manifest.json"))
+        .collect();
+    let expected: BTreeSet<String> = all
+        .iter()
+        .flat_map(|p| p.files.iter().map(|f| f.key.clone()))
+        .collect();
+    assert_eq!(keys, expected, "no unrecorded file survives the next run");
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged.len());
+    let read = read_parquet(&aws, &t).await?;
+    assert_eq!(
+        read["duckdb"]["rows"].as_array().map(Vec::len),
+        Some(staged.len())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_late_batch_becomes_an_extra_part_of_its_hour() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_late").await?;
+    let first = stage_notes(&mut stager, 1, 30, 5).await?;
+    let c = compactor_with(&aws, config(&aws));
+    c.sweep(&SweepRequest::default()).await?;
+    let t = notes_schema().table;
+    let before = parts(&aws, "slot_late", &t, hour()).await?;
+    assert_eq!(before.len(), 1);
+
+    let late = stage_notes(&mut stager, 100, 10, 5).await?;
+    assert_eq!(
+        pending(&aws, "slot_late").await?.len(),
+        1,
+        "the late flush marks the hour again"
+    );
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert_eq!(report.hours[0].parts, 1);
+    let after = parts(&aws, "slot_late", &t, hour()).await?;
+    assert_eq!(after.len(), 2);
+    assert_eq!(after[0], before[0], "nothing compacted is rewritten");
+    assert_eq!(after[1].part, 1);
+    assert_eq!(after[1].rows, late.len() as u64);
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), first.len() + late.len());
+    assert!(pending(&aws, "slot_late").await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn orphan_batches_are_never_compacted() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_orphan").await?;
+    let schema = notes_schema();
+    let a = stager.tx(
+        at(1, 0),
+        vec![Change::insert(&schema, json!({"id": 1, "body": "a"}))],
+    );
+    stager.flush(Some(now_ms())).await?;
+    // A flush whose batch items were written but whose record never committed (crash).
+    stager.tx(
+        at(2, 0),
+        vec![Change::insert(&schema, json!({"id": 2, "body": "orphan"}))],
+    );
+    let orphans = stager.flush_uncommitted().await?;
+    // The next writer (new epoch) records its own flush with the same sequence number.
+    stager.restart().await?;
+    let c_lines = stager.tx(
+        at(3, 0),
+        vec![Change::insert(&schema, json!({"id": 3, "body": "c"}))],
+    );
+    stager.flush(Some(now_ms())).await?;
+    // And a flush still committing (sequence past the checkpoint): the hour waits for it.
+    stager.tx(
+        at(4, 0),
+        vec![Change::insert(
+            &schema,
+            json!({"id": 4, "body": "in flight"}),
+        )],
+    );
+    let in_flight = stager.flush_uncommitted().await?;
+
+    let c = compactor_with(&aws, config(&aws));
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(
+        report.hours[0].state,
+        HourState::Pending,
+        "waits for the flush in flight"
+    );
+    assert_eq!(report.hours[0].orphans_removed, 1);
+    let events = final_events(&aws, &schema.table, hour()).await?;
+    let expected: Vec<Value> = [a, c_lines]
+        .concat()
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        events, expected,
+        "orphan and undecided batches are not in the final files"
+    );
+    let items = batch_items(&aws, "slot_orphan", &schema.table, hour()).await?;
+    assert!(
+        !items.iter().any(|b| b.flush_id == orphans[0].item.flush_id),
+        "orphan items removed"
+    );
+    assert!(items
+        .iter()
+        .any(|b| b.flush_id == in_flight[0].item.flush_id && !b.compacted));
+    let tags = aws
+        .s3
+        .get_object_tagging()
+        .bucket(&aws.bucket)
+        .key(&orphans[0].item.key)
+        .send()
+        .await?;
+    assert!(
+        tags.tag_set().is_empty(),
+        "an orphan's staging object is left alone"
+    );
+    assert_eq!(pending(&aws, "slot_orphan").await?.len(), 1);
+    let read = read_parquet(&aws, &schema.table).await?;
+    let ids: Vec<i64> = read["pyarrow"]["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .filter_map(|r| r["id"].as_i64())
+        .collect();
+    assert_eq!(ids, vec![1, 3]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn open_hours_wait_unless_asked() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_open").await?;
+    let schema = notes_schema();
+    let now = now_ms();
+    let current = Hour::from_millis(now);
+    stager.tx(
+        now * 1000,
+        vec![Change::insert(&schema, json!({"id": 1, "body": "now"}))],
+    );
+    stager.flush(Some(now)).await?;
+    let c = compactor_with(&aws, config(&aws));
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(
+        report.hours.is_empty(),
+        "an open hour is not compacted: {report:?}"
+    );
+    assert_eq!(pending(&aws, "slot_open").await?.len(), 1);
+    assert!(aws.list_keys("public.notes/").await?.is_empty());
+
+    let answer = c
+        .handle(json!({"action": "sweep", "include_open": true}))
+        .await?;
+    assert_eq!(answer["hours"][0]["rows"], 1);
+    assert_eq!(answer["hours"][0]["hour"], current.to_string());
+    assert!(pending(&aws, "slot_open").await?.is_empty());
+    assert_eq!(final_events(&aws, &schema.table, current).await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreadable_lines_go_to_the_dead_letter_prefix_and_the_hour_completes() -> anyhow::Result<()>
+{
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_dead").await?;
+    let schema = notes_schema();
+    let good1 = stager.tx(
+        at(1, 0),
+        vec![Change::insert(&schema, json!({"id": 1, "body": "x"}))],
+    );
+    stager.garbage(&schema, hour(), "{\"this is\": \"not an event\"}");
+    let good2 = stager.tx(
+        at(2, 0),
+        vec![Change::insert(&schema, json!({"id": 2, "body": "y"}))],
+    );
+    let batches = stager.flush(Some(now_ms())).await?;
+    assert_eq!(batches.len(), 1);
+    let mut cfg = config(&aws);
+    cfg.dead_letter_queue_url = Some(aws.queue_url.clone());
+    let report = compactor_with(&aws, cfg)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert_eq!(report.hours[0].state, HourState::Done);
+    assert_eq!(report.hours[0].dead_letters, 1);
+    assert_eq!(report.hours[0].rows, 2);
+    let dead = aws.list_keys("_dead_letter/").await?;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].starts_with("_dead_letter/public.notes/2025/01/08/10/"),
+        "{}",
+        dead[0]
+    );
+    let record: Value = serde_json::from_slice(&aws.get_bytes(&dead[0]).await?)?;
+    assert_eq!(record["staging_key"], batches[0].item.key.as_str());
+    assert_eq!(record["line"], 2);
+    assert_eq!(record["raw"], "{\"this is\": \"not an event\"}");
+    assert!(record["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not a change event"));
+    let notices = aws.drain_queue().await?;
+    assert_eq!(notices.len(), 1);
+    let notice: Value = serde_json::from_str(&notices[0])?;
+    assert_eq!(notice["records"], 1);
+    let events = final_events(&aws, &schema.table, hour()).await?;
+    let expected: Vec<Value> = [good1, good2]
+        .concat()
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(events, expected);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_schema_change_mid_hour_starts_a_new_part() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_schema").await?;
+    let v1 = notes_schema();
+    let mut v2 = v1.clone();
+    v2.columns.push(column("score", "integer", 23));
+    let mut v3 = v2.clone();
+    v3.columns[2] = column("score", "text", 25);
+    stager.tx(
+        at(1, 0),
+        vec![Change::insert(&v1, json!({"id": 1, "body": "v1"}))],
+    );
+    stager.tx(
+        at(2, 0),
+        vec![Change::insert(
+            &v2,
+            json!({"id": 2, "body": "v2", "score": 5}),
+        )],
+    );
+    stager.tx(
+        at(3, 0),
+        vec![Change::insert(
+            &v3,
+            json!({"id": 3, "body": "v3", "score": "high"}),
+        )],
+    );
+    stager.flush(Some(now_ms())).await?;
+    let report = compactor_with(&aws, config(&aws))
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let recorded = parts(&aws, "slot_schema", &v1.table, hour()).await?;
+    let ids: Vec<&str> = recorded.iter().map(|p| p.schema_id.as_str()).collect();
+    assert_eq!(ids, [v1.version_id(), v2.version_id(), v3.version_id()]);
+    let read = read_parquet(&aws, &v1.table).await?;
+    let rows = read["duckdb"]["rows"].as_array().context("rows")?;
+    assert_eq!(rows.len(), 3);
+    assert_eq!(
+        rows[0]["score"],
+        Value::Null,
+        "a column added later is null before it"
+    );
+    assert_eq!(
+        read["duckdb"]["types"]["score"], "VARCHAR",
+        "int and text unite as text"
+    );
+    Ok(())
+}
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    pipeline_tests::bins::bin_path(name)
+}
+
+fn shell_env(aws: &AwsFixture) -> Vec<(String, String)> {
+    let mut env = aws.env();
+    env.push(("RUST_LOG".into(), "info".into()));
+    env.push(("LOG_FORMAT".into(), "text".into()));
+    env
+}
+
+async fn run_compactor(
+    aws: &AwsFixture,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<(bool, String, String)> {
+    let mut cmd = tokio::process::Command::new(bin("compactor")?);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(shell_env(aws))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("starting compactor")?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use tokio::io::AsyncWriteExt;
+        pipe.write_all(text.as_bytes()).await?;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn last_json_line(stdout: &str) -> anyhow::Result<Value> {
+    let line = stdout.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("last line is not JSON: {line}"))
+}
+
+#[tokio::test]
+async fn the_cli_invokes_one_handler_call_and_sweeps_from_the_shell() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_cli").await?;
+    stage_notes(&mut stager, 1, 10, 5).await?;
+
+    // A bad setting is refused at start-up, naming it.
+    let (ok, _, err) = run_compactor(&aws, &["--part-max-bytes", "lots", "sweep"], None).await?;
+    assert!(!ok);
+    assert!(err.contains("PART_MAX_BYTES"), "{err}");
+
+    let events = repo_root().join("compactor/events");
+    let sqs = events.join("sqs.json");
+    let (ok, out, err) =
+        run_compactor(&aws, &["invoke", "--event", &sqs.to_string_lossy()], None).await?;
+    assert!(ok, "{err}");
+    assert_eq!(last_json_line(&out)?, json!({"batchItemFailures": []}));
+    assert!(
+        out.lines().any(|l| l.contains("\"CompactionRows\":10")),
+        "an EMF line: {out}"
+    );
+    assert_eq!(
+        final_events(&aws, &notes_schema().table, hour())
+            .await?
+            .len(),
+        10
+    );
+
+    stage_notes(&mut stager, 100, 5, 5).await?;
+    let (ok, out, err) = run_compactor(
+        &aws,
+        &["invoke", "--event", "-"],
+        Some(r#"{"action":"sweep"}"#),
+    )
+    .await?;
+    assert!(ok, "{err}");
+    assert_eq!(last_json_line(&out)?["hours"][0]["rows"], 5);
+
+    stage_notes(&mut stager, 200, 3, 3).await?;
+    let (ok, out, err) = run_compactor(&aws, &["sweep", "--include-open"], None).await?;
+    assert!(ok, "{err}");
+    assert_eq!(last_json_line(&out)?["hours"][0]["rows"], 3);
+    assert_eq!(
+        final_events(&aws, &notes_schema().table, hour())
+            .await?
+            .len(),
+        18
+    );
+
+    let (ok, _, err) = run_compactor(
+        &aws,
+        &["invoke", "--event", "-"],
+        Some(r#"{"action":"dance"}"#),
+    )
+    .await?;
+    assert!(!ok);
+    assert!(err.contains("unknown action"), "{err}");
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The Lambda binary under cargo-lambda's local runtime: `cargo lambda watch --only-lambda-apis`
+/// emulates the Lambda APIs (no build), the already-built binary serves them, and
+/// `cargo lambda invoke --data-file` sends each trigger kind.
+#[tokio::test]
+async fn the_lambda_binary_answers_cargo_lambda_invoke_for_each_trigger() -> anyhow::Result<()> {
+    let cargo_lambda = repo_root().join(".venv/bin/cargo-lambda");
+    if !cargo_lambda.is_file() {
+        bail!(
+            "{} is missing: run ./scripts/setup.sh",
+            cargo_lambda.display()
+        );
+    }
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_lambda").await?;
+    stage_notes(&mut stager, 1, 10, 5).await?;
+
+    let port = free_port()?;
+    let mut watch = tokio::process::Command::new(&cargo_lambda)
+        .args([
+            "lambda",
+            "watch",
+            "--only-lambda-apis",
+            "-A",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+        ])
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting cargo lambda watch")?;
+    pipeline_tests::wait_for(
+        "the cargo-lambda emulator",
+        Duration::from_secs(30),
+        || async {
+            Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ()))
+        },
+    )
+    .await?;
+
+    let mut function = tokio::process::Command::new(bin("compactor")?)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(shell_env(&aws))
+        .env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt"),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the compactor under the emulated runtime")?;
+
+    let invoke = |file: PathBuf| {
+        let cargo_lambda = cargo_lambda.clone();
+        async move {
+            let out = tokio::time::timeout(
+                Duration::from_secs(60),
+                tokio::process::Command::new(&cargo_lambda)
+                    .args([
+                        "lambda",
+                        "invoke",
+                        "-A",
+                        "127.0.0.1",
+                        "-P",
+                        &port.to_string(),
+                        "--data-file",
+                    ])
+                    .arg(&file)
+                    .output(),
+            )
+            .await??;
+            if !out.status.success() {
+                bail!(
+                    "cargo lambda invoke {}: {}",
+                    file.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            serde_json::from_slice::<Value>(&out.stdout)
+                .with_context(|| format!("invoke answer: {}", String::from_utf8_lossy(&out.stdout)))
+        }
+    };
+    let events = repo_root().join("compactor/events");
+    let result = async {
+        let answer = invoke(events.join("sqs.json")).await?;
+        assert_eq!(answer, json!({"batchItemFailures": []}));
+        assert_eq!(
+            final_events(&aws, &notes_schema().table, hour())
+                .await?
+                .len(),
+            10
+        );
+        let answer = invoke(events.join("sweep.json")).await?;
+        assert_eq!(answer["slots"], json!(["slot_lambda"]));
+        let answer = invoke(events.join("scheduled.json")).await?;
+        assert_eq!(answer["failures"], json!([]));
+        let answer = invoke(events.join("compact.json")).await?;
+        assert_eq!(answer["hours"][0]["table"], "public.users");
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let _ = function.kill().await;
+    let _ = watch.kill().await;
+    if result.is_err() {
+        let mut err = String::new();
+        if let Some(mut e) = function.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = e.read_to_string(&mut err).await;
+        }
+        eprintln!("compactor stderr:\n{err}");
+    }
+    result
+}
