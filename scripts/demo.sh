@@ -58,7 +58,7 @@ export POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=app POST
   POSTGRES_PASSWORD=cdc_password PGSSLMODE=disable CDC_SLOT_NAME=cdc_demo CDC_PUBLICATION=cdc_publication \
   FLUSH_INTERVAL_MS=1000
 
-echo "[demo] first capture run: creates the replication slot"
+echo "[demo] first capture run: creates the replication slot and snapshots the existing rows (op r)"
 ./target/debug/capture --exit-when-caught-up >"$state/metrics.log" 2>"$state/capture.log"
 
 echo "[demo] sample writes: inserts, an update, a delete, in a few transactions"
@@ -86,6 +86,34 @@ for obj in s3.list_objects_v2(Bucket=bucket, Prefix=os.environ["S3_BASE_PATH"] +
     for line in gzip.decompress(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()).splitlines():
         ev = json.loads(line)
         print("   ", ev["op"], json.dumps(ev["after"] or ev["before"])[:110])
+PY
+
+echo
+echo "[demo] compactor: roll the batches into final hour-partitioned JSONL.gz and Parquet (open hours too)"
+./target/debug/compactor sweep --include-open >>"$state/metrics.log" 2>"$state/compactor.log"
+
+echo
+echo "== final files (s3://$S3_BUCKET_NAME/$S3_BASE_PATH/{schema.table}/{format}/year=/month=/day=/hour=/) =="
+.venv/bin/python - <<'PY'
+import gzip, io, json, os, boto3
+import pyarrow.parquet as pq
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+bucket, base = os.environ["S3_BUCKET_NAME"], os.environ["S3_BASE_PATH"]
+keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + "/")
+        for o in page.get("Contents", []) if "/_staging/" not in o["Key"]]
+for key in sorted(keys):
+    print(key)
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    if key.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(body))
+        cols = [c for c in table.column_names if c not in ("_raw",)][:8]
+        print("    parquet:", table.num_rows, "rows;", ", ".join(f"{f.name}:{f.type}" for f in table.schema)[:160])
+        for row in table.select(cols).to_pylist():
+            print("     ", {k: (str(v) if not isinstance(v, (int, float, type(None))) else v) for k, v in row.items()})
+    elif key.endswith(".jsonl.gz"):
+        for line in gzip.decompress(body).splitlines():
+            ev = json.loads(line)
+            print("    jsonl:", ev["op"], json.dumps(ev["after"] or ev["before"])[:100])
 PY
 
 cat <<MSG
