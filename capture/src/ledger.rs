@@ -303,6 +303,22 @@ impl DynamoLedger {
         Ok(())
     }
 
+    /// The condition every recording transaction carries: this task still holds the lease.
+    fn lease_condition(&self, owner: &str, epoch: u64) -> Result<ConditionCheck, LedgerError> {
+        ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(items::key(
+                items::slot_pk(&self.slot),
+                items::LEASE_SK.into(),
+            )))
+            .condition_expression("#owner = :owner AND epoch = :epoch")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", items::s(owner))
+            .expression_attribute_values(":epoch", items::n(epoch))
+            .build()
+            .map_err(|e| LedgerError::Definite(e.to_string()))
+    }
+
     async fn query_all(&self, pk: String) -> Result<Vec<Item>, LedgerError> {
         let mut out = Vec::new();
         let mut pages = self
@@ -519,15 +535,7 @@ impl Ledger for DynamoLedger {
         epoch: u64,
     ) -> Result<(), LedgerError> {
         let pk = items::slot_pk(&self.slot);
-        let lease_check = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(items::key(pk.clone(), items::LEASE_SK.into())))
-            .condition_expression("#owner = :owner AND epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", items::s(owner))
-            .expression_attribute_values(":epoch", items::n(epoch))
-            .build()
-            .map_err(|e| LedgerError::Definite(e.to_string()))?;
+        let lease_check = self.lease_condition(owner, epoch)?;
         let mut item = items::key(pk, items::SNAPSHOT_SK.into());
         item.extend(state.attributes());
         let put = Put::builder()
@@ -605,15 +613,7 @@ impl Ledger for DynamoLedger {
         let hours = req.hours();
         let pk = items::slot_pk(&self.slot);
 
-        let lease_check = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(items::key(pk.clone(), items::LEASE_SK.into())))
-            .condition_expression("#owner = :owner AND epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", items::s(owner))
-            .expression_attribute_values(":epoch", items::n(epoch))
-            .build()
-            .map_err(|e| LedgerError::Definite(e.to_string()))?;
+        let lease_check = self.lease_condition(owner, epoch)?;
         let mut flush_item = items::key(pk.clone(), items::flush_sk(&req.id));
         flush_item.insert("seq".into(), items::n(req.id.seq));
         flush_item.insert("epoch".into(), items::n(req.id.epoch));
