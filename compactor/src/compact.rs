@@ -435,7 +435,7 @@ impl Claimed<'_> {
             part_max_bytes: self.c.config.part_max_bytes,
             row_group_bytes: self.c.config.row_group_bytes,
             compression: self.c.config.compression,
-            gzip_level: self.c.gzip_level,
+            gzip_level: self.c.config.jsonl_gzip_level,
         };
         let table_text = self.table.to_string();
 
@@ -690,6 +690,24 @@ impl Compactor {
         Ok(part)
     }
 
+    /// Tags a consumed batch's staging object for expiry, then marks its item compacted.
+    async fn consume(
+        &self,
+        slot: &str,
+        batch: &BatchItem,
+        expires_at: i64,
+    ) -> Result<(), HourError> {
+        retry("tag staging object", || {
+            self.store.tag(&batch.key, &[("compacted", "true")])
+        })
+        .await?;
+        retry("mark batch compacted", || {
+            self.ledger.mark_compacted(slot, batch, expires_at)
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Compacts one table-hour of `slot`.
     pub async fn compact_hour(
         &self,
@@ -807,20 +825,16 @@ impl Compactor {
             .filter(|b| !b.compacted && through.is_some_and(|w| b.last <= w))
             .collect();
         let expires_at = now_ms() / 1000 + self.batch_ttl_seconds;
-        let results = futures::stream::iter(consumed.iter().map(|b| async move {
-            retry("tag staging object", || {
-                self.store.tag(&b.key, &[("compacted", "true")])
-            })
-            .await?;
-            retry("mark batch compacted", || {
-                ledger.mark_compacted(&slot.slot, b, expires_at)
-            })
-            .await?;
-            Ok::<(), HourError>(())
-        }))
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
+        // Futures collected first: a stream holding the closure would make the compaction's
+        // future lose `Send` (the closure's borrow is not general enough).
+        let pending: Vec<_> = consumed
+            .iter()
+            .map(|b| self.consume(&slot.slot, b, expires_at))
+            .collect();
+        let results = futures::stream::iter(pending)
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await;
         for r in results {
             r?;
         }

@@ -112,9 +112,24 @@ pub struct Settings {
         default_value = "snappy"
     )]
     pub parquet_compression: String,
+    /// gzip level of final JSONL parts (1 fastest to 9 smallest).
+    #[arg(
+        long = "jsonl-gzip-level",
+        env = "JSONL_GZIP_LEVEL",
+        default_value = "3"
+    )]
+    pub jsonl_gzip_level: String,
     /// SQS queue told about each dead-lettered staging batch (optional).
     #[arg(long = "dead-letter-queue-url", env = "DEAD_LETTER_QUEUE_URL")]
     pub dead_letter_queue_url: Option<String>,
+    /// Time limit of one AWS request attempt (ms); a slower answer counts as a failed attempt and
+    /// is retried.
+    #[arg(
+        long = "aws-attempt-timeout-ms",
+        env = "AWS_ATTEMPT_TIMEOUT_MS",
+        default_value = "30000"
+    )]
+    pub aws_attempt_timeout_ms: String,
     /// How long a compactor's claim on an hour holds without renewal (seconds).
     #[arg(
         long = "hour-claim-seconds",
@@ -172,8 +187,12 @@ pub struct Config {
     pub row_group_bytes: u64,
     /// Parquet codec.
     pub compression: Compression,
+    /// gzip level of JSONL parts.
+    pub jsonl_gzip_level: u32,
     /// Dead-letter notices.
     pub dead_letter_queue_url: Option<String>,
+    /// Time limit of one AWS request attempt.
+    pub aws_attempt_timeout: Duration,
     /// Claim duration.
     pub hour_claim: Duration,
     /// Hours compacted at once.
@@ -195,7 +214,9 @@ impl Config {
             part_max_bytes: 128 * 1024 * 1024,
             row_group_bytes: 32 * 1024 * 1024,
             compression: Compression::Snappy,
+            jsonl_gzip_level: 3,
             dead_letter_queue_url: None,
+            aws_attempt_timeout: Duration::from_secs(30),
             hour_claim: Duration::from_secs(120),
             concurrency: 2,
             log_format: LogFormat::Text,
@@ -272,6 +293,10 @@ impl Settings {
             .parquet_compression
             .parse()
             .map_err(|e| bad("PARQUET_COMPRESSION", e))?;
+        let jsonl_gzip_level: u32 = number("JSONL_GZIP_LEVEL", &self.jsonl_gzip_level)?;
+        if !(1..=9).contains(&jsonl_gzip_level) {
+            return Err(bad("JSONL_GZIP_LEVEL", "must be between 1 and 9"));
+        }
         let dead_letter_queue_url = self
             .dead_letter_queue_url
             .as_deref()
@@ -282,6 +307,10 @@ impl Settings {
             if !(u.starts_with("https://") || u.starts_with("http://")) {
                 return Err(bad("DEAD_LETTER_QUEUE_URL", format!("{u:?} is not a URL")));
             }
+        }
+        let attempt_ms: u64 = number("AWS_ATTEMPT_TIMEOUT_MS", &self.aws_attempt_timeout_ms)?;
+        if attempt_ms < 100 {
+            return Err(bad("AWS_ATTEMPT_TIMEOUT_MS", "must be at least 100"));
         }
         let claim: u64 = number("HOUR_CLAIM_SECONDS", &self.hour_claim_seconds)?;
         if claim == 0 {
@@ -315,7 +344,9 @@ impl Settings {
             part_max_bytes,
             row_group_bytes,
             compression,
+            jsonl_gzip_level,
             dead_letter_queue_url,
+            aws_attempt_timeout: Duration::from_millis(attempt_ms),
             hour_claim: Duration::from_secs(claim),
             concurrency,
             log_format,
@@ -371,6 +402,11 @@ mod tests {
             "PARQUET_COMPRESSION"
         );
         assert_eq!(with(&["--part-max-bytes", "12MB"]), "PART_MAX_BYTES");
+        assert_eq!(with(&["--jsonl-gzip-level", "0"]), "JSONL_GZIP_LEVEL");
+        assert_eq!(
+            with(&["--aws-attempt-timeout-ms", "5"]),
+            "AWS_ATTEMPT_TIMEOUT_MS"
+        );
         assert_eq!(with(&["--close-grace-seconds=-1"]), "CLOSE_GRACE_SECONDS");
         assert_eq!(with(&["--log-format", "xml"]), "LOG_FORMAT");
         assert_eq!(

@@ -223,6 +223,21 @@ impl DynamoLedger {
         Ok(out)
     }
 
+    /// Every hour record of a table (one query; used by `cdc-verify`), in hour order.
+    pub async fn hour_records(
+        &self,
+        slot: &str,
+        table: &TableName,
+    ) -> Result<Vec<HourRecord>, LedgerError> {
+        let items = self.query(items::hour_pk(slot, table), None).await?;
+        let mut records = items
+            .iter()
+            .map(HourRecord::from_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|r| r.hour);
+        Ok(records)
+    }
+
     async fn part_is(&self, slot: &str, part: &PartItem) -> Result<bool, LedgerError> {
         let item = self
             .get(

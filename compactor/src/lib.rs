@@ -50,9 +50,6 @@ pub fn now_ms() -> i64 {
 /// How long consumed batch items live on after compaction (their TTL), in seconds.
 pub const BATCH_TTL_SECONDS: i64 = 7 * 24 * 3600;
 
-/// The gzip level of final JSONL parts.
-pub const JSONL_GZIP_LEVEL: u32 = 6;
-
 /// The compactor: configuration, the S3 and ledger seams, and caches shared by its runs.
 pub struct Compactor {
     pub(crate) config: Config,
@@ -60,7 +57,6 @@ pub struct Compactor {
     pub(crate) store: Arc<dyn store::ObjectStore>,
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) notifier: Option<Arc<dyn DeadLetterNotifier>>,
-    pub(crate) gzip_level: u32,
     pub(crate) batch_ttl_seconds: i64,
     #[allow(clippy::type_complexity)]
     pub(crate) schemas: Mutex<HashMap<(String, TableName, String), Arc<PartSchema>>>,
@@ -128,7 +124,6 @@ impl Compactor {
             store,
             ledger,
             notifier,
-            gzip_level: JSONL_GZIP_LEVEL,
             batch_ttl_seconds: BATCH_TTL_SECONDS,
             schemas: Mutex::new(HashMap::new()),
         }

@@ -53,7 +53,12 @@ fn init_logs(format: LogFormat) {
 }
 
 async fn compactor(config: Config) -> anyhow::Result<Compactor> {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .operation_attempt_timeout(config.aws_attempt_timeout)
+        .build();
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(timeouts)
         .load()
         .await;
     let c = Compactor::from_sdk(config, &sdk);

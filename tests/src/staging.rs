@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::Context;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
@@ -117,7 +118,9 @@ impl Change {
 #[derive(Debug, Clone)]
 pub struct StagedLine {
     /// The table's schema.
-    pub schema: TableSchema,
+    pub schema: Arc<TableSchema>,
+    /// Its version id.
+    pub schema_id: Arc<str>,
     /// The hour of its commit.
     pub hour: Hour,
     /// Its position.
@@ -147,6 +150,7 @@ pub struct Stager<'a> {
     next_lsn: u64,
     xid: i64,
     buffer: Vec<StagedLine>,
+    schemas: Vec<(Arc<TableSchema>, Arc<str>)>,
 }
 
 fn json(v: impl Into<Value>) -> String {
@@ -244,6 +248,7 @@ impl<'a> Stager<'a> {
             next_lsn: 0x1000_0000,
             xid: 700,
             buffer: Vec::new(),
+            schemas: Vec::new(),
         };
         stager.put_lease().await?;
         Ok(stager)
@@ -270,6 +275,19 @@ impl<'a> Stager<'a> {
         self.epoch += 1;
         self.buffer.clear();
         self.put_lease().await
+    }
+
+    /// The shared copy of a schema and its version id (computed once).
+    fn schema_of(&mut self, schema: &TableSchema) -> (Arc<TableSchema>, Arc<str>) {
+        if let Some((s, id)) = self.schemas.iter().find(|(s, _)| **s == *schema) {
+            return (s.clone(), id.clone());
+        }
+        let entry = (
+            Arc::new(schema.clone()),
+            Arc::<str>::from(schema.version_id()),
+        );
+        self.schemas.push(entry.clone());
+        entry
     }
 
     /// Stages one transaction committed at `commit_us` (µs); returns its lines.
@@ -302,8 +320,10 @@ impl<'a> Stager<'a> {
                 table_ordinal,
             );
             lines.push(line.clone());
+            let (schema, schema_id) = self.schema_of(&change.schema);
             self.buffer.push(StagedLine {
-                schema: change.schema,
+                schema,
+                schema_id,
                 hour,
                 position: Position::new(Lsn(commit_lsn), ordinal),
                 commit_ms: commit_us.div_euclid(1000),
@@ -317,8 +337,10 @@ impl<'a> Stager<'a> {
     /// `schema`'s table in `hour`, positioned after the last staged change.
     pub fn garbage(&mut self, schema: &TableSchema, hour: Hour, line: &str) {
         let position = self.buffer.last().map(|l| l.position).unwrap_or_default();
+        let (schema, schema_id) = self.schema_of(schema);
         self.buffer.push(StagedLine {
-            schema: schema.clone(),
+            schema,
+            schema_id,
             hour,
             position,
             commit_ms: hour.start_millis(),
@@ -335,10 +357,7 @@ impl<'a> Stager<'a> {
             let key = (l.schema.table.clone(), l.hour);
             let runs = groups.entry(key).or_default();
             let new_run = match runs.last() {
-                Some(run) => {
-                    run.len() >= self.batch_rows
-                        || run[0].schema.version_id() != l.schema.version_id()
-                }
+                Some(run) => run.len() >= self.batch_rows || run[0].schema_id != l.schema_id,
                 None => true,
             };
             if new_run {
@@ -383,7 +402,7 @@ impl<'a> Stager<'a> {
                         bytes,
                         first_commit_ms: run[0].commit_ms,
                         last_commit_ms: run[run.len() - 1].commit_ms,
-                        schema_id: run[0].schema.version_id(),
+                        schema_id: run[0].schema_id.to_string(),
                         flush_id: id,
                         compacted: false,
                     },
@@ -428,9 +447,11 @@ impl<'a> Stager<'a> {
 
     fn schemas_of(&self) -> Vec<TableSchema> {
         let mut out: Vec<TableSchema> = Vec::new();
+        let mut ids: Vec<&str> = Vec::new();
         for l in &self.buffer {
-            if !out.iter().any(|s| s.version_id() == l.schema.version_id()) {
-                out.push(l.schema.clone());
+            if !ids.contains(&&*l.schema_id) {
+                ids.push(&l.schema_id);
+                out.push((*l.schema).clone());
             }
         }
         out

@@ -673,7 +673,7 @@ async fn an_sqs_batch_reports_only_the_bad_message_as_failed() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hour_compacted_twice_or_concurrently_holds_each_change_once() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;
     let mut stager = Stager::new(&aws, "slot_twice").await?;
@@ -681,11 +681,11 @@ async fn an_hour_compacted_twice_or_concurrently_holds_each_change_once() -> any
     let staged = stage_notes(&mut stager, 1, 400, 7).await?;
     let mut cfg = config(&aws);
     cfg.part_max_bytes = 8192;
-    let a = compactor_with(&aws, cfg.clone());
-    let b = compactor_with(&aws, cfg.clone());
-    let req = SweepRequest::default();
-    let (ra, rb) = tokio::join!(a.sweep(&req), b.sweep(&req));
-    let (ra, rb) = (ra?, rb?);
+    // Two invocations at once, on two threads.
+    let run = |c: Compactor| tokio::spawn(async move { c.sweep(&SweepRequest::default()).await });
+    let a = run(compactor_with(&aws, cfg.clone()));
+    let b = run(compactor_with(&aws, cfg.clone()));
+    let (ra, rb) = (a.await??, b.await??);
     assert!(
         ra.failures.is_empty() && rb.failures.is_empty(),
         "{:?} {:?}",
@@ -693,10 +693,8 @@ async fn an_hour_compacted_twice_or_concurrently_holds_each_change_once() -> any
         rb.failures
     );
     let states: Vec<HourState> = ra.hours.iter().chain(&rb.hours).map(|h| h.state).collect();
-    assert!(
-        states.contains(&HourState::Done) || states.contains(&HourState::Pending),
-        "{states:?}"
-    );
+    let written: u32 = ra.hours.iter().chain(&rb.hours).map(|h| h.parts).sum();
+    assert!(written > 0, "one of them compacted the hour: {states:?}");
     // Whoever was busy left the hour pending; a later run finishes it.
     let again = compactor_with(&aws, cfg.clone())
         .sweep(&SweepRequest::default())

@@ -1,0 +1,411 @@
+//! Compaction benchmark (not a test): stages N rows of ~500-byte change events into one hour in
+//! the AWS emulator exactly as the capture does, compacts them, and prints rows/s, MB/s, CPU time
+//! and peak RSS, beside two references on the same rows: arrow's `ArrowWriter` encoding the same
+//! typed rows from memory, and DuckDB turning the same staged files into one Parquet file.
+//!
+//! `cargo bench -p compactor --bench compact -- --rows 1000000 [--batch-rows 10000]
+//! [--part-max-bytes N] [--jsonl-gzip-level N] [--no-duckdb] [--stage-only]`; `scripts/bench-compactor.sh` starts the emulator and runs it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+use serde_json::json;
+
+use cdc_contract::schema::TableSchema;
+use cdc_contract::{Hour, TableName};
+use compactor::config::Config;
+use compactor::{Compactor, SweepRequest};
+use pipeline_tests::aws::AwsFixture;
+use pipeline_tests::staging::{column, now_ms, Change, ColumnExt, Stager};
+
+struct Args {
+    rows: u64,
+    batch_rows: usize,
+    part_max_bytes: u64,
+    gzip_level: u32,
+    duckdb: bool,
+    /// Internal: compact what `BENCH_BUCKET`/`BENCH_TABLE` hold and print the figures as JSON,
+    /// so peak RSS is the compaction's alone.
+    compact_child: bool,
+    /// Stage only, print the bucket and ledger table (for profiling `--compact-child`).
+    stage_only: bool,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        rows: 1_000_000,
+        batch_rows: 10_000,
+        part_max_bytes: 128 * 1024 * 1024,
+        gzip_level: 6,
+        duckdb: true,
+        compact_child: false,
+        stage_only: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--rows" => a.rows = it.next().context("--rows N")?.parse()?,
+            "--batch-rows" => a.batch_rows = it.next().context("--batch-rows N")?.parse()?,
+            "--part-max-bytes" => {
+                a.part_max_bytes = it.next().context("--part-max-bytes N")?.parse()?
+            }
+            "--jsonl-gzip-level" => {
+                a.gzip_level = it.next().context("--jsonl-gzip-level N")?.parse()?
+            }
+            "--no-duckdb" => a.duckdb = false,
+            "--compact-child" => a.compact_child = true,
+            "--stage-only" => a.stage_only = true,
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn schema() -> TableSchema {
+    TableSchema {
+        table: TableName::new("public", "orders"),
+        columns: vec![
+            column("id", "bigint", 20).key(),
+            column("account", "text", 25),
+            column("email", "text", 25),
+            column("amount", "numeric(12,2)", 1700).numeric(12, 2),
+            column("currency", "character(3)", 1042),
+            column("status", "text", 25),
+            column("created_at", "timestamp with time zone", 1184),
+            column("score", "double precision", 701),
+            column("active", "boolean", 16),
+            column("note", "text", 25),
+        ],
+    }
+}
+
+const STATUSES: [&str; 4] = ["pending", "paid", "shipped", "cancelled"];
+
+fn row(i: u64) -> serde_json::Value {
+    json!({
+        "id": i,
+        "account": format!("acct-{:06}", i % 50_000),
+        "email": format!("c{}@example.com", i % 97_531),
+        "amount": format!("{}.{:02}", (i * 7919) % 100_000, i % 100),
+        "currency": if i.is_multiple_of(3) { "EUR" } else { "USD" },
+        "status": STATUSES[(i % 4) as usize],
+        "created_at": format!("2025-01-08T10:{:02}:{:02}.{:06}Z", (i / 60) % 60, i % 60, i % 1_000_000),
+        "score": (i % 1000) as f64 / 7.0,
+        "active": !i.is_multiple_of(5),
+        "note": format!("{:x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24),
+    })
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User plus system CPU seconds of this process.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The reference: the same typed rows encoded by `ArrowWriter` straight from memory.
+fn arrow_reference(rows: u64) -> anyhow::Result<(f64, u64)> {
+    let tz: Arc<str> = Arc::from("UTC");
+    let fields = vec![
+        Field::new("_op", DataType::Utf8, false),
+        Field::new("_lsn", DataType::Int64, false),
+        Field::new("_seq", DataType::Int64, false),
+        Field::new("_tx_id", DataType::Int64, true),
+        Field::new(
+            "_commit_ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some(tz.clone())),
+            false,
+        ),
+        Field::new("id", DataType::Int64, true),
+        Field::new("account", DataType::Utf8, true),
+        Field::new("email", DataType::Utf8, true),
+        Field::new("amount", DataType::Decimal128(12, 2), true),
+        Field::new("currency", DataType::Utf8, true),
+        Field::new("status", DataType::Utf8, true),
+        Field::new(
+            "created_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some(tz.clone())),
+            true,
+        ),
+        Field::new("score", DataType::Float64, true),
+        Field::new("active", DataType::Boolean, true),
+        Field::new("note", DataType::Utf8, true),
+    ];
+    let schema = Arc::new(Schema::new(fields));
+    let props = WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_max_row_group_size(1 << 22)
+        .build();
+    let started = Instant::now();
+    let mut writer = ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?;
+    let mut written = 0u64;
+    let mut i = 0u64;
+    while i < rows {
+        let n = (rows - i).min(8192);
+        let mut op = StringBuilder::new();
+        let mut lsn = Int64Builder::new();
+        let mut seq = Int64Builder::new();
+        let mut tx = Int64Builder::new();
+        let mut ts = TimestampMicrosecondBuilder::new().with_timezone(tz.clone());
+        let mut id = Int64Builder::new();
+        let mut account = StringBuilder::new();
+        let mut email = StringBuilder::new();
+        let mut amount = Decimal128Builder::new().with_precision_and_scale(12, 2)?;
+        let mut currency = StringBuilder::new();
+        let mut status = StringBuilder::new();
+        let mut created = TimestampMicrosecondBuilder::new().with_timezone(tz.clone());
+        let mut score = Float64Builder::new();
+        let mut active = BooleanBuilder::new();
+        let mut note = StringBuilder::new();
+        for r in i..i + n {
+            op.append_value("c");
+            lsn.append_value((0x1000_0000 + r * 0x40) as i64);
+            seq.append_value((r % 10 + 1) as i64);
+            tx.append_value((r / 10) as i64);
+            ts.append_value(1_736_330_400_000_000 + r as i64);
+            id.append_value(r as i64);
+            account.append_value(format!("acct-{:06}", r % 50_000));
+            email.append_value(format!("c{}@example.com", r % 97_531));
+            amount.append_value(((r * 7919) % 100_000 * 100 + r % 100) as i128);
+            currency.append_value(if r.is_multiple_of(3) { "EUR" } else { "USD" });
+            status.append_value(STATUSES[(r % 4) as usize]);
+            created.append_value(1_736_330_400_000_000 + r as i64);
+            score.append_value((r % 1000) as f64 / 7.0);
+            active.append_value(!r.is_multiple_of(5));
+            note.append_value(format!("{:x}", r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24));
+        }
+        let arrays: Vec<ArrayRef> = vec![
+            Arc::new(op.finish()),
+            Arc::new(lsn.finish()),
+            Arc::new(seq.finish()),
+            Arc::new(tx.finish()),
+            Arc::new(ts.finish()),
+            Arc::new(id.finish()),
+            Arc::new(account.finish()),
+            Arc::new(email.finish()),
+            Arc::new(amount.finish()),
+            Arc::new(currency.finish()),
+            Arc::new(status.finish()),
+            Arc::new(created.finish()),
+            Arc::new(score.finish()),
+            Arc::new(active.finish()),
+            Arc::new(note.finish()),
+        ];
+        writer.write(&RecordBatch::try_new(schema.clone(), arrays)?)?;
+        if writer.in_progress_size() > 32 << 20 {
+            writer.flush()?;
+        }
+        written += std::mem::take(writer.inner_mut()).len() as u64;
+        i += n;
+    }
+    written += writer.into_inner()?.len() as u64;
+    Ok((started.elapsed().as_secs_f64(), written))
+}
+
+const DUCKDB: &str = r#"
+import sys, time, duckdb
+src, out = sys.argv[1], sys.argv[2]
+con = duckdb.connect()
+t = time.time()
+con.sql(f"""COPY (
+  SELECT op AS _op, source.commit_lsn::BIGINT AS _lsn, "transaction".total_order::BIGINT AS _seq,
+         source.txId::BIGINT AS _tx_id, make_timestamptz(source.ts_us) AS _commit_ts,
+         after.id::BIGINT AS id, after.account AS account, after.email AS email,
+         after.amount::DECIMAL(12,2) AS amount, after.currency AS currency, after.status AS status,
+         after.created_at::TIMESTAMPTZ AS created_at, after.score::DOUBLE AS score,
+         after.active::BOOLEAN AS active, after.note AS note
+  FROM read_json('{src}/**/*.jsonl.gz', format='newline_delimited', compression='gzip')
+) TO '{out}' (FORMAT parquet, COMPRESSION snappy)""")
+print(time.time() - t)
+"#;
+
+async fn duckdb_reference(aws: &AwsFixture, dir: &Path) -> anyhow::Result<f64> {
+    let keys = aws.list_keys("_staging/").await?;
+    for key in &keys {
+        let path = dir.join(key);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        std::fs::write(&path, aws.get_bytes(key).await?)?;
+    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(DUCKDB)
+        .arg(dir.join("_staging"))
+        .arg(dir.join("duck.parquet"))
+        .output()?;
+    if !out.status.success() {
+        bail!("duckdb: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or("").trim();
+    last.parse()
+        .with_context(|| format!("duckdb printed {text:?}"))
+}
+
+async fn compact_child(args: &Args) -> anyhow::Result<()> {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")?;
+    let sdk = pipeline_tests::aws::sdk_config(&endpoint).await;
+    let mut config = Config::new(
+        std::env::var("BENCH_BUCKET")?,
+        std::env::var("BENCH_TABLE")?,
+    );
+    config.part_max_bytes = args.part_max_bytes;
+    config.jsonl_gzip_level = args.gzip_level;
+    let c = Compactor::from_sdk(config, &sdk);
+    let cpu0 = cpu_seconds();
+    let started = Instant::now();
+    let report = c.sweep(&SweepRequest::default()).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    if !report.failures.is_empty() || report.rows() != args.rows {
+        bail!(
+            "compaction wrote {} rows: {:?}",
+            report.rows(),
+            report.failures
+        );
+    }
+    let figures = json!({
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_kib": peak_rss_kib(),
+        "bytes": report.hours.iter().map(|h| h.bytes).sum::<u64>(),
+        "parts": report.hours.iter().map(|h| h.parts).sum::<u32>(),
+    });
+    println!("{figures}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    if args.compact_child {
+        return compact_child(&args).await;
+    }
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "bench").await?;
+    stager.batch_rows = args.batch_rows;
+    let schema = schema();
+    let hour: Hour = "2025-01-08T10".parse()?;
+
+    // Stage: transactions of 10 changes, a flush every 5 batches; memory stays at a flush.
+    let started = Instant::now();
+    let mut staged_bytes = 0u64;
+    let mut i = 0u64;
+    let per_flush = (args.batch_rows * 5) as u64;
+    while i < args.rows {
+        let end = (i + per_flush).min(args.rows);
+        while i < end {
+            let n = (end - i).min(10);
+            let changes = (i..i + n)
+                .map(|r| Change::insert(&schema, row(r)))
+                .collect();
+            let commit_us =
+                (hour.start_millis() + (i * 3_000_000 / args.rows.max(1)) as i64) * 1000;
+            for l in stager.tx(commit_us, changes) {
+                staged_bytes += l.len() as u64 + 1;
+            }
+            i += n;
+        }
+        stager.flush(Some(now_ms())).await?;
+    }
+    let stage_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "staged {} rows ({:.1} MB of JSON lines, {:.0} bytes/row) in {:.1} s",
+        args.rows,
+        staged_bytes as f64 / 1e6,
+        staged_bytes as f64 / args.rows as f64,
+        stage_s
+    );
+
+    if args.stage_only {
+        println!("BENCH_BUCKET={} BENCH_TABLE={}", aws.bucket, aws.table);
+        return Ok(());
+    }
+
+    // Compact in a child process, so its peak RSS is the compaction's alone.
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--compact-child", "--rows", &args.rows.to_string()])
+        .args(["--part-max-bytes", &args.part_max_bytes.to_string()])
+        .args(["--jsonl-gzip-level", &args.gzip_level.to_string()])
+        .env("AWS_ENDPOINT_URL", &aws.endpoint)
+        .env("BENCH_BUCKET", &aws.bucket)
+        .env("BENCH_TABLE", &aws.table)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the compaction failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let figures: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))?;
+    let num = |k: &str| figures[k].as_f64().unwrap_or(0.0);
+    let (wall, cpu, peak) = (num("wall_s"), num("cpu_s"), num("peak_rss_kib"));
+    let (out_bytes, parts) = (num("bytes"), num("parts"));
+
+    let (arrow_s, arrow_bytes) = arrow_reference(args.rows)?;
+    let mb = staged_bytes as f64 / 1e6;
+    println!(
+        "compactor bench: {} rows, {:.1} MB staged JSON, one table-hour",
+        args.rows, mb
+    );
+    println!(
+        "  compactor (S3 emulator -> jsonl.gz + parquet -> S3): {:.2} s, {:.0} rows/s, {:.1} MB/s, \
+         {:.2} CPU s ({:.0} rows per CPU second), {} parts, {:.1} MB written, peak RSS {:.0} MB",
+        wall,
+        args.rows as f64 / wall,
+        mb / wall,
+        cpu,
+        args.rows as f64 / cpu.max(1e-9),
+        parts,
+        out_bytes / 1e6,
+        peak / 1024.0,
+    );
+    println!(
+        "  arrow ArrowWriter from memory (typed rows -> parquet, one thread): {:.2} s, {:.0} rows/s, {:.1} MB parquet",
+        arrow_s,
+        args.rows as f64 / arrow_s,
+        arrow_bytes as f64 / 1e6
+    );
+    if args.duckdb {
+        let dir = tempfile::tempdir()?;
+        let d = duckdb_reference(&aws, dir.path()).await?;
+        println!(
+            "  duckdb (staged jsonl.gz files on local disk -> one parquet file): {:.2} s, {:.0} rows/s, {:.1} MB/s",
+            d,
+            args.rows as f64 / d,
+            mb / d
+        );
+    }
+    Ok(())
+}
