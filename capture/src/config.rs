@@ -84,6 +84,10 @@ pub struct Config {
     /// Lease duration (ms); renewed every third of it.
     #[arg(long, env = "LEASE_DURATION_MS", default_value_t = 30_000)]
     pub lease_duration_ms: u64,
+    /// Time limit of one AWS request attempt (ms); a slower answer counts as a failed attempt and
+    /// is retried.
+    #[arg(long, env = "AWS_ATTEMPT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub aws_attempt_timeout_ms: u64,
     /// Grace period after an hour's end before the compactor closes it (s); the capture notifies
     /// when its checkpoint passes it. Keep equal to the compactor's.
     #[arg(long, env = "CLOSE_GRACE_SECONDS", default_value_t = 300)]
@@ -232,6 +236,9 @@ impl Config {
         if self.lease_duration_ms < 3_000 {
             return Err(bad("LEASE_DURATION_MS", "must be at least 3000"));
         }
+        if self.aws_attempt_timeout_ms < 100 {
+            return Err(bad("AWS_ATTEMPT_TIMEOUT_MS", "must be at least 100"));
+        }
         if self.heartbeat_interval_ms < 100 {
             return Err(bad("HEARTBEAT_INTERVAL_MS", "must be at least 100"));
         }
@@ -289,6 +296,14 @@ impl Settings {
     /// The heartbeat interval.
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.config.heartbeat_interval_ms)
+    }
+
+    /// The AWS SDK's timeouts: connecting, and each request attempt.
+    pub fn aws_timeouts(&self) -> aws_config::timeout::TimeoutConfig {
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .operation_attempt_timeout(Duration::from_millis(self.config.aws_attempt_timeout_ms))
+            .build()
     }
 
     /// The lease duration.

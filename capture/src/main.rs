@@ -43,7 +43,10 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
             ledger_table,
             queue_url,
         } => {
-            let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .timeout_config(settings.aws_timeouts())
+                .load()
+                .await;
             // Emulators (moto, LocalStack) serve buckets by path, not by virtual host.
             let path_style = std::env::var_os("AWS_ENDPOINT_URL").is_some();
             let s3 = aws_sdk_s3::Client::from_conf(

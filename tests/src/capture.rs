@@ -239,6 +239,113 @@ impl<'a> CaptureSetup<'a> {
         Ok(events)
     }
 
+    /// The `compactor` command (`sweep --include-open` for this setup's slot) with this setup's
+    /// AWS settings and [`CaptureSetup::env`] (so a fault proxy applies to both; the compactor
+    /// ignores the capture's own settings).
+    pub fn compactor_command(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(crate::bins::bin_path("compactor")?);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "text")
+            .envs(self.aws.env())
+            .env("CDC_SLOT_NAME", &self.slot)
+            .envs(self.env.iter().cloned())
+            .args(["sweep", "--include-open"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// Runs [`CaptureSetup::compactor_command`] until a sweep ends without failures and leaves
+    /// every hour done (as Lambda retries and the scheduled sweep would), at most `attempts`
+    /// times. Returns the last sweep report.
+    pub async fn compact(&self, attempts: u32) -> anyhow::Result<Value> {
+        let mut last = String::new();
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            let out =
+                tokio::time::timeout(Duration::from_secs(300), self.compactor_command()?.output())
+                    .await
+                    .context("compactor sweep did not finish in time")??;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            last = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+            if !out.status.success() {
+                continue;
+            }
+            let line = stdout
+                .lines()
+                .last()
+                .context("compactor printed no report")?;
+            let report: Value = serde_json::from_str(line)?;
+            let settled = report["hours"]
+                .as_array()
+                .is_some_and(|hours| hours.iter().all(|h| h["state"] == "done"));
+            if settled {
+                return Ok(report);
+            }
+        }
+        bail!("compactor sweeps did not settle every hour: {last}")
+    }
+
+    /// Runs `cdc-verify` on `tables` with `--compare-rows` and JSON output (plus `extra`
+    /// arguments). Returns its exit code and one report per table.
+    pub async fn verify(&self, tables: &[&str], extra: &[&str]) -> anyhow::Result<Verified> {
+        let mut cmd = Command::new(crate::bins::bin_path("cdc-verify")?);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("POSTGRES_HOST", "127.0.0.1")
+            .env("POSTGRES_PORT", self.pg.port.to_string())
+            .env("POSTGRES_DATABASE", &self.db)
+            .env("POSTGRES_USER", "postgres")
+            .env("POSTGRES_PASSWORD", crate::postgres::SUPERUSER_PASSWORD)
+            .env("PGSSLMODE", "disable")
+            .env("CDC_SLOT_NAME", &self.slot)
+            .envs(self.aws.env())
+            .args([
+                "--table",
+                &tables.join(","),
+                "--compare-rows",
+                "--output",
+                "json",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .context("cdc-verify did not finish in time")??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let reports = stdout
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<Vec<Value>, _>>()
+            .with_context(|| format!("cdc-verify printed {stdout}"))?;
+        Ok(Verified {
+            code: out.status.code().unwrap_or(-1),
+            reports,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Compacts, then verifies `tables` against the final files, the ledger and the table rows;
+    /// fails with the reports unless `cdc-verify` passes. Returns the reports.
+    pub async fn compact_and_verify(&self, tables: &[&str]) -> anyhow::Result<Vec<Value>> {
+        self.compact(10).await?;
+        let v = self.verify(tables, &[]).await?;
+        if v.code != 0 || v.reports.len() != tables.len() {
+            bail!(
+                "cdc-verify exited {}: {}\n{}",
+                v.code,
+                serde_json::to_string_pretty(&v.reports)?,
+                v.stderr
+            );
+        }
+        Ok(v.reports)
+    }
+
     /// The hours the slot has batches for.
     pub async fn pending_hours(&self) -> anyhow::Result<Vec<(TableName, Hour)>> {
         let markers = self
@@ -254,6 +361,17 @@ impl<'a> CaptureSetup<'a> {
             })
             .collect()
     }
+}
+
+/// What `cdc-verify` said.
+#[derive(Debug)]
+pub struct Verified {
+    /// Exit code: 0 verified, 1 findings, 2 could not verify.
+    pub code: i32,
+    /// One JSON report per table.
+    pub reports: Vec<Value>,
+    /// Its log.
+    pub stderr: String,
 }
 
 /// An event's (commit LSN, ordinal).

@@ -1,6 +1,7 @@
 //! A fault-injecting HTTP proxy in front of the AWS emulator: for a share of requests it answers
-//! 503 without forwarding, or forwards and then drops the connection so the reply is lost after
-//! the call took effect, or forwards after a delay.
+//! 503 or a throttling error without forwarding, drops the connection without forwarding, or
+//! forwards and then drops the connection (the reply is lost after the call took effect), or
+//! forwards and holds the reply longer than the client waits.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,18 @@ pub enum Fault {
     Throttle,
     /// Forward, then close the connection without sending the reply.
     LoseReply,
+    /// Close the connection without forwarding (a dropped connection).
+    Drop,
+    /// Answer S3 calls 404 NoSuchBucket (a bucket deleted under the pipeline); DynamoDB and SQS
+    /// calls pass.
+    NoSuchBucket,
+    /// Forward, then hold the reply for [`SLOW_REPLY`], beyond the clients' attempt timeout in
+    /// the tests that use it, before sending it.
+    Slow,
 }
+
+/// How long a [`Fault::Slow`] reply is held.
+pub const SLOW_REPLY: Duration = Duration::from_secs(4);
 
 /// Counters of what the proxy did.
 #[derive(Debug, Default)]
@@ -30,6 +42,8 @@ pub struct FaultStats {
     pub requests: AtomicU64,
     /// Faults injected.
     pub faults: AtomicU64,
+    /// A fault applied to every request, over the cycle ([`FaultProxy::force`]).
+    forced: std::sync::Mutex<Option<Fault>>,
 }
 
 /// A running proxy.
@@ -75,6 +89,13 @@ impl FaultProxy {
             stats,
             task,
         })
+    }
+
+    /// Applies `fault` to every request from now on (None: back to the cycle).
+    pub fn force(&self, fault: Option<Fault>) {
+        if let Ok(mut f) = self.stats.forced.lock() {
+            *f = fault;
+        }
     }
 
     /// Faults injected so far.
@@ -144,15 +165,25 @@ async fn serve(
     let mut reader = BufReader::new(client);
     while let Some((head, body)) = read_request(&mut reader).await? {
         let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        let fault = if every > 0 && n.is_multiple_of(every) && !cycle.is_empty() {
+        let forced = stats.forced.lock().ok().and_then(|f| *f);
+        let fault = if let Some(f) = forced {
+            f
+        } else if every > 0 && n.is_multiple_of(every) && !cycle.is_empty() {
             cycle[((n / every) as usize) % cycle.len()]
         } else {
             Fault::None
         };
+        let lower = head.to_ascii_lowercase();
+        let dynamo = lower.contains("x-amz-target: dynamodb");
+        let s3 = !lower.contains("x-amz-target:") && !lower.contains("action=");
+        let fault = if fault == Fault::NoSuchBucket && !s3 {
+            Fault::None
+        } else {
+            fault
+        };
         if fault != Fault::None {
             stats.faults.fetch_add(1, Ordering::Relaxed);
         }
-        let dynamo = head.to_ascii_lowercase().contains("x-amz-target: dynamodb");
         match fault {
             Fault::Unavailable => {
                 let body = "service unavailable (injected)";
@@ -180,12 +211,30 @@ async fn serve(
                 reader.get_mut().write_all(resp.as_bytes()).await?;
                 continue;
             }
-            Fault::None | Fault::LoseReply => {}
+            Fault::NoSuchBucket => {
+                // A HEAD answer carries no body.
+                let body = if head.starts_with("HEAD ") {
+                    ""
+                } else {
+                    "<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist (injected)</Message></Error>"
+                };
+                let resp = format!(
+                    "HTTP/1.1 404 Not Found\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                reader.get_mut().write_all(resp.as_bytes()).await?;
+                continue;
+            }
+            Fault::Drop => return Ok(()),
+            Fault::None | Fault::LoseReply | Fault::Slow => {}
         }
         let response = forward(upstream, &head, &body).await?;
         if fault == Fault::LoseReply {
             // The call took effect upstream; the client never hears of it.
             return Ok(());
+        }
+        if fault == Fault::Slow {
+            tokio::time::sleep(SLOW_REPLY).await;
         }
         reader.get_mut().write_all(&response).await?;
     }
