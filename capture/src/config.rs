@@ -92,6 +92,10 @@ pub struct Config {
     /// when its checkpoint passes it. Keep equal to the compactor's.
     #[arg(long, env = "CLOSE_GRACE_SECONDS", default_value_t = 300)]
     pub close_grace_seconds: u64,
+    /// Also emit the flush metrics (rows, bytes) per table, with a `Table` dimension. Each
+    /// distinct slot and table is a metric CloudWatch bills monthly.
+    #[arg(long, env = "METRICS_PER_TABLE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_per_table: bool,
     /// How a new slot starts.
     #[arg(long, env = "CDC_SNAPSHOT", value_enum, default_value = "initial")]
     pub snapshot: SnapshotMode,

@@ -12,6 +12,7 @@ use cdc_contract::layout::Layout;
 use cdc_contract::ledger::{BatchItem, Checkpoint, FlushId};
 use cdc_contract::notify::{Notification, TableHour};
 use cdc_contract::schema::TableSchema;
+use cdc_contract::TableName;
 
 use crate::batch::Segment;
 use crate::ledger::{FlushRequest, Ledger, LedgerError};
@@ -45,6 +46,8 @@ pub struct FlushOutcome {
     pub retries: u64,
     /// Upload plus record time.
     pub latency: Duration,
+    /// Changes and gzipped bytes per table.
+    pub tables: Vec<(TableName, u64, u64)>,
 }
 
 /// Everything a flush needs, shared by all flushes of a run.
@@ -208,12 +211,23 @@ impl Flusher {
                 tracing::warn!(error = %error, flush = %id, "notification failed; the compactor's sweep will find the batches");
             }
         }
+        let mut tables: Vec<(TableName, u64, u64)> = Vec::new();
+        for b in &request.batches {
+            match tables.iter_mut().find(|(t, _, _)| *t == b.table) {
+                Some(entry) => {
+                    entry.1 += b.rows;
+                    entry.2 += b.bytes;
+                }
+                None => tables.push((b.table.clone(), b.rows, b.bytes)),
+            }
+        }
         Ok(FlushOutcome {
             checkpoint,
             rows,
             bytes,
             retries,
             latency: started.elapsed(),
+            tables,
         })
     }
 }

@@ -1046,6 +1046,19 @@ impl Streamer<'_> {
                         ),
                     ],
                 ));
+                if self.settings.config.metrics_per_table {
+                    for (table, rows, bytes) in &outcome.tables {
+                        emit(metrics::emf_table_line(
+                            &self.settings.slot,
+                            &table.to_string(),
+                            now,
+                            &[
+                                (metrics::FLUSH_ROWS, *rows as f64),
+                                (metrics::FLUSH_BYTES, *bytes as f64),
+                            ],
+                        ));
+                    }
+                }
             }
         }
         debug_assert!(cp.lsn >= self.recorded.lsn, "progress only moves forward");

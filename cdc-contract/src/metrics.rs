@@ -82,6 +82,32 @@ metric_names! {
     PENDING_HOURS = "PendingHours";
 }
 
+/// One CloudWatch Embedded Metric Format line with the slot and table dimensions (the opt-in
+/// per-table metrics: each distinct slot and table is a metric CloudWatch bills).
+pub fn emf_table_line(
+    slot: &str,
+    table: &str,
+    timestamp_ms: i64,
+    values: &[(&str, f64)],
+) -> String {
+    let cat = catalogue();
+    let line = emf_line(slot, timestamp_ms, values);
+    let Ok(serde_json::Value::Object(mut root)) = serde_json::from_str::<serde_json::Value>(&line)
+    else {
+        return line;
+    };
+    root.insert(cat.table_dimension.clone(), serde_json::Value::from(table));
+    if let Some(dims) = root
+        .get_mut("_aws")
+        .and_then(|a| a.get_mut("CloudWatchMetrics"))
+        .and_then(|m| m.get_mut(0))
+        .and_then(|d| d.get_mut("Dimensions"))
+    {
+        *dims = serde_json::json!([[cat.dimension, cat.table_dimension]]);
+    }
+    serde_json::Value::Object(root).to_string()
+}
+
 /// One CloudWatch Embedded Metric Format line with the slot dimension.
 pub fn emf_line(slot: &str, timestamp_ms: i64, values: &[(&str, f64)]) -> String {
     let cat = catalogue();
@@ -131,6 +157,19 @@ mod tests {
         in_file.sort();
         consts.sort();
         assert_eq!(in_file, consts);
+    }
+
+    #[test]
+    fn table_lines_carry_both_dimensions() {
+        let line = emf_table_line("slot_a", "public.users", 1, &[(FLUSH_ROWS, 3.0)]);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["Table"], "public.users");
+        assert_eq!(v["Slot"], "slot_a");
+        assert_eq!(v["FlushRows"], 3.0);
+        assert_eq!(
+            v["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            serde_json::json!([["Slot", "Table"]])
+        );
     }
 
     #[test]

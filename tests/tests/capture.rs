@@ -1256,5 +1256,31 @@ async fn every_metric_line_is_emf_with_documented_names() -> anyhow::Result<()> 
             "{expected} never emitted: {seen:?}"
         );
     }
+
+    // Per-table dimensions only when asked for: flush rows and bytes per table.
+    pg.execute(
+        &db,
+        "CREATE TABLE u (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(101, 130); INSERT INTO u SELECT generate_series(1, 7)",
+    )
+    .await?;
+    let mut per_table = CaptureSetup::new(&pg, &db, &aws);
+    per_table.slot = cap.slot.clone();
+    per_table
+        .env
+        .push(("METRICS_PER_TABLE".into(), "true".into()));
+    let out = per_table.run_until_caught_up(CAUGHT_UP).await?;
+    let mut rows: std::collections::BTreeMap<String, f64> = Default::default();
+    for line in String::from_utf8(out.stdout)?.lines() {
+        let v: Value = serde_json::from_str(line)?;
+        let dims = &v["_aws"]["CloudWatchMetrics"][0]["Dimensions"];
+        if *dims == json!([[catalogue.dimension, catalogue.table_dimension]]) {
+            let table = v[&catalogue.table_dimension].as_str().context("Table")?;
+            *rows.entry(table.to_owned()).or_default() +=
+                v["FlushRows"].as_f64().context("rows")?;
+            assert!(v["FlushBytes"].as_f64().is_some_and(|b| b > 0.0), "{line}");
+        }
+    }
+    assert_eq!(rows.get("public.t"), Some(&30.0), "{rows:?}");
+    assert_eq!(rows.get("public.u"), Some(&7.0), "{rows:?}");
     Ok(())
 }
