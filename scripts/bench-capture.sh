@@ -11,6 +11,7 @@ ROWS=${1:-1000000}
 ./scripts/setup.sh
 cargo build --release -p capture --quiet
 state=$(mktemp -d /tmp/bench-capture.XXXXXX)
+chmod 755 "$state"  # the server runs as the postgres account under root
 # shellcheck source=scripts/pg.sh
 . scripts/pg.sh
 # shellcheck source=scripts/moto.sh

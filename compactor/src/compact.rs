@@ -547,7 +547,7 @@ impl Claimed<'_> {
                 }
                 let mut w = work.writer;
                 for format in &self.c.config.formats {
-                    let out = w.take_output(*format);
+                    let out = w.take_output(*format)?;
                     if !out.is_empty() {
                         pending_output.push((w.part(), *format, out));
                     }

@@ -6,7 +6,6 @@
 //! (`PARQUET_ROW_GROUP_BYTES`) and the bytes not yet drained.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -14,7 +13,6 @@ use arrow::array::{
 };
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
-use flate2::write::GzEncoder;
 use parquet::arrow::ArrowWriter;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::KeyValue;
@@ -24,6 +22,7 @@ use cdc_contract::event::UNAVAILABLE_VALUE;
 use cdc_contract::layout::Format;
 use cdc_contract::Position;
 
+use crate::background_gzip::BackgroundGzip;
 use crate::columns::ColumnBuilder;
 use crate::config::Compression;
 use crate::convert::{convert, text_form, Scalar};
@@ -112,8 +111,7 @@ struct ParquetPart {
 }
 
 struct JsonlPart {
-    gz: GzEncoder<Vec<u8>>,
-    drained: u64,
+    gz: BackgroundGzip,
 }
 
 /// The part being written.
@@ -164,10 +162,13 @@ impl PartWriter {
         limits: Limits,
         table: &str,
     ) -> Result<Self, PartError> {
-        let jsonl = formats.contains(&Format::Jsonl).then(|| JsonlPart {
-            gz: GzEncoder::new(Vec::new(), flate2::Compression::new(limits.gzip_level)),
-            drained: 0,
-        });
+        let jsonl = if formats.contains(&Format::Jsonl) {
+            Some(JsonlPart {
+                gz: BackgroundGzip::new(limits.gzip_level)?,
+            })
+        } else {
+            None
+        };
         let parquet = if formats.contains(&Format::Parquet) {
             let props = WriterProperties::builder()
                 .set_compression(limits.compression.codec())
@@ -258,7 +259,7 @@ impl PartWriter {
         let jsonl = self
             .jsonl
             .as_ref()
-            .map(|j| j.drained + j.gz.get_ref().len() as u64)
+            .map(|j| j.gz.estimated_len())
             .unwrap_or(0);
         let parquet = self.parquet.as_ref().map(|p| p.estimate).unwrap_or(0);
         jsonl.max(parquet)
@@ -291,8 +292,8 @@ impl PartWriter {
             }
         }
         if let Some(j) = self.jsonl.as_mut() {
-            j.gz.write_all(line.as_bytes())?;
-            j.gz.write_all(b"\n")?;
+            j.gz.write(line.as_bytes())?;
+            j.gz.write(b"\n")?;
         }
         let commit_ms = commit_us.div_euclid(1000);
         self.rows += 1;
@@ -339,17 +340,12 @@ impl PartWriter {
     }
 
     /// Takes the encoded bytes of `format` produced so far.
-    pub fn take_output(&mut self, format: Format) -> Vec<u8> {
-        match format {
-            Format::Jsonl => self
-                .jsonl
-                .as_mut()
-                .map(|j| {
-                    let out = std::mem::take(j.gz.get_mut());
-                    j.drained += out.len() as u64;
-                    out
-                })
-                .unwrap_or_default(),
+    pub fn take_output(&mut self, format: Format) -> Result<Vec<u8>, PartError> {
+        Ok(match format {
+            Format::Jsonl => match self.jsonl.as_mut() {
+                Some(j) => j.gz.take()?,
+                None => Vec::new(),
+            },
             Format::Parquet => self
                 .parquet
                 .as_mut()
@@ -359,13 +355,13 @@ impl PartWriter {
                     out
                 })
                 .unwrap_or_default(),
-        }
+        })
     }
 
     /// Bytes of `format` produced and not taken yet.
     pub fn output_len(&self, format: Format) -> usize {
         match format {
-            Format::Jsonl => self.jsonl.as_ref().map(|j| j.gz.get_ref().len()),
+            Format::Jsonl => self.jsonl.as_ref().map(|j| j.gz.ready_len()),
             Format::Parquet => self.parquet.as_ref().map(|p| p.writer.inner().len()),
         }
         .unwrap_or(0)
@@ -376,8 +372,7 @@ impl PartWriter {
         self.flush_batch()?;
         let mut tails = Vec::new();
         if let Some(j) = self.jsonl.take() {
-            let tail = j.gz.finish()?;
-            let total = j.drained + tail.len() as u64;
+            let (tail, total) = j.gz.finish()?;
             tails.push((Format::Jsonl, tail, total));
         }
         if let Some(mut p) = self.parquet.take() {
@@ -641,7 +636,7 @@ mod tests {
         }
         let next = w.next("public.t").unwrap();
         assert_eq!(next.part(), 4);
-        let drained = w.take_output(Format::Jsonl).len() as u64;
+        let drained = w.take_output(Format::Jsonl).unwrap().len() as u64;
         let done = w.finish().unwrap();
         assert_eq!(done.stats.rows, n);
         assert!(done.tails[0].2 >= drained);
