@@ -128,19 +128,6 @@ pub struct HourReport {
     pub stale_files_removed: usize,
 }
 
-/// A staging object's JSON lines: gzipped data decompressed; anything else (or a stream that
-/// fails to decompress, which [`process_batch`] then reports line by line) as it is.
-fn gunzipped(data: Bytes) -> Bytes {
-    if !data.starts_with(&[0x1f, 0x8b]) {
-        return data;
-    }
-    let mut out = Vec::with_capacity(data.len() * 8);
-    match std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&data[..]), &mut out) {
-        Ok(_) => Bytes::from(out),
-        Err(_) => data,
-    }
-}
-
 /// The output of one batch's CPU work.
 struct BatchWork {
     writer: PartWriter,
@@ -452,24 +439,13 @@ impl Claimed<'_> {
         };
         let table_text = self.table.to_string();
 
-        // Downloads, and their decompression on the blocking pool, run ahead of the CPU work,
-        // two batches at most.
+        // Downloads run ahead of the CPU work, two batches at most.
         let (tx, mut rx) =
             tokio::sync::mpsc::channel::<(BatchItem, Result<Option<Bytes>, StoreError>)>(1);
         let store = self.c.store.clone();
         let downloader = tokio::spawn(async move {
             for batch in todo {
-                let got = match retry("get staging object", || store.get(&batch.key)).await {
-                    Ok(Some(data)) => {
-                        let staged = data.clone();
-                        Ok(Some(
-                            tokio::task::spawn_blocking(move || gunzipped(staged))
-                                .await
-                                .unwrap_or(data),
-                        ))
-                    }
-                    other => other,
-                };
+                let got = retry("get staging object", || store.get(&batch.key)).await;
                 let failed = got.is_err();
                 if tx.send((batch, got)).await.is_err() || failed {
                     break;
