@@ -107,18 +107,6 @@ fn row(i: u64) -> serde_json::Value {
     })
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// User plus system CPU seconds of this process.
 fn cpu_seconds() -> f64 {
     std::fs::read_to_string("/proc/self/stat")
@@ -299,7 +287,7 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
     let figures = json!({
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_rss_kib": peak_rss_kib(),
+        "peak_rss_kib": pipeline_tests::capture::peak_rss_kib(std::process::id()).unwrap_or(0),
         "bytes": report.hours.iter().map(|h| h.bytes).sum::<u64>(),
         "parts": report.hours.iter().map(|h| h.parts).sum::<u32>(),
     });

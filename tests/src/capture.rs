@@ -67,12 +67,12 @@ impl<'a> CaptureSetup<'a> {
             .await
     }
 
-    /// The capture command with every setting pointing at this setup.
-    pub fn command(&self) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(crate::bins::bin_path("capture")?);
+    /// The database, slot and AWS settings of this setup, as the capture and `cdc-verify` read
+    /// them, in a command with an otherwise empty environment.
+    fn base_command(&self, binary: &str) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(crate::bins::bin_path(binary)?);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info,capture=debug")
             .env("POSTGRES_HOST", "127.0.0.1")
             .env("POSTGRES_PORT", self.pg.port.to_string())
             .env("POSTGRES_DATABASE", &self.db)
@@ -80,12 +80,19 @@ impl<'a> CaptureSetup<'a> {
             .env("POSTGRES_PASSWORD", crate::postgres::SUPERUSER_PASSWORD)
             .env("PGSSLMODE", "disable")
             .env("CDC_SLOT_NAME", &self.slot)
-            .env("CDC_PUBLICATION", &self.publication)
-            .env("HOSTNAME", "test")
             .envs(self.aws.env())
-            .envs(self.env.iter().map(|(k, v)| (k.clone(), v.clone())))
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// The capture command with every setting pointing at this setup.
+    pub fn command(&self) -> anyhow::Result<Command> {
+        let mut cmd = self.base_command("capture")?;
+        cmd.env("RUST_LOG", "info,capture=debug")
+            .env("CDC_PUBLICATION", &self.publication)
+            .env("HOSTNAME", "test")
+            .envs(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         Ok(cmd)
     }
 
@@ -293,27 +300,17 @@ impl<'a> CaptureSetup<'a> {
     /// Runs `cdc-verify` on `tables` with `--compare-rows` and JSON output (plus `extra`
     /// arguments). Returns its exit code and one report per table.
     pub async fn verify(&self, tables: &[&str], extra: &[&str]) -> anyhow::Result<Verified> {
-        let mut cmd = Command::new(crate::bins::bin_path("cdc-verify")?);
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("POSTGRES_HOST", "127.0.0.1")
-            .env("POSTGRES_PORT", self.pg.port.to_string())
-            .env("POSTGRES_DATABASE", &self.db)
-            .env("POSTGRES_USER", "postgres")
-            .env("POSTGRES_PASSWORD", crate::postgres::SUPERUSER_PASSWORD)
-            .env("PGSSLMODE", "disable")
-            .env("CDC_SLOT_NAME", &self.slot)
-            .envs(self.aws.env())
-            .args([
-                "--table",
-                &tables.join(","),
-                "--compare-rows",
-                "--output",
-                "json",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        let mut cmd = self.base_command("cdc-verify")?;
+        cmd.args([
+            "--table",
+            &tables.join(","),
+            "--compare-rows",
+            "--output",
+            "json",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
         let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
             .await
             .context("cdc-verify did not finish in time")??;
