@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::Client;
 
 use cdc_contract::ledger::{
     self as items, BatchItem, Checkpoint, FlushId, HourRecord, Item, PartItem, PendingHour,
-    SchemaItem,
+    SchemaItem, SnapshotState,
 };
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, TableName};
@@ -63,6 +63,8 @@ pub trait Ledger: Send + Sync {
     async fn slots(&self) -> Result<Vec<String>, LedgerError>;
     /// A slot's checkpoint, if it has one.
     async fn checkpoint(&self, slot: &str) -> Result<Option<Checkpoint>, LedgerError>;
+    /// The state of the slot's initial snapshot, if it took one.
+    async fn snapshot(&self, slot: &str) -> Result<Option<SnapshotState>, LedgerError>;
     /// A slot's pending table-hours, only those before `before` when given.
     async fn pending_hours(
         &self,
@@ -270,6 +272,16 @@ impl Ledger for DynamoLedger {
                     .map_err(Into::into)
             })
             .collect()
+    }
+
+    async fn snapshot(&self, slot: &str) -> Result<Option<SnapshotState>, LedgerError> {
+        match self
+            .get(items::slot_pk(slot), items::SNAPSHOT_SK.to_owned())
+            .await?
+        {
+            None => Ok(None),
+            Some(item) => Ok(Some(SnapshotState::from_item(&item)?)),
+        }
     }
 
     async fn checkpoint(&self, slot: &str) -> Result<Option<Checkpoint>, LedgerError> {

@@ -239,7 +239,8 @@ impl Compactor {
                 });
             }
         }
-        let run = SlotRun::new(slot, checkpoint);
+        let snapshot = retry::retry("get snapshot state", || self.ledger.snapshot(slot)).await?;
+        let run = SlotRun::new(slot, checkpoint).with_snapshot(snapshot);
         let run = &run;
         let results: Vec<(HourJob, Result<HourReport, HourError>)> =
             futures::stream::iter(jobs.into_iter().map(|job| async move {

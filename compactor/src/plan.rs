@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cdc_contract::ledger::{BatchItem, Checkpoint, FlushId};
+use cdc_contract::ledger::{BatchItem, Checkpoint, FlushId, SnapshotState};
 use cdc_contract::{Hour, TableName};
 
 use crate::ledger::{Ledger, LedgerError};
@@ -34,6 +34,8 @@ pub struct SlotRun {
     pub slot: String,
     /// Its checkpoint at the start of the run.
     pub checkpoint: Checkpoint,
+    /// Its initial snapshot's state, when it took one.
+    pub snapshot: Option<SnapshotState>,
     flushes: Mutex<HashMap<FlushId, bool>>,
 }
 
@@ -65,8 +67,16 @@ impl SlotRun {
         SlotRun {
             slot: slot.into(),
             checkpoint,
+            snapshot: None,
             flushes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same, knowing the slot's snapshot state: while a snapshot is incomplete its batches
+    /// are undecided, since a capture that finds it incomplete retires them and takes it again.
+    pub fn with_snapshot(mut self, snapshot: Option<SnapshotState>) -> Self {
+        self.snapshot = snapshot;
+        self
     }
 
     /// Judges one batch item (flush records are looked up once per run).
@@ -75,6 +85,11 @@ impl SlotRun {
         ledger: &dyn Ledger,
         batch: &BatchItem,
     ) -> Result<Validity, LedgerError> {
+        if let Some(s) = &self.snapshot {
+            if !s.complete && batch.first.commit_lsn == s.consistent_lsn {
+                return Ok(Validity::Undecided);
+            }
+        }
         let id = batch.flush_id;
         let known = self.flushes.lock().ok().and_then(|m| m.get(&id).copied());
         let recorded = match known {

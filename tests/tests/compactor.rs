@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use cdc_contract::layout::{Format, Layout};
 use cdc_contract::ledger::{
-    self, BatchItem, Checkpoint, FlushId, HourRecord, PartItem, PendingHour,
+    self, BatchItem, Checkpoint, FlushId, HourRecord, PartItem, PendingHour, SnapshotState,
 };
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, TableName};
@@ -775,6 +775,10 @@ impl Ledger for MortalLedger {
     async fn checkpoint(&self, slot: &str) -> Result<Option<Checkpoint>, LedgerError> {
         self.1.check(LedgerError::Definite)?;
         self.0.checkpoint(slot).await
+    }
+    async fn snapshot(&self, slot: &str) -> Result<Option<SnapshotState>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.snapshot(slot).await
     }
     async fn pending_hours(
         &self,

@@ -118,7 +118,7 @@ pub async fn check_table(
         .checkpoint(slot)
         .await?
         .ok_or_else(|| VerifyError::UnknownSlot(slot.to_owned()))?;
-    let run = SlotRun::new(slot, checkpoint);
+    let run = SlotRun::new(slot, checkpoint).with_snapshot(src.ledger.snapshot(slot).await?);
     let records = src.ledger.hour_records(slot, table).await?;
     let mut hours: BTreeSet<Hour> = records.iter().map(|r| r.hour).collect();
     for p in src.ledger.pending_hours(slot, None).await? {
