@@ -46,7 +46,7 @@ fn args() -> anyhow::Result<Args> {
         rows: 1_000_000,
         batch_rows: 10_000,
         part_max_bytes: 128 * 1024 * 1024,
-        gzip_level: 6,
+        gzip_level: Config::new(String::new(), String::new()).jsonl_gzip_level,
         duckdb: true,
         compact_child: false,
         stage_only: false,
