@@ -198,19 +198,45 @@ async fn the_capture_killed_at_random_moments_under_steady_writes_loses_and_doub
     cap.env.push(("FLUSH_INTERVAL_MS".into(), "200".into()));
     let load = Load::start(&pg, &db, 100_000);
     let mut rng = Rng::from_time();
-    for round in 0..rounds {
-        let mut child = cap.spawn(&[])?;
-        let ms = 300 + rng.below(2500);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        anyhow::ensure!(
-            child.try_wait()?.is_none(),
-            "round {round}: the capture exited by itself: {}",
-            cap.log()
-        );
-        child.start_kill()?;
-        child.wait().await?;
-        assert_slot_behind_ledger(&cap).await?;
-    }
+    // Meanwhile the compactor sweeps open hours over and over, as a busy deployment's triggers
+    // would: it meets incomplete snapshots, hours still being written and late batches.
+    let stop = AtomicBool::new(false);
+    let sweeps = AtomicU64::new(0);
+    let sweeper = async {
+        while !stop.load(Ordering::Relaxed) {
+            let mut cmd = cap.compactor_command()?;
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            cmd.status().await?;
+            sweeps.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let kills = async {
+        let result = async {
+            for round in 0..rounds {
+                let mut child = cap.spawn(&[])?;
+                let ms = 300 + rng.below(2500);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                anyhow::ensure!(
+                    child.try_wait()?.is_none(),
+                    "round {round}: the capture exited by itself: {}",
+                    cap.log()
+                );
+                child.start_kill()?;
+                child.wait().await?;
+                assert_slot_behind_ledger(&cap).await?;
+            }
+            Ok(())
+        }
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        result
+    };
+    let (killed, swept) = tokio::join!(kills, sweeper);
+    killed?;
+    swept?;
     let statements = load.stop().await?;
     cap.run_until_caught_up(CAUGHT_UP).await?;
     assert_slot_behind_ledger(&cap).await?;
@@ -222,7 +248,8 @@ async fn the_capture_killed_at_random_moments_under_steady_writes_loses_and_doub
         total(&reports, "table_rows")
     );
     eprintln!(
-        "SIGKILL run: {rounds} rounds, {statements} write statements, {changes} changes in the final files, verified: lost 0, duplicated 0, {:.0} s",
+        "SIGKILL run: {rounds} rounds, {} compactor sweeps meanwhile, {statements} write statements, {changes} changes in the final files, verified: lost 0, duplicated 0, {:.0} s",
+        sweeps.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     );
     Ok(())
