@@ -516,6 +516,29 @@ async fn local_test_mode_prints_events_and_resumes_from_its_file() -> anyhow::Re
     let text = String::from_utf8(out.stdout)?;
     assert_eq!(text.lines().count(), 1, "only the new change: {text}");
     assert!(aws.list_keys("").await?.is_empty(), "nothing goes to AWS");
+
+    // A ledger file that cannot be written: a clear error, and nothing confirmed, so the next
+    // run with a writable file gets the change again.
+    pg.execute(&db, "INSERT INTO t VALUES (4)").await?;
+    let confirmed = cap.confirmed_flush_lsn().await?;
+    let unwritable = dir.path().join("missing").join("ledger.json");
+    let out = tokio::time::timeout(
+        CAUGHT_UP,
+        run(&cap)?
+            .env("LOCAL_LEDGER_FILE", unwritable.display().to_string())
+            .output(),
+    )
+    .await??;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("local ledger {}", unwritable.display())),
+        "{err}"
+    );
+    assert_eq!(cap.confirmed_flush_lsn().await?, confirmed);
+    let out = tokio::time::timeout(CAUGHT_UP, run(&cap)?.output()).await??;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains(r#""id":4"#), "{text}");
     Ok(())
 }
 
