@@ -54,7 +54,7 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
     err: SdkError<E, R>,
 ) -> LedgerError {
     let code = err.code().unwrap_or("").to_owned();
-    let message = format!("{what}: {}", aws_error_text(&err));
+    let message = format!("{what}: {}", cdc_contract::aws::error_text(&err));
     match &err {
         SdkError::ServiceError(_) => match code.as_str() {
             "ResourceNotFoundException"
@@ -65,23 +65,6 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
         },
         SdkError::ConstructionFailure(_) => LedgerError::Definite(message),
         _ => LedgerError::Transient(message),
-    }
-}
-
-/// A readable one-line text for an SDK error (its code and message, else its debug form).
-pub fn aws_error_text<E: ProvideErrorMetadata + std::fmt::Debug, R>(
-    err: &SdkError<E, R>,
-) -> String {
-    match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!("{code}: {msg}"),
-        (Some(code), None) => code.to_owned(),
-        _ => match err {
-            SdkError::DispatchFailure(e) => format!("dispatch failure: {e:?}"),
-            SdkError::TimeoutError(_) => "timeout".to_owned(),
-            SdkError::ResponseError(_) => "unreadable response".to_owned(),
-            SdkError::ConstructionFailure(_) => "request construction failed".to_owned(),
-            _ => "service error".to_owned(),
-        },
     }
 }
 
@@ -675,7 +658,7 @@ impl Ledger for DynamoLedger {
                     Some(l) if l.owner == owner && l.epoch == epoch => {
                         return Err(LedgerError::Transient(format!(
                             "record flush cancelled: {}",
-                            aws_error_text(&e)
+                            cdc_contract::aws::error_text(&e)
                         )))
                     }
                     Some(l) => {

@@ -74,7 +74,7 @@ fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
         SdkError::ServiceError(_) => err.raw_response().map(|r| r.status().as_u16()),
         _ => None,
     };
-    let text = crate::ledger::aws_error_text(&err);
+    let text = cdc_contract::aws::error_text(&err);
     match (&err, status) {
         (SdkError::ServiceError(_), Some(code))
             if (400..500).contains(&code) && code != 408 && code != 429 =>

@@ -5,6 +5,7 @@
 //! item layouts ([`ledger`]), the SQS notification ([`notify`]) and the metric names ([`metrics`]).
 //! Each type formats and parses itself here and nowhere else.
 
+pub mod aws;
 pub mod event;
 pub mod hour;
 pub mod layout;

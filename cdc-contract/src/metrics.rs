@@ -91,25 +91,20 @@ pub fn emf_table_line(
     values: &[(&str, f64)],
 ) -> String {
     let cat = catalogue();
-    let line = emf_line(slot, timestamp_ms, values);
-    let Ok(serde_json::Value::Object(mut root)) = serde_json::from_str::<serde_json::Value>(&line)
-    else {
-        return line;
-    };
-    root.insert(cat.table_dimension.clone(), serde_json::Value::from(table));
-    if let Some(dims) = root
-        .get_mut("_aws")
-        .and_then(|a| a.get_mut("CloudWatchMetrics"))
-        .and_then(|m| m.get_mut(0))
-        .and_then(|d| d.get_mut("Dimensions"))
-    {
-        *dims = serde_json::json!([[cat.dimension, cat.table_dimension]]);
-    }
-    serde_json::Value::Object(root).to_string()
+    emf(
+        &[(&cat.dimension, slot), (&cat.table_dimension, table)],
+        timestamp_ms,
+        values,
+    )
 }
 
 /// One CloudWatch Embedded Metric Format line with the slot dimension.
 pub fn emf_line(slot: &str, timestamp_ms: i64, values: &[(&str, f64)]) -> String {
+    emf(&[(&catalogue().dimension, slot)], timestamp_ms, values)
+}
+
+/// One EMF line whose one dimension set is `dimensions` (name, value).
+fn emf(dimensions: &[(&str, &str)], timestamp_ms: i64, values: &[(&str, f64)]) -> String {
     let cat = catalogue();
     let defs: Vec<serde_json::Value> = values
         .iter()
@@ -123,6 +118,7 @@ pub fn emf_line(slot: &str, timestamp_ms: i64, values: &[(&str, f64)]) -> String
             serde_json::json!({ "Name": name, "Unit": unit })
         })
         .collect();
+    let names: Vec<&str> = dimensions.iter().map(|(name, _)| *name).collect();
     let mut root = serde_json::Map::new();
     root.insert(
         "_aws".into(),
@@ -130,12 +126,14 @@ pub fn emf_line(slot: &str, timestamp_ms: i64, values: &[(&str, f64)]) -> String
             "Timestamp": timestamp_ms,
             "CloudWatchMetrics": [{
                 "Namespace": cat.namespace,
-                "Dimensions": [[cat.dimension]],
+                "Dimensions": [names],
                 "Metrics": defs,
             }]
         }),
     );
-    root.insert(cat.dimension.clone(), serde_json::Value::from(slot));
+    for (name, value) in dimensions {
+        root.insert((*name).to_owned(), serde_json::Value::from(*value));
+    }
     for (name, value) in values {
         root.insert((*name).to_owned(), serde_json::json!(value));
     }

@@ -460,6 +460,27 @@ impl Claimed<'_> {
         result
     }
 
+    /// Uploads the part's output not uploaded yet, closes its files and records it (a part
+    /// without rows is dropped).
+    async fn close_part(
+        &mut self,
+        w: PartWriter,
+        pending_output: Vec<(u32, Format, Vec<u8>)>,
+        uploads: &mut Option<(u32, Vec<(Format, FileUpload)>)>,
+    ) -> Result<(), HourError> {
+        for (part, format, bytes) in pending_output {
+            upload_to(uploads, part, format, bytes, self).await?;
+        }
+        if w.rows() > 0 {
+            let done = tokio::task::spawn_blocking(move || w.finish())
+                .await
+                .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
+            let files = take_uploads(uploads, done.stats.part);
+            self.complete_part(done, files).await?;
+        }
+        Ok(())
+    }
+
     async fn write_parts_from(
         &mut self,
         rx: &mut tokio::sync::mpsc::Receiver<(BatchItem, Result<Option<Bytes>, StoreError>)>,
@@ -491,16 +512,8 @@ impl Claimed<'_> {
                             tracing::warn!(table = %self.table, hour = %self.hour, schema = %batch.schema_id, columns = ?narrowed, "column types changed in a way readers cannot widen; the new schema gets its own part");
                         }
                         let w = writer.take().ok_or_else(|| HourError::Definite("no writer".into()))?;
-                        for (part, format, bytes) in std::mem::take(&mut pending_output) {
-                            upload_to(&mut uploads, part, format, bytes, self).await?;
-                        }
-                        if w.rows() > 0 {
-                            let done = tokio::task::spawn_blocking(move || w.finish())
-                                .await
-                                .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
-                            let files = take_uploads(&mut uploads, done.stats.part);
-                            self.complete_part(done, files).await?;
-                        }
+                        self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
+                            .await?;
                     }
                 }
                 let w = match writer.take() {
@@ -556,16 +569,8 @@ impl Claimed<'_> {
                 self.renew_if_due().await?;
             }
             if let Some(w) = writer.take() {
-                for (part, format, bytes) in std::mem::take(&mut pending_output) {
-                    upload_to(&mut uploads, part, format, bytes, self).await?;
-                }
-                if w.rows() > 0 {
-                    let done = tokio::task::spawn_blocking(move || w.finish())
-                        .await
-                        .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
-                    let files = take_uploads(&mut uploads, done.stats.part);
-                    self.complete_part(done, files).await?;
-                }
+                self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
+                    .await?;
             }
             Ok(())
         }

@@ -49,7 +49,7 @@ impl DeadLetterNotifier for SqsNotifier {
             .message_body(body)
             .send()
             .await
-            .map_err(|e| crate::store::error_text(&e))?;
+            .map_err(|e| cdc_contract::aws::error_text(&e))?;
         Ok(())
     }
 }

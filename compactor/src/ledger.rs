@@ -142,7 +142,7 @@ pub trait Ledger: Send + Sync {
 }
 
 fn classify<E: ProvideErrorMetadata, R>(what: &str, err: SdkError<E, R>) -> LedgerError {
-    let message = format!("{what}: {}", crate::store::error_text(&err));
+    let message = format!("{what}: {}", cdc_contract::aws::error_text(&err));
     match &err {
         SdkError::ServiceError(_) => match err.code().unwrap_or("") {
             "ResourceNotFoundException"

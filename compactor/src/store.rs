@@ -80,21 +80,6 @@ impl S3Store {
     }
 }
 
-/// A readable one-line text for an SDK error.
-pub fn error_text<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> String {
-    match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!("{code}: {msg}"),
-        (Some(code), None) => code.to_owned(),
-        _ => match err {
-            SdkError::DispatchFailure(e) => format!("dispatch failure: {e:?}"),
-            SdkError::TimeoutError(_) => "timeout".to_owned(),
-            SdkError::ResponseError(_) => "unreadable response".to_owned(),
-            SdkError::ConstructionFailure(_) => "request construction failed".to_owned(),
-            _ => "service error".to_owned(),
-        },
-    }
-}
-
 fn status<E>(err: &SdkError<E, aws_smithy_runtime_api::http::Response>) -> Option<u16> {
     match err {
         SdkError::ServiceError(_) => err.raw_response().map(|r| r.status().as_u16()),
@@ -106,7 +91,7 @@ fn classify<E: ProvideErrorMetadata>(
     what: &str,
     err: SdkError<E, aws_smithy_runtime_api::http::Response>,
 ) -> StoreError {
-    let text = error_text(&err);
+    let text = cdc_contract::aws::error_text(&err);
     match (&err, status(&err)) {
         (SdkError::ServiceError(_), Some(code))
             if (400..500).contains(&code) && code != 408 && code != 429 =>
