@@ -5,35 +5,78 @@
 #
 #   ./scripts/demo.sh         start everything and run the demo (leaves the servers running)
 #   ./scripts/demo.sh stop    stop the servers and remove the demo's state (.local/demo)
+#
+# The demo's state lives in .local/demo. Under root the PostgreSQL server runs as the 'postgres'
+# account; when that account cannot enter the repository's directories (a clone in a private home),
+# the cluster goes to a fresh directory under /tmp instead, named in .local/demo/pg_home.
+# CARGO_TARGET_DIR is honoured (the binaries are taken from there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state=$PWD/.local/demo
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 # shellcheck source=scripts/pg.sh
 . scripts/pg.sh
 # shellcheck source=scripts/moto.sh
 . scripts/moto.sh
 
 if [ "${1:-}" = stop ]; then
-  stop_pg "$state/pg"
+  pg_home=$state/pg
+  [ -f "$state/pg_home" ] && pg_home=$(cat "$state/pg_home")
+  stop_pg "$pg_home"
   [ -f "$state/moto.pid" ] && kill "$(cat "$state/moto.pid")" 2>/dev/null || true
+  if [ "$pg_home" != "$state/pg" ]; then rm -rf "$pg_home"; fi
   rm -rf "$state"
   echo "demo stopped and removed"
   exit 0
 fi
+if [ -n "${1:-}" ]; then
+  echo "error: unknown argument '$1'; usage: ./scripts/demo.sh [stop]" >&2
+  exit 2
+fi
 
 if [ -d "$state" ]; then
-  echo "a demo is already set up in $state: run ./scripts/demo.sh stop first" >&2
+  echo "error: a demo is already set up in $state (its servers may still be running)." >&2
+  echo "  fix: run ./scripts/demo.sh stop, then ./scripts/demo.sh again" >&2
   exit 1
 fi
 
+failed() {
+  echo >&2
+  echo "[demo] stopped at an error (above). Logs and the servers' state are in $state;" >&2
+  echo "       ./scripts/demo.sh stop stops what was started and removes it." >&2
+}
+trap failed ERR
+
+# run_step LOG BINARY ARGS...: runs one of the workspace's binaries, metrics to metrics.log and logs to
+# LOG; on failure shows the log's last lines, since the cause is there.
+run_step() {
+  local log=$1 bin=$2; shift 2
+  if ! "$target_dir/debug/$bin" "$@" >>"$state/metrics.log" 2>>"$log"; then
+    echo "error: $bin $* failed; the end of $log:" >&2
+    pg_log_tail "$log" 20
+    return 1
+  fi
+}
+
 ./scripts/setup.sh
-echo "[demo] building"
-cargo build --workspace --quiet
+if [ -x "$target_dir/debug/capture" ]; then
+  echo "[demo] building the workspace (only what changed)"
+else
+  echo "[demo] building the workspace: the first run compiles every dependency, about 13 minutes on 2 cores"
+  echo "       (later runs take seconds); cargo's progress follows"
+fi
+cargo build --workspace
 
 mkdir -p "$state"
-start_pg "$state/pg"
-psql_pg "$state/pg" postgres -c "CREATE DATABASE app"
-psql_pg "$state/pg" app -f init-db.sql >/dev/null
+pg_home=$(pg_cluster_home "$state/pg")
+echo "$pg_home" >"$state/pg_home"
+if [ "$pg_home" != "$state/pg" ]; then
+  echo "[demo] the 'postgres' account the server runs as cannot enter $PWD's parent directories:"
+  echo "       the throwaway cluster goes to $pg_home instead"
+fi
+start_pg "$pg_home"
+psql_pg "$pg_home" postgres -c "CREATE DATABASE app"
+psql_pg "$pg_home" app -f init-db.sql >/dev/null
 start_moto "$state/moto.log"
 echo "$MOTO_PID" >"$state/moto.pid"
 disown "$MOTO_PID" 2>/dev/null || true
@@ -59,10 +102,10 @@ export POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=app POST
   FLUSH_INTERVAL_MS=1000
 
 echo "[demo] first capture run: creates the replication slot and snapshots the existing rows (op r)"
-./target/debug/capture --exit-when-caught-up >"$state/metrics.log" 2>"$state/capture.log"
+run_step "$state/capture.log" capture --exit-when-caught-up
 
 echo "[demo] sample writes: inserts, an update, a delete, in a few transactions"
-psql_pg "$state/pg" app <<'SQL'
+psql_pg "$pg_home" app <<'SQL'
 INSERT INTO users (email, full_name) VALUES ('linus@example.com', 'Linus'), ('barbara@example.com', 'Barbara Liskov');
 BEGIN;
 INSERT INTO orders (user_id, amount, items, tags) VALUES (1, 42.50, '[{"sku": "A-1", "qty": 2}]', '{new,web}');
@@ -73,7 +116,7 @@ DELETE FROM users WHERE email = 'linus@example.com';
 SQL
 
 echo "[demo] capture: stream the changes into gzipped JSONL micro-batches and the ledger"
-./target/debug/capture --exit-when-caught-up >>"$state/metrics.log" 2>>"$state/capture.log"
+run_step "$state/capture.log" capture --exit-when-caught-up
 
 echo
 echo "== staged micro-batches (s3://$S3_BUCKET_NAME/$S3_BASE_PATH/_staging/...) =="
@@ -90,7 +133,7 @@ PY
 
 echo
 echo "[demo] compactor: roll the batches into final hour-partitioned JSONL.gz and Parquet (open hours too)"
-./target/debug/compactor sweep --include-open >>"$state/metrics.log" 2>"$state/compactor.log"
+run_step "$state/compactor.log" compactor sweep --include-open
 
 echo
 echo "== final files (s3://$S3_BUCKET_NAME/$S3_BASE_PATH/{schema.table}/{format}/year=/month=/day=/hour=/) =="
@@ -118,13 +161,13 @@ PY
 
 echo
 echo "== cdc-verify: each change once in the final files, and replaying them gives the tables' rows =="
-./target/debug/cdc-verify --table public.users,public.orders --compare-rows
+"$target_dir"/debug/cdc-verify --table public.users,public.orders --compare-rows
 
 cat <<MSG
 
 Started:
   PostgreSQL  127.0.0.1:$PG_PORT  database app (init-db.sql loaded), user postgres / postgres,
-              CDC user cdc_user / cdc_password, publication cdc_publication   (data in $state/pg)
+              CDC user cdc_user / cdc_password, publication cdc_publication   (data in $pg_home)
   AWS (moto)  $AWS_ENDPOINT_URL  bucket $S3_BUCKET_NAME, ledger table $LEDGER_TABLE,
               queue $NOTIFY_QUEUE_URL
 Stop with:    ./scripts/demo.sh stop

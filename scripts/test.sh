@@ -39,10 +39,15 @@ else
   cargo test --workspace --locked --no-fail-fast || rust_rc=$?
 fi
 
+# The README's first command, from a private directory, on the build above.
+demo_rc=0
+./scripts/test-demo.sh || demo_rc=$?
+
 wait "$infra_pid" || true
 infra_rc=$(cat "$infra_log.rc" 2>/dev/null || echo 1)
 echo "----- infra tests (infra/scripts/test.sh) -----"
 tail -n 40 "$infra_log"
 
-echo "[test] rust tests: $([ "$rust_rc" = 0 ] && echo passed || echo FAILED), infra tests: $([ "$infra_rc" = 0 ] && echo passed || echo FAILED), $(( $(date +%s) - started )) s" >&2
-[ "$rust_rc" = 0 ] && [ "$infra_rc" = 0 ]
+verdict() { [ "$1" = 0 ] && echo passed || echo FAILED; }
+echo "[test] rust tests: $(verdict "$rust_rc"), demo: $(verdict "$demo_rc"), infra tests: $(verdict "$infra_rc"), $(( $(date +%s) - started )) s" >&2
+[ "$rust_rc" = 0 ] && [ "$demo_rc" = 0 ] && [ "$infra_rc" = 0 ]
