@@ -32,8 +32,8 @@ pub enum Kind {
     Jsonb,
     /// bytea: base64.
     Bytea,
-    /// An array of the element kind.
-    Array(Box<Kind>),
+    /// An array of the element kind, with the element type's delimiter (`pg_type.typdelim`).
+    Array(Box<Kind>, u8),
     /// Everything else: the text form as a JSON string.
     Text,
 }
@@ -42,7 +42,7 @@ impl Kind {
     /// The kind for a resolved type (`base_oid`, and for arrays the resolved element type).
     pub fn for_type(base_oid: u32, element_oid: Option<u32>) -> Kind {
         if let Some(elem) = element_oid {
-            return Kind::Array(Box::new(Kind::for_type(elem, None)));
+            return Kind::Array(Box::new(Kind::for_type(elem, None)), array_delimiter(elem));
         }
         match base_oid {
             16 => Kind::Bool,
@@ -57,6 +57,19 @@ impl Kind {
             17 => Kind::Bytea,
             _ => Kind::Text,
         }
+    }
+}
+
+/// `box`: the one built-in type whose array delimiter (`pg_type.typdelim`) is not a comma.
+const BOX_OID: u32 = 603;
+
+/// The delimiter between elements of arrays of `element_oid` (resolved to its base type; a
+/// domain has its base type's delimiter). Every built-in type but `box` uses a comma.
+fn array_delimiter(element_oid: u32) -> u8 {
+    if element_oid == BOX_OID {
+        b';'
+    } else {
+        b','
     }
 }
 
@@ -153,9 +166,13 @@ pub fn write_value(out: &mut Vec<u8>, kind: &Kind, text: &[u8]) -> bool {
             }
             None => return raw(out, text),
         },
-        Kind::Array(elem) => {
+        Kind::Array(elem, delim) => {
             let mark = out.len();
-            let mut p = ArrayParser { s: text, i: 0 };
+            let mut p = ArrayParser {
+                s: text,
+                i: 0,
+                delim: *delim,
+            };
             if !p.write(out, elem) || p.i != text.len() {
                 out.truncate(mark);
                 return raw(out, text);
@@ -267,6 +284,8 @@ fn write_minified_json(out: &mut Vec<u8>, text: &[u8]) -> bool {
 struct ArrayParser<'a> {
     s: &'a [u8],
     i: usize,
+    /// The element delimiter (`,` for all but `box`, whose text holds commas).
+    delim: u8,
 }
 
 impl ArrayParser<'_> {
@@ -323,7 +342,7 @@ impl ArrayParser<'_> {
                 Some(_) => {
                     let start = self.i;
                     while let Some(&c) = self.s.get(self.i) {
-                        if c == b',' || c == b'}' {
+                        if c == self.delim || c == b'}' {
                             break;
                         }
                         self.i += 1;
@@ -338,7 +357,7 @@ impl ArrayParser<'_> {
                 None => return false,
             }
             match self.s.get(self.i) {
-                Some(b',') => self.i += 1,
+                Some(&c) if c == self.delim => self.i += 1,
                 Some(b'}') => {
                     self.i += 1;
                     out.push(b']');
@@ -446,14 +465,27 @@ impl TableEncoder {
         }
     }
 
-    fn write_row<'a>(&'a self, out: &mut Vec<u8>, image: Image<'_>, raw_cols: &mut Vec<&'a str>) {
+    /// Writes one row image. `old` is the whole old row when the server sent it (REPLICA
+    /// IDENTITY FULL): an unchanged TOAST value in the image is taken from it.
+    fn write_row<'a>(
+        &'a self,
+        out: &mut Vec<u8>,
+        image: Image<'_>,
+        old: Option<&[Value]>,
+        raw_cols: &mut Vec<&'a str>,
+    ) {
         let (values, key_only) = match image {
             Image::Full(v) => (v, false),
             Image::KeyOnly(v) => (v, true),
         };
         out.push(b'{');
         let mut first = true;
-        for (col, value) in self.columns.iter().zip(values) {
+        for (i, (col, value)) in self.columns.iter().zip(values).enumerate() {
+            // Issue 15, item 9: under REPLICA IDENTITY FULL the old row carries the value.
+            let value = match (value, old.and_then(|o| o.get(i))) {
+                (Value::Unchanged, Some(known)) => known,
+                _ => value,
+            };
             if key_only && !col.is_key {
                 continue;
             }
@@ -491,13 +523,17 @@ impl TableEncoder {
     ) {
         let mut raw_cols = Vec::new();
         out.extend_from_slice(b"{\"before\":");
+        let old_full = match before {
+            Some(Image::Full(v)) => Some(v),
+            _ => None,
+        };
         match before {
-            Some(image) => self.write_row(out, image, &mut raw_cols),
+            Some(image) => self.write_row(out, image, None, &mut raw_cols),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"after\":");
         match after {
-            Some(values) => self.write_row(out, Image::Full(values), &mut raw_cols),
+            Some(values) => self.write_row(out, Image::Full(values), old_full, &mut raw_cols),
             None => out.extend_from_slice(b"null"),
         }
         let mut num = itoa::Buffer::new();
@@ -617,25 +653,45 @@ mod tests {
 
     #[test]
     fn arrays_become_json_arrays_of_element_values() {
-        let int = Kind::Array(Box::new(Kind::Integer));
+        let int = Kind::Array(Box::new(Kind::Integer), b',');
         assert_eq!(json(int.clone(), "{1,2,NULL}"), ("[1,2,null]".into(), true));
         assert_eq!(
             json(int.clone(), "{{1,2},{3,4}}"),
             ("[[1,2],[3,4]]".into(), true)
         );
         assert_eq!(json(int.clone(), "{}"), ("[]".into(), true));
-        let text = Kind::Array(Box::new(Kind::Text));
+        let text = Kind::Array(Box::new(Kind::Text), b',');
         assert_eq!(
             json(text, "{\"a b\",\"q\\\"x\",NULL,\"NULL\"}"),
             ("[\"a b\",\"q\\\"x\",null,\"NULL\"]".into(), true)
         );
-        let ts = Kind::Array(Box::new(Kind::TimestampTz));
+        let ts = Kind::Array(Box::new(Kind::TimestampTz), b',');
         assert_eq!(
             json(ts, "{\"2025-01-08 10:30:00+00\"}"),
             ("[\"2025-01-08T10:30:00.000000Z\"]".into(), true)
         );
         // A lower-bound decoration is not an array JSON can carry: text, flagged.
         assert_eq!(json(int, "[0:1]={1,2}"), ("\"[0:1]={1,2}\"".into(), false));
+    }
+
+    /// Issue 15, item 10: `box[]` separates elements with `;` (its `typdelim`), since a box's
+    /// text holds commas.
+    #[test]
+    fn arrays_of_box_split_on_their_own_delimiter() {
+        let boxes = Kind::for_type(1020, Some(BOX_OID));
+        assert_eq!(
+            json(boxes.clone(), "{(1,1),(0,0);(3,3),(2,2)}"),
+            ("[\"(1,1),(0,0)\",\"(3,3),(2,2)\"]".into(), true)
+        );
+        assert_eq!(
+            json(boxes, "{{(1,1),(0,0)};{NULL}}"),
+            ("[[\"(1,1),(0,0)\"],[null]]".into(), true)
+        );
+        let points = Kind::for_type(1017, Some(600));
+        assert_eq!(
+            json(points, "{\"(1,2)\",\"(3,4)\"}"),
+            ("[\"(1,2)\",\"(3,4)\"]".into(), true)
+        );
     }
 
     #[test]

@@ -109,9 +109,11 @@ impl Flusher {
         let mut uploads = Vec::with_capacity(segments.len());
         for seg in segments {
             let table = seg.encoder.table.clone();
+            // A schema item is per table and version: tables with identical columns share a
+            // version id, and each needs its own item (issue 15, item 1).
             if !schemas
                 .iter()
-                .any(|s| s.version_id() == seg.encoder.schema_id)
+                .any(|s| s.table == table && s.version_id() == seg.encoder.schema_id)
             {
                 schemas.push(seg.encoder.schema.clone());
             }

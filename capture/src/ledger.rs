@@ -124,9 +124,9 @@ pub trait Ledger: Send + Sync {
         owner: &str,
         epoch: u64,
     ) -> Result<(), LedgerError>;
-    /// Retires the batches of an abandoned snapshot (every batch whose changes carry
-    /// `consistent_lsn` as commit LSN) so they are never compacted.
-    async fn retire_snapshot(&self, consistent_lsn: Lsn) -> Result<u64, LedgerError>;
+    /// Retires the batches of an abandoned snapshot (every batch holding only its rows,
+    /// [`SnapshotState::holds`]) so they are never compacted.
+    async fn retire_snapshot(&self, state: &SnapshotState) -> Result<u64, LedgerError>;
     async fn record_flush(
         &self,
         req: &FlushRequest,
@@ -184,7 +184,8 @@ impl DynamoLedger {
 
     async fn put_schemas(&self, schemas: &[TableSchema]) -> Result<(), LedgerError> {
         for schema in schemas {
-            let id = schema.version_id();
+            // Tables with the same columns share a version id: the item is per table and version.
+            let id = format!("{}#{}", schema.table, schema.version_id());
             let known = self
                 .written_schemas
                 .lock()
@@ -556,7 +557,7 @@ impl Ledger for DynamoLedger {
         }
     }
 
-    async fn retire_snapshot(&self, consistent_lsn: Lsn) -> Result<u64, LedgerError> {
+    async fn retire_snapshot(&self, state: &SnapshotState) -> Result<u64, LedgerError> {
         let mut retired = 0;
         let markers = self.query_all(items::pending_pk(&self.slot)).await?;
         for marker in markers {
@@ -568,9 +569,7 @@ impl Ledger for DynamoLedger {
             for item in batches {
                 let batch = BatchItem::from_item(&item)
                     .map_err(|e| LedgerError::Definite(e.to_string()))?;
-                if batch.first.commit_lsn == consistent_lsn
-                    && batch.last.commit_lsn == consistent_lsn
-                {
+                if state.holds(batch.first, batch.last) {
                     self.client
                         .delete_item()
                         .table_name(&self.table)
@@ -755,7 +754,7 @@ impl Ledger for LocalLedger {
             .map_err(|e| LedgerError::Definite(format!("{}: {e}", path.display())))
     }
 
-    async fn retire_snapshot(&self, _consistent_lsn: Lsn) -> Result<u64, LedgerError> {
+    async fn retire_snapshot(&self, _state: &SnapshotState) -> Result<u64, LedgerError> {
         // Standard output cannot take lines back: a restarted local snapshot prints them again.
         Ok(0)
     }

@@ -198,8 +198,6 @@ fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError> {
     })
 }
 
-/// Checks the slot and publication; creates the slot when it is missing and the ledger has no
-/// checkpoint. A missing slot with a checkpoint is a definite error: its changes are gone.
 /// A slot just created with an exported snapshot; the connection that exported it stays open
 /// until the snapshot is read.
 struct ExportedSnapshot {
@@ -208,12 +206,52 @@ struct ExportedSnapshot {
     consistent_lsn: Lsn,
 }
 
+/// Fault-injection hook for the crash tests (`CDC_TEST_CRASH_AT`): aborts the process, as if
+/// killed, at the named step.
+fn crash_point(point: &str) {
+    if std::env::var("CDC_TEST_CRASH_AT").ok().as_deref() == Some(point) {
+        tracing::error!(point, "CDC_TEST_CRASH_AT: aborting");
+        std::process::abort();
+    }
+}
+
+/// Retries a ledger call while it fails transiently (backoff up to 10 s, for about five
+/// minutes), so one lost reply at start-up neither stops the capture nor leaves a step half done.
+async fn retry_ledger<T, F, Fut>(what: &str, mut call: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LedgerError>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && attempt < 40 => {
+                let wait = Duration::from_millis((200u64 << attempt.min(6)).min(10_000));
+                tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "{what} failed; retrying");
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Checks the slot and publication; creates the slot when it is missing and the ledger has no
+/// checkpoint. A missing slot with a checkpoint is a definite error: its changes are gone.
+///
+/// Every step is safe to die at (issue 15, items 3 and 4). A new slot that will be snapshotted
+/// is announced in the ledger (an incomplete snapshot state) before it exists, so a slot found
+/// with an incomplete state is always ours to retake. A retake retires the abandoned snapshot's
+/// batches first, then drops and recreates the slot: dying anywhere leaves the incomplete state
+/// in place, and the next start retakes again.
 async fn ensure_slot(
     settings: &Settings,
     params: &ConnectParams,
     catalog: &Catalog,
     checkpoint: &Option<Checkpoint>,
     ledger: &dyn Ledger,
+    owner: &str,
+    epoch: u64,
 ) -> Result<Option<ExportedSnapshot>, CaptureError> {
     let client = catalog.client();
     let findings =
@@ -230,6 +268,15 @@ async fn ensure_slot(
             &[&settings.slot],
         )
         .await?;
+    let initial = settings.config.snapshot == SnapshotMode::Initial;
+    let unfinished = retry_ledger("reading the snapshot state", || ledger.load_snapshot())
+        .await?
+        .filter(|state| !state.complete && initial);
+    if let (None, Some(state)) = (&slot, &unfinished) {
+        // Died during a retake after the slot was dropped, or before a new slot existed.
+        tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: creating the slot and taking it again");
+        return retake_snapshot(settings, params, client, ledger, state, false).await;
+    }
     match slot {
         Some(row) => {
             let plugin: Option<String> = row.get(0);
@@ -241,14 +288,9 @@ async fn ensure_slot(
                     settings.slot, settings.database
                 )));
             }
-            if let Some(state) = ledger.load_snapshot().await? {
-                if !state.complete && settings.config.snapshot == SnapshotMode::Initial {
-                    tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: recreating the slot and taking it again");
-                    drop_slot(client, &settings.slot).await?;
-                    let retired = ledger.retire_snapshot(state.consistent_lsn).await?;
-                    tracing::info!(retired, "batches of the abandoned snapshot retired");
-                    return create_slot(settings, params, true).await;
-                }
+            if let Some(state) = unfinished {
+                tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: recreating the slot and taking it again");
+                return retake_snapshot(settings, params, client, ledger, &state, true).await;
             }
             if wal_status == "lost" {
                 return Err(CaptureError::Setup(format!(
@@ -266,8 +308,50 @@ async fn ensure_slot(
              the capture again; the gap must be filled by a fresh snapshot",
             settings.slot, settings.slot
         ))),
-        None => create_slot(settings, params, settings.config.snapshot == SnapshotMode::Initial).await,
+        None if initial => {
+            // The intent first: a slot that exists with an incomplete state is ours (item 3).
+            let intent = cdc_contract::ledger::SnapshotState {
+                complete: false,
+                consistent_lsn: Lsn::ZERO,
+                started_ms: now_ms(),
+            };
+            retry_ledger("recording the snapshot intent", || {
+                ledger.save_snapshot(&intent, owner, epoch)
+            })
+            .await?;
+            crash_point("after_snapshot_intent");
+            let exported = create_slot(settings, params, true).await?;
+            crash_point("after_slot_created");
+            Ok(exported)
+        }
+        None => create_slot(settings, params, false).await,
     }
+}
+
+/// Takes an unfinished initial snapshot again: retires its batches, drops the slot (when it
+/// exists), creates it anew. The incomplete state stays recorded until the new snapshot records
+/// its own, so dying at any step leads the next start here again.
+async fn retake_snapshot(
+    settings: &Settings,
+    params: &ConnectParams,
+    client: &tokio_postgres::Client,
+    ledger: &dyn Ledger,
+    state: &cdc_contract::ledger::SnapshotState,
+    slot_exists: bool,
+) -> Result<Option<ExportedSnapshot>, CaptureError> {
+    let retired = retry_ledger("retiring the abandoned snapshot", || {
+        ledger.retire_snapshot(state)
+    })
+    .await?;
+    tracing::info!(retired, "batches of the abandoned snapshot retired");
+    crash_point("after_snapshot_retired");
+    if slot_exists {
+        drop_slot(client, &settings.slot).await?;
+        crash_point("after_slot_dropped");
+    }
+    let exported = create_slot(settings, params, true).await?;
+    crash_point("after_slot_created");
+    Ok(exported)
 }
 
 async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
@@ -339,7 +423,18 @@ struct Streamer<'a> {
     tx: Option<Tx>,
     last_commit_end: Lsn,
     last_commit_ms: i64,
+    /// What the server has proven sent on this stream: every transaction committed before it
+    /// was received (a commit's end, or a keepalive's position while between transactions).
+    /// Reset to the recorded checkpoint on reconnect: a stream's proof says nothing of the next.
     server_end: Lsn,
+    /// A caught-up probe not proven yet: the server's WAL position read at a time. Once
+    /// `server_end` reaches it, everything committed before that time has been received.
+    probe: Option<(Lsn, i64)>,
+    /// The last proven probe: `server_end` reached this position, so every change committed
+    /// before this time is at or below it.
+    caught_up: Option<(Lsn, i64)>,
+    /// The last flush sequence number used; flush numbers strictly increase.
+    flush_seq: u64,
     idle_since_record: Instant,
     target: Option<Lsn>,
     metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
@@ -364,8 +459,12 @@ async fn stream(
         &catalog,
         &checkpoint,
         deps.ledger.as_ref(),
+        owner,
+        epoch,
     )
     .await?;
+    // Taken before the position is read: everything committed before it is below the target.
+    let target_ms = now_ms();
     let target = if settings.config.exit_when_caught_up {
         let lsn = catalog.current_wal_lsn().await?;
         tracing::info!(target = %lsn, "will exit once everything committed before this position is recorded");
@@ -397,6 +496,9 @@ async fn stream(
         last_commit_end: recorded.lsn,
         last_commit_ms: recorded.commit_ms,
         server_end: recorded.lsn,
+        probe: target.map(|t| (t, target_ms)),
+        caught_up: None,
+        flush_seq: recorded.flush_seq,
         recorded,
         inflight: None,
         tx: None,
@@ -490,7 +592,23 @@ impl Streamer<'_> {
         self.relations.clear();
         self.last_commit_end = self.recorded.lsn;
         self.last_commit_ms = self.recorded.commit_ms;
+        // The broken stream's proof is void: what it sent past the checkpoint was discarded and
+        // is sent again (issue 15, item 2). Probes restart too.
+        self.server_end = self.recorded.lsn;
+        self.probe = None;
+        self.caught_up = None;
         Ok(())
+    }
+
+    /// The server proved everything committed before `lsn` sent on this stream.
+    fn server_reached(&mut self, lsn: Lsn) {
+        self.server_end = self.server_end.max(lsn);
+        if let Some((at, time)) = self.probe {
+            if self.server_end >= at {
+                self.caught_up = Some((at, time));
+                self.probe = None;
+            }
+        }
     }
 
     async fn run_stream(
@@ -546,7 +664,7 @@ impl Streamer<'_> {
                         ReplicationMessage::Keepalive { wal_end, reply_requested } => {
                             tracing::trace!(wal_end = %wal_end, reply_requested, "keepalive");
                             if self.tx.is_none() {
-                                self.server_end = self.server_end.max(wal_end);
+                                self.server_reached(wal_end);
                             }
                             self.maybe_heartbeat().await?;
                             if self.caught_up() && self.tx.is_none() {
@@ -591,7 +709,10 @@ impl Streamer<'_> {
             consistent_lsn: consistent,
             started_ms,
         };
-        ledger.save_snapshot(&state, owner, epoch).await?;
+        retry_ledger("recording the snapshot state", || {
+            ledger.save_snapshot(&state, owner, epoch)
+        })
+        .await?;
         let reader = crate::catalog::connect(params).await?;
         reader
             .batch_execute(&format!(
@@ -613,9 +734,12 @@ impl Streamer<'_> {
             self.settings.tables.clone()
         };
         tracing::info!(tables = tables.len(), consistent = %consistent, "initial snapshot started");
+        // Rows are keyed one below the consistent point, so no streamed change shares a key
+        // (issue 15, item 5).
+        let rows_lsn = state.rows_lsn();
         let ctx = TxContext {
             xid: None,
-            commit_lsn: consistent,
+            commit_lsn: rows_lsn,
             commit_us: started_ms * 1000,
             prev_commit_end: Lsn::ZERO,
             snapshot: true,
@@ -662,7 +786,7 @@ impl Streamer<'_> {
                             None => pgoutput::Value::Null,
                         })
                         .collect();
-                    let pos = Position::new(consistent, ordinal);
+                    let pos = Position::new(rows_lsn, ordinal);
                     let now = now_ms();
                     let enc = encoder.clone();
                     self.batcher
@@ -708,7 +832,10 @@ impl Streamer<'_> {
         self.start_flush(checkpoint, true).await?;
         self.wait_inflight().await?;
         state.complete = true;
-        ledger.save_snapshot(&state, owner, epoch).await?;
+        retry_ledger("recording the snapshot complete", || {
+            ledger.save_snapshot(&state, owner, epoch)
+        })
+        .await?;
         self.last_commit_end = consistent;
         self.last_commit_ms = started_ms;
         self.server_end = self.server_end.max(consistent);
@@ -731,6 +858,8 @@ impl Streamer<'_> {
                 tracing::warn!(error = %error, "heartbeat message failed (grant EXECUTE on pg_logical_emit_message)");
             }
         }
+        // Read before the query: everything committed before this time is below the position read.
+        let probe_ms = now_ms();
         let row = match client
             .query_opt(
                 "SELECT pg_current_wal_lsn()::text, coalesce(wal_status, ''), safe_wal_size \
@@ -752,6 +881,10 @@ impl Streamer<'_> {
             )));
         };
         let current: Lsn = row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO);
+        if self.probe.is_none() && current > Lsn::ZERO {
+            self.probe = Some((current, probe_ms));
+            self.server_reached(Lsn::ZERO);
+        }
         let wal_status: String = row.get(1);
         let safe_wal: Option<i64> = row.get(2);
         if wal_status == "lost" {
@@ -826,17 +959,24 @@ impl Streamer<'_> {
         if !(due || reached_target) {
             return Ok(());
         }
-        let now = now_ms();
         let lsn = self.server_end.max(self.last_commit_end);
+        // The caught-up time comes from a proven probe, never from the clock: while the server
+        // is still decoding (a large transaction, a stalled stream) nothing is proven (item 14).
+        let caught_up_ms = self
+            .caught_up
+            .filter(|(at, _)| *at <= lsn)
+            .map(|(_, time)| time)
+            .max(self.recorded.caught_up_ms);
+        let closing_ms = self.last_commit_ms.max(caught_up_ms.unwrap_or(0));
         // Notify when the closing time passes an hour's end plus the grace period.
         let closes_hour = Hour::from_millis(self.recorded.closing_ms() - self.grace_ms)
-            != Hour::from_millis(now - self.grace_ms);
+            != Hour::from_millis(closing_ms - self.grace_ms);
         self.last_commit_end = lsn;
         let checkpoint = Checkpoint {
             lsn,
             partial: None,
             commit_ms: self.last_commit_ms,
-            caught_up_ms: Some(now),
+            caught_up_ms,
             ..Default::default()
         };
         self.start_flush(checkpoint, closes_hour).await
@@ -868,7 +1008,7 @@ impl Streamer<'_> {
                 self.tx = None;
                 self.last_commit_end = end_lsn;
                 self.last_commit_ms = (commit_ts + PG_EPOCH_OFFSET_MICROS).div_euclid(1000);
-                self.server_end = self.server_end.max(end_lsn);
+                self.server_reached(end_lsn);
                 let due = self.batcher.bytes() >= self.settings.config.flush_max_bytes
                     || self
                         .batcher
@@ -1061,10 +1201,11 @@ impl Streamer<'_> {
                 }
             }
         }
-        debug_assert!(cp.lsn >= self.recorded.lsn, "progress only moves forward");
-        if cp.lsn >= self.recorded.lsn {
-            self.recorded = outcome.checkpoint;
-        }
+        debug_assert!(
+            progress(cp) >= progress(&self.recorded),
+            "progress only moves forward"
+        );
+        self.recorded = outcome.checkpoint;
         self.idle_since_record = Instant::now();
         self.health.recorded(now_ms());
         Ok(())
@@ -1077,12 +1218,17 @@ impl Streamer<'_> {
     ) -> Result<(), CaptureError> {
         self.wait_inflight().await?;
         // The checkpoint never moves backwards, and keeps the caught-up time it had.
-        if checkpoint.caught_up_ms.is_none() {
-            checkpoint.caught_up_ms = self.recorded.caught_up_ms;
+        if progress(&checkpoint) < progress(&self.recorded) {
+            checkpoint.lsn = self.recorded.lsn;
+            checkpoint.partial = self.recorded.partial;
         }
+        checkpoint.caught_up_ms = checkpoint.caught_up_ms.max(self.recorded.caught_up_ms);
         checkpoint.commit_ms = checkpoint.commit_ms.max(self.recorded.commit_ms);
         let segments = self.batcher.take();
-        let seq = self.recorded.flush_seq + 1;
+        // Every flush gets a number never used before in this epoch's run (item 2): a reused
+        // number would be taken for an earlier flush "already recorded".
+        self.flush_seq = self.flush_seq.max(self.recorded.flush_seq) + 1;
+        let seq = self.flush_seq;
         let flusher = self.flusher.clone();
         self.inflight = Some(tokio::spawn(async move {
             flusher.flush(segments, checkpoint, seq, notify_empty).await
@@ -1113,6 +1259,12 @@ impl Streamer<'_> {
         }
         self.wait_inflight().await
     }
+}
+
+/// How far a checkpoint reaches: every transaction before `lsn`, then (inside a larger one) up
+/// to `partial`. `None` sorts first: nothing of the next transaction.
+fn progress(cp: &Checkpoint) -> (Lsn, Option<Position>) {
+    (cp.lsn, cp.partial)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -117,8 +117,11 @@ pub struct ReplicationConnection {
 /// One row of a simple query's result, as text.
 pub type TextRow = Vec<Option<String>>;
 
-/// Session settings pinned at start-up: pgoutput's text output depends on them.
-const SESSION_SETTINGS: [(&str, &str); 4] = [
+/// Session settings pinned at start-up: pgoutput's text output depends on them. pgoutput
+/// converts its text to the client encoding, so UTF8 makes a LATIN1 (or any other) database
+/// stream UTF-8, as the snapshot's SQL connection reads it (issue 15, item 7).
+const SESSION_SETTINGS: [(&str, &str); 5] = [
+    ("client_encoding", "UTF8"),
     ("TimeZone", "UTC"),
     ("DateStyle", "ISO"),
     ("IntervalStyle", "iso_8601"),

@@ -103,7 +103,7 @@ impl Layout {
         format!(
             "{}/{}-{}-{:03}-{}.{}",
             self.hour_prefix(table, format, hour),
-            table.name,
+            table.key_name(),
             hour.file_stem(),
             part,
             attempt,

@@ -714,13 +714,38 @@ impl PartItem {
 pub struct SnapshotState {
     /// True once every snapshot row is recorded.
     pub complete: bool,
-    /// The slot's consistent point: the commit LSN of every snapshot row.
+    /// The slot's consistent point: every transaction committed before it is in the snapshot,
+    /// every later one is streamed.
     pub consistent_lsn: Lsn,
     /// Snapshot start time (ms): the commit time of every snapshot row.
     pub started_ms: i64,
 }
 
+/// The commit LSN of the snapshot rows of a slot whose consistent point is `consistent`: one
+/// below it. A transaction whose commit record starts exactly at the consistent point is
+/// streamed with that commit LSN, so rows keyed at the point itself could share order keys
+/// with it; one below, no streamed key can (every streamed commit LSN is at or above the point).
+pub fn snapshot_rows_lsn(consistent: Lsn) -> Lsn {
+    Lsn(consistent.0.saturating_sub(1))
+}
+
 impl SnapshotState {
+    /// The commit LSN of this snapshot's rows ([`snapshot_rows_lsn`]).
+    pub fn rows_lsn(&self) -> Lsn {
+        snapshot_rows_lsn(self.consistent_lsn)
+    }
+
+    /// True when a batch from `first` to `last` holds only this snapshot's rows: at
+    /// [`SnapshotState::rows_lsn`], or at the consistent point itself as earlier versions keyed
+    /// them (only while the snapshot is incomplete, when nothing is streamed yet).
+    pub fn holds(&self, first: Position, last: Position) -> bool {
+        let rows = self.rows_lsn();
+        (first.commit_lsn == rows && last.commit_lsn == rows)
+            || (!self.complete
+                && first.commit_lsn == self.consistent_lsn
+                && last.commit_lsn == self.consistent_lsn)
+    }
+
     /// Reads a snapshot state item.
     pub fn from_item(item: &Item) -> Result<Self, ItemError> {
         let r = ItemReader::new(item);

@@ -26,23 +26,82 @@ impl TableName {
     }
 }
 
+impl TableName {
+    /// The table's name as it appears in S3 keys and file names: [`escape`]d, dots kept.
+    pub fn key_name(&self) -> String {
+        escape(&self.name, false)
+    }
+}
+
+/// Escapes an identifier for S3 keys and ledger keys: `%`, `/`, control characters and (in a
+/// schema, where a dot would end it) `.` become `%XX` of their UTF-8 bytes. Every other
+/// character, and so every ordinary identifier, stays as it is. [`unescape`] reverses it.
+fn escape(part: &str, escape_dot: bool) -> String {
+    let mut out = String::with_capacity(part.len());
+    for c in part.chars() {
+        let special = matches!(c, '%' | '/') || c.is_control() || (escape_dot && c == '.');
+        if special {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reverses [`escape`]: `%XX` sequences become their bytes; anything else is kept.
+fn unescape(part: &str) -> Option<String> {
+    if !part.contains('%') {
+        return Some(part.to_owned());
+    }
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = part.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `schema.table`, each part [`escape`]d so that any PostgreSQL identifiers (a table named
+/// `a/b`, a schema with a dot) give one S3 key segment and parse back to the same names.
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        write!(
+            f,
+            "{}.{}",
+            escape(&self.schema, true),
+            escape(&self.name, false)
+        )
     }
 }
 
 impl FromStr for TableName {
     type Err = ParseError;
 
-    /// Parses `schema.table`; the schema is the part before the first dot.
+    /// Parses `schema.table` as [`fmt::Display`] writes it; the schema is the part before the
+    /// first dot.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
+        let bad = || ParseError::new("table name (expected schema.table)", s);
         match s.split_once('.') {
             Some((schema, name)) if !schema.is_empty() && !name.is_empty() && !s.contains('/') => {
-                Ok(TableName::new(schema, name))
+                Ok(TableName::new(
+                    unescape(schema).ok_or_else(bad)?,
+                    unescape(name).ok_or_else(bad)?,
+                ))
             }
-            _ => Err(ParseError::new("table name (expected schema.table)", s)),
+            _ => Err(bad()),
         }
     }
 }
@@ -73,5 +132,26 @@ mod tests {
         assert!(".users".parse::<TableName>().is_err());
         assert!("public.".parse::<TableName>().is_err());
         assert!("a/b.c".parse::<TableName>().is_err());
+    }
+
+    /// Issue 15, item 8: any identifiers give one key segment that parses back to them, and
+    /// ordinary ones are unchanged.
+    #[test]
+    fn odd_identifiers_escape_to_one_key_segment_and_back() {
+        for (schema, name, text) in [
+            ("public", "a/b", "public.a%2Fb"),
+            ("we.ird", "x%y", "we%2Eird.x%25y"),
+            ("public", "tab\tle", "public.tab%09le"),
+            ("Ünï", "名前.v2", "Ünï.名前.v2"),
+            ("public", "users", "public.users"),
+        ] {
+            let t = TableName::new(schema, name);
+            assert_eq!(t.to_string(), text);
+            assert!(!t.to_string().contains('/'));
+            assert_eq!(text.parse::<TableName>().unwrap(), t);
+        }
+        assert_eq!(TableName::new("s", "a/b").key_name(), "a%2Fb");
+        assert!("public.a%2".parse::<TableName>().is_err());
+        assert!("public.a%ZZ".parse::<TableName>().is_err());
     }
 }

@@ -302,10 +302,18 @@ impl Ledger for DynamoLedger {
         let items = self
             .query(items::pending_pk(slot), before.map(|h| h.to_string()))
             .await?;
-        items
+        // An unreadable marker (a table name an older capture could not key) stops only its own
+        // table-hour, loudly; the slot's other hours go on.
+        Ok(items
             .iter()
-            .map(|i| PendingHour::from_item(i).map_err(Into::into))
-            .collect()
+            .filter_map(|i| match PendingHour::from_item(i) {
+                Ok(p) => Some(p),
+                Err(error) => {
+                    tracing::error!(slot, error = %error, "unreadable pending marker skipped: its table-hour is not compacted");
+                    None
+                }
+            })
+            .collect())
     }
 
     async fn batches(

@@ -86,7 +86,7 @@ impl SlotRun {
         batch: &BatchItem,
     ) -> Result<Validity, LedgerError> {
         if let Some(s) = &self.snapshot {
-            if !s.complete && batch.first.commit_lsn == s.consistent_lsn {
+            if !s.complete && s.holds(batch.first, batch.last) {
                 return Ok(Validity::Undecided);
             }
         }

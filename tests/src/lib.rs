@@ -9,6 +9,7 @@ pub mod aws;
 pub mod bins;
 pub mod capture;
 pub mod faultproxy;
+pub mod pgproxy;
 pub mod postgres;
 pub mod staging;
 
