@@ -12,6 +12,7 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, ConditionCheck, Put, PutRequest, ReturnValue, TransactWriteItem, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
+use futures::{StreamExt, TryStreamExt};
 
 use cdc_contract::ledger::SnapshotState;
 use cdc_contract::ledger::{
@@ -143,6 +144,9 @@ pub struct DynamoLedger {
     written_schemas: Mutex<HashSet<String>>,
 }
 
+/// Pending markers written at once.
+const MARK_PENDING_CONCURRENCY: usize = 16;
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -253,37 +257,45 @@ impl DynamoLedger {
     }
 
     async fn mark_pending(&self, hours: &[(TableName, Hour)], seq: u64) -> Result<(), LedgerError> {
-        let updates = hours.iter().map(|(table, hour)| {
-            let marker = PendingHour {
-                table: table.clone(),
-                hour: *hour,
-                flush_seq: seq,
-            };
-            let item = marker.to_item(&self.slot);
-            async move {
-                // Only ever moves forward: a repair must not lower a later flush's mark.
-                let res = self
-                    .client
-                    .put_item()
-                    .table_name(&self.table)
-                    .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(pk) OR flush_seq <= :seq")
-                    .expression_attribute_values(":seq", items::n(seq))
-                    .send()
-                    .await;
-                match res {
-                    Ok(_) => Ok(()),
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                    {
-                        Ok(())
+        let updates: Vec<_> = hours
+            .iter()
+            .map(|(table, hour)| {
+                let marker = PendingHour {
+                    table: table.clone(),
+                    hour: *hour,
+                    flush_seq: seq,
+                };
+                let item = marker.to_item(&self.slot);
+                async move {
+                    // Only ever moves forward: a repair must not lower a later flush's mark.
+                    let res = self
+                        .client
+                        .put_item()
+                        .table_name(&self.table)
+                        .set_item(Some(item))
+                        .condition_expression("attribute_not_exists(pk) OR flush_seq <= :seq")
+                        .expression_attribute_values(":seq", items::n(seq))
+                        .send()
+                        .await;
+                    match res {
+                        Ok(_) => Ok(()),
+                        Err(e)
+                            if e.as_service_error()
+                                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                        {
+                            Ok(())
+                        }
+                        Err(e) => Err(classify("mark pending hour", e)),
                     }
-                    Err(e) => Err(classify("mark pending hour", e)),
                 }
-            }
-        });
-        futures::future::try_join_all(updates).await?;
+            })
+            .collect();
+        // Bounded: one flush may touch thousands of table-hours (issue 15, item 6), and
+        // thousands of calls at once time out and starve the lease renewal.
+        futures::stream::iter(updates)
+            .buffer_unordered(MARK_PENDING_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(())
     }
 

@@ -803,7 +803,7 @@ impl Streamer<'_> {
                                 now,
                             );
                         });
-                    if self.batcher.bytes() >= self.settings.config.flush_max_bytes {
+                    if self.batcher.full(self.settings.config.flush_max_bytes) {
                         let checkpoint = Checkpoint {
                             lsn: self.recorded.lsn,
                             partial: self.recorded.partial,
@@ -1009,7 +1009,7 @@ impl Streamer<'_> {
                 self.last_commit_end = end_lsn;
                 self.last_commit_ms = (commit_ts + PG_EPOCH_OFFSET_MICROS).div_euclid(1000);
                 self.server_reached(end_lsn);
-                let due = self.batcher.bytes() >= self.settings.config.flush_max_bytes
+                let due = self.batcher.full(self.settings.config.flush_max_bytes)
                     || self
                         .batcher
                         .oldest()
@@ -1133,7 +1133,7 @@ impl Streamer<'_> {
                     now,
                 );
             });
-        if self.batcher.bytes() >= self.settings.config.flush_max_bytes {
+        if self.batcher.full(self.settings.config.flush_max_bytes) {
             // A transaction larger than a batch: record what we have, mid-transaction.
             self.start_flush(
                 Checkpoint {
