@@ -99,6 +99,12 @@ pub struct Config {
     /// How a new slot starts.
     #[arg(long, env = "CDC_SNAPSHOT", value_enum, default_value = "initial")]
     pub snapshot: SnapshotMode,
+    /// When the slot is gone (dropped) or invalidated (`wal_status = lost`) while the ledger
+    /// holds a checkpoint: create it again and take a new snapshot, keeping everything the ledger
+    /// recorded (its batches, flush records, epoch and flush numbers). Without it the capture
+    /// stops and says so.
+    #[arg(long, env = "CDC_RECREATE_SLOT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub recreate_slot: bool,
     /// Print events to standard output; nothing goes to AWS; the ledger is a local file.
     #[arg(long, env = "LOCAL_TEST_MODE")]
     pub local_test_mode: bool,

@@ -282,7 +282,9 @@ async fn ensure_slot(
             let plugin: Option<String> = row.get(0);
             let database: Option<String> = row.get(1);
             let wal_status: String = row.get(2);
-            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(settings.database.as_str()) {
+            if plugin.as_deref() != Some("pgoutput")
+                || database.as_deref() != Some(settings.database.as_str())
+            {
                 return Err(CaptureError::Setup(format!(
                     "CDC_SLOT_NAME: slot {:?} exists but is not a pgoutput slot of database {:?}",
                     settings.slot, settings.database
@@ -293,39 +295,61 @@ async fn ensure_slot(
                 return retake_snapshot(settings, params, client, ledger, &state, true).await;
             }
             if wal_status == "lost" {
+                if settings.config.recreate_slot {
+                    tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is invalidated; recreating it and taking a new snapshot, keeping what the ledger recorded");
+                    drop_slot(client, &settings.slot).await?;
+                    return create_with_snapshot(settings, params, ledger, owner, epoch).await;
+                }
                 return Err(CaptureError::Setup(format!(
                     "replication slot {:?} is invalidated (wal_status = lost): the WAL it needed was removed and \
-                     changes since the ledger's checkpoint are gone. Drop the slot, then start the capture to \
-                     create it again; the gap must be filled by a fresh snapshot",
+                     changes since the ledger's checkpoint are gone. Start the capture with CDC_RECREATE_SLOT=true \
+                     to recreate the slot and fill the gap with a new snapshot, keeping what the ledger recorded",
                     settings.slot
                 )));
             }
             Ok(None)
         }
-        None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => Err(CaptureError::Setup(format!(
-            "replication slot {:?} does not exist but the ledger holds a checkpoint for it: changes since \
-             the checkpoint are gone. To start over, delete the slot's ledger items (pk slot#{}) and start \
-             the capture again; the gap must be filled by a fresh snapshot",
-            settings.slot, settings.slot
-        ))),
-        None if initial => {
-            // The intent first: a slot that exists with an incomplete state is ours (item 3).
-            let intent = cdc_contract::ledger::SnapshotState {
-                complete: false,
-                consistent_lsn: Lsn::ZERO,
-                started_ms: now_ms(),
-            };
-            retry_ledger("recording the snapshot intent", || {
-                ledger.save_snapshot(&intent, owner, epoch)
-            })
-            .await?;
-            crash_point("after_snapshot_intent");
-            let exported = create_slot(settings, params, true).await?;
-            crash_point("after_slot_created");
-            Ok(exported)
+        None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => {
+            if settings.config.recreate_slot {
+                tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is gone; recreating it and taking a new snapshot, keeping what the ledger recorded");
+                return create_with_snapshot(settings, params, ledger, owner, epoch).await;
+            }
+            Err(CaptureError::Setup(format!(
+                "replication slot {:?} does not exist but the ledger holds a checkpoint for it: changes since \
+                 the checkpoint are gone. Start the capture with CDC_RECREATE_SLOT=true to recreate the slot and \
+                 fill the gap with a new snapshot, keeping what the ledger recorded (do not delete ledger items)",
+                settings.slot
+            )))
         }
+        None if initial => create_with_snapshot(settings, params, ledger, owner, epoch).await,
         None => create_slot(settings, params, false).await,
     }
+}
+
+/// Creates the slot with an exported snapshot, its intent recorded first: a slot that exists
+/// with an incomplete snapshot state is always ours to retake (issue 15, item 3). The ledger's
+/// checkpoint, flush numbers and epoch stay: the new snapshot's keys sort after everything
+/// recorded, since a new slot's consistent point is past any position streamed before.
+async fn create_with_snapshot(
+    settings: &Settings,
+    params: &ConnectParams,
+    ledger: &dyn Ledger,
+    owner: &str,
+    epoch: u64,
+) -> Result<Option<ExportedSnapshot>, CaptureError> {
+    let intent = cdc_contract::ledger::SnapshotState {
+        complete: false,
+        consistent_lsn: Lsn::ZERO,
+        started_ms: now_ms(),
+    };
+    retry_ledger("recording the snapshot intent", || {
+        ledger.save_snapshot(&intent, owner, epoch)
+    })
+    .await?;
+    crash_point("after_snapshot_intent");
+    let exported = create_slot(settings, params, true).await?;
+    crash_point("after_slot_created");
+    Ok(exported)
 }
 
 /// Takes an unfinished initial snapshot again: retires its batches, drops the slot (when it

@@ -1106,7 +1106,7 @@ async fn a_dropped_slot_with_a_checkpoint_stops_the_capture_with_the_way_out() -
         log.contains("does not exist but the ledger holds a checkpoint"),
         "{log}"
     );
-    assert!(log.contains("To start over"), "{log}");
+    assert!(log.contains("CDC_RECREATE_SLOT=true"), "{log}");
     Ok(())
 }
 

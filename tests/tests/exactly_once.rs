@@ -716,3 +716,72 @@ async fn one_transaction_over_thousands_of_tables_fits_dynamodb_items() -> anyho
     assert_eq!(cap.pending_hours().await?.len(), TABLES);
     Ok(())
 }
+
+/// Issue 15, item 12: a slot lost while the ledger holds recorded but uncompacted batches. The
+/// documented way out used to be deleting the slot's ledger items, which orphaned those batches
+/// and restarted flush numbers. Now the capture stops naming `CDC_RECREATE_SLOT`; with it, the
+/// slot is recreated and a new snapshot fills the gap while every recorded batch stays valid.
+#[tokio::test]
+async fn a_lost_slot_is_recreated_keeping_what_the_ledger_recorded() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'first' FROM generate_series(1, 50) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    pg.execute(
+        &db,
+        "INSERT INTO t SELECT g, 'streamed' FROM generate_series(51, 100) g",
+    )
+    .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let before = cap.checkpoint().await?.context("checkpoint")?;
+
+    // The slot is lost; what changes meanwhile is never streamed.
+    pg.execute(
+        &db,
+        &format!("SELECT pg_drop_replication_slot('{}')", cap.slot),
+    )
+    .await?;
+    pg.execute(
+        &db,
+        "UPDATE t SET v = 'while lost' WHERE id <= 10;
+         INSERT INTO t SELECT g, 'while lost' FROM generate_series(101, 110) g;",
+    )
+    .await?;
+    let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("CDC_RECREATE_SLOT=true"), "{stderr}");
+
+    cap.env.push(("CDC_RECREATE_SLOT".into(), "true".into()));
+    let out = cap.run_until_caught_up(CAUGHT_UP).await?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recreating it and taking a new snapshot")
+    );
+    cap.env.pop();
+    pg.execute(&db, "INSERT INTO t VALUES (111, 'after')")
+        .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+
+    let after = cap.checkpoint().await?.context("checkpoint")?;
+    assert!(after.flush_seq > before.flush_seq && after.lsn > before.lsn);
+    let events = cap.recorded_events("public.t").await?;
+    let reads = events.iter().filter(|e| e["op"] == "r").count();
+    let creates: Vec<i64> = ids(&events
+        .iter()
+        .filter(|e| e["op"] == "c")
+        .cloned()
+        .collect::<Vec<_>>());
+    assert_eq!(reads, 50 + 110, "both snapshots");
+    assert_eq!(creates, (51..=100).chain([111]).collect::<Vec<_>>());
+    // Every recorded batch is compacted (none orphaned), and replaying gives the table.
+    let reports = cap.compact_and_verify(&["public.t"]).await?;
+    assert_eq!(reports[0]["final_changes"], 50 + 50 + 110 + 1);
+    Ok(())
+}

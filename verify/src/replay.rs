@@ -47,6 +47,15 @@ pub fn replay(events: &[ChangeEvent], key_columns: &[String]) -> Replay {
     let mut out = Replay::default();
     for e in events {
         match e.op {
+            // A snapshot read states the key's whole row: it replaces what an earlier snapshot
+            // of the same key said (a recreated slot's new snapshot). Without key columns
+            // (REPLICA IDENTITY FULL) equal rows are distinct rows, so reads add.
+            Op::Read if !key_columns.is_empty() => {
+                if let Some(after) = &e.after {
+                    out.state
+                        .insert(key_of(after, key_columns), vec![after.clone()]);
+                }
+            }
             Op::Create | Op::Read => {
                 if let Some(after) = &e.after {
                     out.state
@@ -137,6 +146,26 @@ mod tests {
             &keys,
         );
         assert!(t.state.is_empty());
+    }
+
+    /// A recreated slot's new snapshot reads keys an earlier snapshot or insert already made:
+    /// the read states the row, it does not add one.
+    #[test]
+    fn a_second_snapshot_of_a_key_replaces_its_row() {
+        let keys = vec!["id".to_owned()];
+        let events = vec![
+            ev("r", Value::Null, json!({"id": 1, "v": "a"}), 1),
+            ev("c", Value::Null, json!({"id": 2, "v": "b"}), 2),
+            ev("r", Value::Null, json!({"id": 1, "v": "a2"}), 9),
+            ev("r", Value::Null, json!({"id": 2, "v": "b"}), 9),
+        ];
+        let r = replay(&events, &keys);
+        assert_eq!(r.state.len(), 2);
+        assert_eq!(
+            r.state["[1]"],
+            vec![json!({"id": 1, "v": "a2"}).as_object().cloned().unwrap()]
+        );
+        assert_eq!(r.state["[2]"].len(), 1);
     }
 
     #[test]
