@@ -144,6 +144,9 @@ pub struct DynamoLedger {
     written_schemas: Mutex<HashSet<String>>,
 }
 
+/// How long the record of a flush without batches (a heartbeat) is kept.
+const EMPTY_FLUSH_TTL_SECONDS: i64 = 24 * 3600;
+
 /// Pending markers written at once.
 const MARK_PENDING_CONCURRENCY: usize = 16;
 
@@ -613,6 +616,14 @@ impl Ledger for DynamoLedger {
         flush_item.insert("epoch".into(), items::n(req.id.epoch));
         flush_item.insert("created_ms".into(), items::n(now_ms()));
         flush_item.insert("lsn".into(), items::s(req.checkpoint.lsn.key()));
+        if hours.is_empty() {
+            // A heartbeat's record validates no batch: it only needs to outlive a lost reply's
+            // retry (issue 15, item 13). Records with batches expire once the compactor is done.
+            flush_item.insert(
+                items::TTL_ATTRIBUTE.into(),
+                items::n(now_ms() / 1000 + EMPTY_FLUSH_TTL_SECONDS),
+            );
+        }
         flush_item.insert(
             "hours".into(),
             AttributeValue::L(

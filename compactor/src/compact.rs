@@ -710,6 +710,11 @@ impl Compactor {
             self.ledger.mark_compacted(slot, batch, expires_at)
         })
         .await?;
+        // After the item says compacted: the flush record may expire once all its hours are.
+        retry("note flush hour compacted", || {
+            self.ledger.flush_hour_done(slot, batch, expires_at)
+        })
+        .await?;
         Ok(())
     }
 

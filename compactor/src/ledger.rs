@@ -137,6 +137,15 @@ pub trait Ledger: Send + Sync {
     ) -> Result<(), LedgerError>;
     /// Deletes a batch item (orphans only).
     async fn delete_batch(&self, slot: &str, batch: &BatchItem) -> Result<(), LedgerError>;
+    /// Notes on a batch's flush record that its table-hour is compacted; once every table-hour
+    /// the record names is, the record expires at `expires_at` (it validates nothing any more:
+    /// a compacted batch stays valid without it). Idempotent; an absent record is fine.
+    async fn flush_hour_done(
+        &self,
+        slot: &str,
+        batch: &BatchItem,
+        expires_at: i64,
+    ) -> Result<(), LedgerError>;
     /// Deletes a pending marker if no flush touched it since it was read; false otherwise.
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError>;
 }
@@ -557,6 +566,64 @@ impl Ledger for DynamoLedger {
             // Already expired: nothing to mark.
             Err(e) if conditional_failed(&e) => Ok(()),
             Err(e) => Err(classify("mark batch compacted", e)),
+        }
+    }
+
+    async fn flush_hour_done(
+        &self,
+        slot: &str,
+        batch: &BatchItem,
+        expires_at: i64,
+    ) -> Result<(), LedgerError> {
+        let key = items::key(items::slot_pk(slot), items::flush_sk(&batch.flush_id));
+        // A string set: adding the same table-hour again (a retried compaction) changes nothing.
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key.clone()))
+            .update_expression("ADD done_hours :h")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(
+                ":h",
+                AttributeValue::Ss(vec![items::pending_sk(batch.hour, &batch.table)]),
+            )
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .send()
+            .await;
+        let record = match res {
+            Ok(out) => out.attributes.unwrap_or_default(),
+            Err(e) if conditional_failed(&e) => return Ok(()),
+            Err(e) => return Err(classify("note flush hour compacted", e)),
+        };
+        let done: std::collections::HashSet<&String> = match record.get("done_hours") {
+            Some(AttributeValue::Ss(s)) => s.iter().collect(),
+            _ => return Ok(()),
+        };
+        let all_done = match record.get("hours") {
+            Some(AttributeValue::L(hours)) => hours
+                .iter()
+                .all(|h| h.as_s().is_ok_and(|h| done.contains(h))),
+            _ => false,
+        };
+        if !all_done || record.contains_key(items::TTL_ATTRIBUTE) {
+            return Ok(());
+        }
+        let res = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .update_expression("SET #ttl = :exp")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#ttl", items::TTL_ATTRIBUTE)
+            .expression_attribute_values(":exp", items::n(expires_at))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if conditional_failed(&e) => Ok(()),
+            Err(e) => Err(classify("expire flush record", e)),
         }
     }
 

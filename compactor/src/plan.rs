@@ -85,6 +85,11 @@ impl SlotRun {
         ledger: &dyn Ledger,
         batch: &BatchItem,
     ) -> Result<Validity, LedgerError> {
+        // Decided valid when it was compacted; its flush record may have expired since (issue
+        // 15, item 13).
+        if batch.compacted {
+            return Ok(Validity::Valid);
+        }
         if let Some(s) = &self.snapshot {
             if !s.complete && s.holds(batch.first, batch.last) {
                 return Ok(Validity::Undecided);

@@ -878,6 +878,15 @@ impl Ledger for MortalLedger {
         self.1.check(LedgerError::Definite)?;
         self.0.delete_batch(slot, batch).await
     }
+    async fn flush_hour_done(
+        &self,
+        slot: &str,
+        batch: &BatchItem,
+        exp: i64,
+    ) -> Result<(), LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.flush_hour_done(slot, batch, exp).await
+    }
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError> {
         self.1.check(LedgerError::Definite)?;
         self.0.clear_pending(slot, marker).await

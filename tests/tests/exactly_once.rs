@@ -785,3 +785,100 @@ async fn a_lost_slot_is_recreated_keeping_what_the_ledger_recorded() -> anyhow::
     assert_eq!(reports[0]["final_changes"], 50 + 50 + 110 + 1);
     Ok(())
 }
+
+/// The slot's flush records: (sort key, the item).
+async fn flush_records(
+    aws: &AwsFixture,
+    slot: &str,
+) -> anyhow::Result<Vec<(String, cdc_contract::ledger::Item)>> {
+    Ok(aws
+        .query_ledger(&cdc_contract::ledger::slot_pk(slot))
+        .await?
+        .into_iter()
+        .filter_map(|i| {
+            let sk = i.get("sk")?.as_s().ok()?.clone();
+            sk.starts_with("flush#").then_some((sk, i))
+        })
+        .collect())
+}
+
+fn names_hours(item: &cdc_contract::ledger::Item) -> bool {
+    item.get("hours")
+        .and_then(|h| h.as_l().ok())
+        .is_some_and(|l| !l.is_empty())
+}
+
+/// Issue 15, item 13: flush records no longer pile up (one per flush, heartbeats included, in one
+/// partition). A heartbeat's record expires by itself; a record with batches expires once every
+/// table-hour it names is compacted, and not before: an uncompacted batch keeps its record, so
+/// the orphan rule holds. With the expired records gone, the history still verifies and a late
+/// batch still compacts.
+#[tokio::test]
+async fn flush_records_expire_once_their_hours_are_compacted() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY, v text);",
+    )
+    .await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(
+        &db,
+        "BEGIN; INSERT INTO a VALUES (1, 'x'); INSERT INTO b VALUES (1, 'y'); COMMIT;",
+    )
+    .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let ttl = cdc_contract::ledger::TTL_ATTRIBUTE;
+    let records = flush_records(&aws, &cap.slot).await?;
+    assert!(records.iter().any(|(_, r)| names_hours(r)));
+    for (sk, r) in &records {
+        assert_eq!(
+            r.contains_key(ttl),
+            !names_hours(r),
+            "{sk}: only records without batches expire before compaction"
+        );
+    }
+
+    cap.compact_and_verify(&["public.a", "public.b"]).await?;
+    let records = flush_records(&aws, &cap.slot).await?;
+    assert!(
+        records.iter().all(|(_, r)| r.contains_key(ttl)),
+        "every hour compacted: every record expires"
+    );
+    // DynamoDB's TTL deletes them.
+    for (sk, _) in &records {
+        aws.dynamodb
+            .delete_item()
+            .table_name(&aws.table)
+            .key(
+                "pk",
+                aws_sdk_dynamodb::types::AttributeValue::S(cdc_contract::ledger::slot_pk(
+                    &cap.slot,
+                )),
+            )
+            .key("sk", aws_sdk_dynamodb::types::AttributeValue::S(sk.clone()))
+            .send()
+            .await?;
+    }
+    let reports = cap.compact_and_verify(&["public.a", "public.b"]).await?;
+    assert_eq!(reports[0]["final_changes"], 1);
+    assert_eq!(reports[1]["final_changes"], 1);
+
+    // A later change to one table: its record waits for that table's hour only.
+    pg.execute(&db, "INSERT INTO a VALUES (2, 'z')").await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let with_batches: Vec<_> = flush_records(&aws, &cap.slot)
+        .await?
+        .into_iter()
+        .filter(|(_, r)| names_hours(r))
+        .collect();
+    assert_eq!(with_batches.len(), 1);
+    assert!(!with_batches[0].1.contains_key(ttl));
+    let reports = cap.compact_and_verify(&["public.a", "public.b"]).await?;
+    assert_eq!(reports[0]["final_changes"], 2);
+    let records = flush_records(&aws, &cap.slot).await?;
+    assert!(records.iter().all(|(_, r)| r.contains_key(ttl)));
+    Ok(())
+}
