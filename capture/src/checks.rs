@@ -103,7 +103,7 @@ pub async fn run(
     let missing: Vec<String> = tables
         .iter()
         .filter(|t| !published.contains(t))
-        .map(ToString::to_string)
+        .map(|t| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name)))
         .collect();
     if !missing.is_empty() {
         findings.push(Finding::Fatal(format!(

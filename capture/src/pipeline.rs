@@ -269,13 +269,19 @@ async fn ensure_slot(
         )
         .await?;
     let initial = settings.config.snapshot == SnapshotMode::Initial;
+    // An unfinished snapshot is taken again whatever CDC_SNAPSHOT says now: its slot was made
+    // for it, and its batches wait for it (the mode only decides what a new slot gets).
     let unfinished = retry_ledger("reading the snapshot state", || ledger.load_snapshot())
         .await?
-        .filter(|state| !state.complete && initial);
+        .filter(|state| !state.complete);
+    let lease_ms = settings.lease_duration().as_millis() as i64;
     if let (None, Some(state)) = (&slot, &unfinished) {
         // Died during a retake after the slot was dropped, or before a new slot existed.
         tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: creating the slot and taking it again");
-        return retake_snapshot(settings, params, client, ledger, state, false).await;
+        return retake_snapshot(
+            settings, params, client, ledger, state, false, owner, epoch, lease_ms,
+        )
+        .await;
     }
     match slot {
         Some(row) => {
@@ -292,13 +298,20 @@ async fn ensure_slot(
             }
             if let Some(state) = unfinished {
                 tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: recreating the slot and taking it again");
-                return retake_snapshot(settings, params, client, ledger, &state, true).await;
+                return retake_snapshot(
+                    settings, params, client, ledger, &state, true, owner, epoch, lease_ms,
+                )
+                .await;
             }
             if wal_status == "lost" {
                 if settings.config.recreate_slot {
                     tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is invalidated; recreating it and taking a new snapshot, keeping what the ledger recorded");
+                    // The intent first: dying after it, the next start retakes (drops, creates).
+                    record_intent(ledger, owner, epoch).await?;
+                    fence(ledger, owner, epoch, lease_ms).await?;
                     drop_slot(client, &settings.slot).await?;
-                    return create_with_snapshot(settings, params, ledger, owner, epoch).await;
+                    return create_with_snapshot(settings, params, ledger, owner, epoch, lease_ms)
+                        .await;
                 }
                 return Err(CaptureError::Setup(format!(
                     "replication slot {:?} is invalidated (wal_status = lost): the WAL it needed was removed and \
@@ -312,7 +325,8 @@ async fn ensure_slot(
         None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => {
             if settings.config.recreate_slot {
                 tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is gone; recreating it and taking a new snapshot, keeping what the ledger recorded");
-                return create_with_snapshot(settings, params, ledger, owner, epoch).await;
+                return create_with_snapshot(settings, params, ledger, owner, epoch, lease_ms)
+                    .await;
             }
             Err(CaptureError::Setup(format!(
                 "replication slot {:?} does not exist but the ledger holds a checkpoint for it: changes since \
@@ -321,7 +335,9 @@ async fn ensure_slot(
                 settings.slot
             )))
         }
-        None if initial => create_with_snapshot(settings, params, ledger, owner, epoch).await,
+        None if initial => {
+            create_with_snapshot(settings, params, ledger, owner, epoch, lease_ms).await
+        }
         None => create_slot(settings, params, false).await,
     }
 }
@@ -336,7 +352,19 @@ async fn create_with_snapshot(
     ledger: &dyn Ledger,
     owner: &str,
     epoch: u64,
+    lease_ms: i64,
 ) -> Result<Option<ExportedSnapshot>, CaptureError> {
+    record_intent(ledger, owner, epoch).await?;
+    crash_point("after_snapshot_intent");
+    fence(ledger, owner, epoch, lease_ms).await?;
+    let exported = create_slot(settings, params, true).await?;
+    crash_point("after_slot_created");
+    Ok(exported)
+}
+
+/// Records that a slot is about to be created for a snapshot (an incomplete state with no
+/// consistent point yet), under the lease.
+async fn record_intent(ledger: &dyn Ledger, owner: &str, epoch: u64) -> Result<(), CaptureError> {
     let intent = cdc_contract::ledger::SnapshotState {
         complete: false,
         consistent_lsn: Lsn::ZERO,
@@ -346,15 +374,32 @@ async fn create_with_snapshot(
         ledger.save_snapshot(&intent, owner, epoch)
     })
     .await?;
-    crash_point("after_snapshot_intent");
-    let exported = create_slot(settings, params, true).await?;
-    crash_point("after_slot_created");
-    Ok(exported)
+    Ok(())
+}
+
+/// Proves this task still holds the lease right before it drops or creates the slot: a task
+/// whose lease lapsed during slow start-up steps (retries) must not touch a successor's slot.
+async fn fence(
+    ledger: &dyn Ledger,
+    owner: &str,
+    epoch: u64,
+    lease_ms: i64,
+) -> Result<(), CaptureError> {
+    match retry_ledger("renewing the lease", || {
+        ledger.renew_lease(owner, epoch, lease_ms)
+    })
+    .await
+    {
+        Ok(()) => Ok(()),
+        Err(e @ LedgerError::Transient(_)) => Err(e.into()),
+        Err(e) => Err(CaptureError::LeaseLost(e.to_string())),
+    }
 }
 
 /// Takes an unfinished initial snapshot again: retires its batches, drops the slot (when it
 /// exists), creates it anew. The incomplete state stays recorded until the new snapshot records
 /// its own, so dying at any step leads the next start here again.
+#[allow(clippy::too_many_arguments)]
 async fn retake_snapshot(
     settings: &Settings,
     params: &ConnectParams,
@@ -362,6 +407,9 @@ async fn retake_snapshot(
     ledger: &dyn Ledger,
     state: &cdc_contract::ledger::SnapshotState,
     slot_exists: bool,
+    owner: &str,
+    epoch: u64,
+    lease_ms: i64,
 ) -> Result<Option<ExportedSnapshot>, CaptureError> {
     let retired = retry_ledger("retiring the abandoned snapshot", || {
         ledger.retire_snapshot(state)
@@ -370,9 +418,11 @@ async fn retake_snapshot(
     tracing::info!(retired, "batches of the abandoned snapshot retired");
     crash_point("after_snapshot_retired");
     if slot_exists {
+        fence(ledger, owner, epoch, lease_ms).await?;
         drop_slot(client, &settings.slot).await?;
         crash_point("after_slot_dropped");
     }
+    fence(ledger, owner, epoch, lease_ms).await?;
     let exported = create_slot(settings, params, true).await?;
     crash_point("after_slot_created");
     Ok(exported)
@@ -555,6 +605,24 @@ async fn stream(
                 }
             }
         }
+        // The slot must not be ahead of the ledger: PostgreSQL would silently start past the
+        // checkpoint, and the changes between would be lost (a slot another task recreated).
+        if s.recorded.lsn > Lsn::ZERO {
+            match slot_confirmed(s.catalog.client(), &settings.slot).await {
+                Ok(Some(confirmed)) if confirmed > s.recorded.lsn => {
+                    return Err(CaptureError::Setup(format!(
+                        "replication slot {:?} is confirmed up to {confirmed}, past the ledger's checkpoint {}: \
+                         changes between them are gone (was the slot recreated by another task?). Start the \
+                         capture with CDC_RECREATE_SLOT=true after dropping the slot to fill the gap with a new snapshot",
+                        settings.slot, s.recorded.lsn
+                    )));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error, "reading the slot's confirmed position failed")
+                }
+            }
+        }
         let conn = match connect_and_start(settings, &params, s.recorded.lsn).await {
             Ok(c) => {
                 attempt = 0;
@@ -588,6 +656,22 @@ async fn stream(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The slot's `confirmed_flush_lsn` (None: no such slot, or never confirmed).
+async fn slot_confirmed(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<Lsn>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|t| t.parse().ok()))
 }
 
 async fn connect_and_start(
@@ -879,6 +963,10 @@ impl Streamer<'_> {
                 )
                 .await
             {
+                if error.is_closed() {
+                    // Reconnect (both connections): without this one no probe is proven again.
+                    return Err(CaptureError::Sql(error));
+                }
                 tracing::warn!(error = %error, "heartbeat message failed (grant EXECUTE on pg_logical_emit_message)");
             }
         }
@@ -893,6 +981,7 @@ impl Streamer<'_> {
             .await
         {
             Ok(row) => row,
+            Err(error) if error.is_closed() => return Err(CaptureError::Sql(error)),
             Err(error) => {
                 tracing::warn!(error = %error, "reading slot health failed");
                 return Ok(());
@@ -984,6 +1073,11 @@ impl Streamer<'_> {
             return Ok(());
         }
         let lsn = self.server_end.max(self.last_commit_end);
+        if self.recorded.partial.is_some_and(|p| lsn <= p.commit_lsn) {
+            // The server is resending a transaction recorded in part: nothing to record until
+            // it has come again past its recorded part.
+            return Ok(());
+        }
         // The caught-up time comes from a proven probe, never from the clock: while the server
         // is still decoding (a large transaction, a stalled stream) nothing is proven (item 14).
         let caught_up_ms = self
@@ -1285,10 +1379,12 @@ impl Streamer<'_> {
     }
 }
 
-/// How far a checkpoint reaches: every transaction before `lsn`, then (inside a larger one) up
-/// to `partial`. `None` sorts first: nothing of the next transaction.
-fn progress(cp: &Checkpoint) -> (Lsn, Option<Position>) {
-    (cp.lsn, cp.partial)
+/// How far a checkpoint reaches: inside a transaction larger than a batch, its last recorded
+/// change; otherwise just below the first change of a transaction committing at `lsn`. A
+/// checkpoint `(X, none)` with `X` at or below a recorded `partial`'s commit is behind it, not
+/// ahead: it does not cover that transaction's recorded changes.
+fn progress(cp: &Checkpoint) -> Position {
+    cp.partial.unwrap_or(Position::new(cp.lsn, 0))
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -1353,4 +1449,32 @@ async fn relation_of(
         },
         order_by,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cp(lsn: u64, partial: Option<(u64, u32)>) -> Checkpoint {
+        Checkpoint {
+            lsn: Lsn(lsn),
+            partial: partial.map(|(l, o)| Position::new(Lsn(l), o)),
+            ..Default::default()
+        }
+    }
+
+    /// A checkpoint inside a large transaction (its commit at 500, recorded through change 7)
+    /// is ahead of a position the server proved before that commit, and behind one after it.
+    #[test]
+    fn progress_orders_checkpoints_by_what_they_cover() {
+        let inside = cp(100, Some((500, 7)));
+        assert!(progress(&cp(400, None)) < progress(&inside));
+        assert!(
+            progress(&cp(500, None)) < progress(&inside),
+            "a commit at 500 is not covered by lsn 500"
+        );
+        assert!(progress(&cp(501, None)) > progress(&inside));
+        assert!(progress(&cp(100, Some((500, 8)))) > progress(&inside));
+        assert!(progress(&cp(100, None)) < progress(&inside));
+    }
 }

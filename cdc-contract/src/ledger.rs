@@ -537,6 +537,10 @@ pub struct HourRecord {
     pub claim_until_ms: i64,
     /// Last change (ms since the epoch).
     pub updated_ms: i64,
+    /// When an attempt cleaned up after one whose claim lapsed, that attempt may still be alive
+    /// and complete an upload later: the hour's prefixes are listed again once this time has
+    /// passed (ms since the epoch; 0: nothing to recheck).
+    pub recheck_after_ms: i64,
 }
 
 impl HourRecord {
@@ -553,6 +557,7 @@ impl HourRecord {
             claim_attempt: String::new(),
             claim_until_ms: 0,
             updated_ms: 0,
+            recheck_after_ms: 0,
         }
     }
 
@@ -573,6 +578,7 @@ impl HourRecord {
             ("claim_attempt".to_owned(), s(self.claim_attempt.clone())),
             ("claim_until_ms".to_owned(), n(self.claim_until_ms)),
             ("updated_ms".to_owned(), n(self.updated_ms)),
+            ("recheck_after_ms".to_owned(), n(self.recheck_after_ms)),
         ]);
         item
     }
@@ -595,6 +601,7 @@ impl HourRecord {
             claim_attempt: r.s_opt("claim_attempt").unwrap_or_default().to_owned(),
             claim_until_ms: r.n_opt("claim_until_ms")?.unwrap_or(0),
             updated_ms: r.n_opt("updated_ms")?.unwrap_or(0),
+            recheck_after_ms: r.n_opt("recheck_after_ms")?.unwrap_or(0),
         })
     }
 }

@@ -757,8 +757,11 @@ impl Compactor {
             .collect();
         let now = now_ms();
         let unreleased = record.version > 0 && record.claim_until_ms != 0;
+        // A cleanup after a lapsed attempt is checked again once that attempt can no longer
+        // complete an upload (issue 15, item 11).
+        let recheck_due = record.recheck_after_ms != 0 && now >= record.recheck_after_ms;
         let mut record = record;
-        if !todo.is_empty() || unreleased {
+        if !todo.is_empty() || unreleased || recheck_due {
             if record.claim_until_ms >= now {
                 tracing::info!(slot = %slot.slot, table = %job.table, hour = %job.hour, attempt = %record.claim_attempt, "hour is being compacted by another attempt");
                 report.state = HourState::Busy;
@@ -795,10 +798,18 @@ impl Compactor {
                 last_renew_ms: now,
                 report,
             };
+            let straggler_window = self.config.straggler_window.as_millis() as i64;
             let result = async {
-                if unreleased {
+                if unreleased || recheck_due {
                     run.remove_unrecorded_files().await?;
                     run.write_manifests().await?;
+                    // After a lapsed attempt, list again once it can no longer upload; a
+                    // recheck that found the hour clean ends it.
+                    run.record.recheck_after_ms = if unreleased && straggler_window > 0 {
+                        now_ms() + straggler_window
+                    } else {
+                        0
+                    };
                 }
                 if !todo.is_empty() {
                     run.write_parts(todo).await?;
@@ -861,7 +872,9 @@ impl Compactor {
         }
 
         let all_consumed = valid.iter().all(|b| through.is_some_and(|w| b.last <= w));
-        report.state = if undecided || !all_consumed {
+        // A recheck still to come keeps the pending marker, so a sweep returns to the hour.
+        let recheck_waiting = record.recheck_after_ms != 0;
+        report.state = if undecided || !all_consumed || recheck_waiting {
             HourState::Pending
         } else {
             match &job.marker {

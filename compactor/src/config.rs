@@ -137,6 +137,15 @@ pub struct Settings {
         default_value = "120"
     )]
     pub hour_claim_seconds: String,
+    /// How long an attempt whose claim lapsed may still complete an upload (seconds): the
+    /// attempt that cleans up after it lists the hour again once this has passed, so a late
+    /// upload never stays as a stray file. At least the Lambda's timeout; 0 turns rechecks off.
+    #[arg(
+        long = "straggler-window-seconds",
+        env = "STRAGGLER_WINDOW_SECONDS",
+        default_value = "900"
+    )]
+    pub straggler_window_seconds: String,
     /// Table-hours compacted at once.
     #[arg(
         long = "compact-concurrency",
@@ -195,6 +204,8 @@ pub struct Config {
     pub aws_attempt_timeout: Duration,
     /// Claim duration.
     pub hour_claim: Duration,
+    /// How long a lapsed attempt may still complete an upload (zero: no recheck).
+    pub straggler_window: Duration,
     /// Hours compacted at once.
     pub concurrency: usize,
     /// Log format.
@@ -218,6 +229,7 @@ impl Config {
             dead_letter_queue_url: None,
             aws_attempt_timeout: Duration::from_secs(30),
             hour_claim: Duration::from_secs(120),
+            straggler_window: Duration::from_secs(900),
             concurrency: 2,
             log_format: LogFormat::Text,
         }
@@ -316,6 +328,7 @@ impl Settings {
         if claim == 0 {
             return Err(bad("HOUR_CLAIM_SECONDS", "must be at least 1"));
         }
+        let straggler: u64 = number("STRAGGLER_WINDOW_SECONDS", &self.straggler_window_seconds)?;
         let concurrency: usize = number("COMPACT_CONCURRENCY", &self.concurrency)?;
         if concurrency == 0 || concurrency > 64 {
             return Err(bad("COMPACT_CONCURRENCY", "must be between 1 and 64"));
@@ -348,6 +361,7 @@ impl Settings {
             dead_letter_queue_url,
             aws_attempt_timeout: Duration::from_millis(attempt_ms),
             hour_claim: Duration::from_secs(claim),
+            straggler_window: Duration::from_secs(straggler),
             concurrency,
             log_format,
         })

@@ -528,9 +528,12 @@ impl Ledger for DynamoLedger {
                 items::hour_pk(slot, &record.table),
                 items::hour_sk(record.hour),
             )))
-            .update_expression("SET claim_until_ms = :zero, updated_ms = :now")
+            .update_expression(
+                "SET claim_until_ms = :zero, updated_ms = :now, recheck_after_ms = :recheck",
+            )
             .condition_expression("version = :v AND claim_attempt = :me")
             .expression_attribute_values(":zero", items::n(0))
+            .expression_attribute_values(":recheck", items::n(record.recheck_after_ms))
             .expression_attribute_values(":now", items::n(crate::now_ms()))
             .expression_attribute_values(":v", items::n(record.version))
             .expression_attribute_values(":me", items::s(record.claim_attempt.clone()))

@@ -302,6 +302,9 @@ export class PipelineStack extends Stack {
       PART_MAX_BYTES: String(config.compactor.partMaxBytes),
       PARQUET_COMPRESSION: config.compactor.parquetCompression,
       DEAD_LETTER_QUEUE_URL: this.deadLetterNotices.queueUrl,
+      // An attempt that lost its claim lives at most the function's timeout: past it, no late
+      // upload can land, and the hour is listed once more for strays.
+      STRAGGLER_WINDOW_SECONDS: String(config.compactor.timeoutSeconds + 60),
       LOG_FORMAT: 'json',
     };
     if (config.compactor.slotFilter) environment.CDC_SLOT_NAME = config.compactor.slotFilter;

@@ -263,6 +263,7 @@ describe('config.example.json', () => {
         PART_MAX_BYTES: String(128 * 1024 * 1024),
         PARQUET_COMPRESSION: 'snappy',
         DEAD_LETTER_QUEUE_URL: `<${notices}>`,
+        STRAGGLER_WINDOW_SECONDS: '360',
         LOG_FORMAT: 'json',
       });
     });

@@ -49,6 +49,7 @@ fn at(minute: i64, second: i64) -> i64 {
 fn config(aws: &AwsFixture) -> Config {
     let mut c = Config::new(&aws.bucket, &aws.table);
     c.hour_claim = Duration::from_secs(2);
+    c.straggler_window = Duration::from_secs(2);
     c
 }
 
@@ -944,6 +945,9 @@ impl ObjectStore for MortalStore {
     }
 }
 
+/// A compaction killed between uploading a part and recording it: the next run removes the
+/// unrecorded files, and (issue 15, item 11) lists the hour again once the dead attempt could no
+/// longer complete an upload, so a late one does not stay as a stray file.
 #[tokio::test]
 async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() -> anyhow::Result<()>
 {
@@ -1013,8 +1017,43 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let resumed = c.sweep(&SweepRequest::default()).await?;
     assert!(resumed.failures.is_empty(), "{:?}", resumed.failures);
-    assert_eq!(resumed.hours[0].state, HourState::Done);
     assert_eq!(resumed.hours[0].stale_files_removed, 2);
+    // The dead attempt might still be alive and finish an upload later (issue 15, item 11): a
+    // stalled PUT of its next part completes after the cleanup listed the hour. The hour stays
+    // pending until the straggler window has passed, then is listed again.
+    assert_eq!(resumed.hours[0].state, HourState::Pending);
+    let late_keys: Vec<String> = left_behind
+        .iter()
+        .map(|k| {
+            k.replace(
+                &format!("-001-{doomed_attempt}"),
+                &format!("-002-{doomed_attempt}"),
+            )
+        })
+        .collect();
+    for key in &late_keys {
+        aws.s3
+            .put_object()
+            .bucket(&aws.bucket)
+            .key(key)
+            .body(b"a late upload".to_vec().into())
+            .send()
+            .await?;
+    }
+    let early = c.sweep(&SweepRequest::default()).await?;
+    assert_eq!(
+        early.hours[0].state,
+        HourState::Pending,
+        "the window has not passed"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let rechecked = c.sweep(&SweepRequest::default()).await?;
+    assert!(rechecked.failures.is_empty(), "{:?}", rechecked.failures);
+    assert_eq!(rechecked.hours[0].state, HourState::Done);
+    assert_eq!(
+        rechecked.hours[0].stale_files_removed, 2,
+        "the late upload is removed"
+    );
 
     let all = parts(&aws, "slot_kill", &t, hour()).await?;
     assert_eq!(all[0], recorded[0], "the recorded part is kept as it was");

@@ -882,3 +882,120 @@ async fn flush_records_expire_once_their_hours_are_compacted() -> anyhow::Result
     assert!(records.iter().all(|(_, r)| r.contains_key(ttl)));
     Ok(())
 }
+
+/// Review of issue 15: a slot that is ahead of the ledger (recreated by another task, or by
+/// hand) would make PostgreSQL start past the checkpoint and silently skip what lies between.
+/// The capture refuses to stream from it, naming the way out.
+#[tokio::test]
+async fn a_slot_ahead_of_the_ledger_is_refused() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    pg.execute(&db, "INSERT INTO t VALUES (1)").await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    pg.execute(&db, "INSERT INTO t VALUES (2)").await?;
+    // The slot is recreated behind the capture's back: row 2 is before its start.
+    pg.execute(
+        &db,
+        &format!("SELECT pg_drop_replication_slot('{}')", cap.slot),
+    )
+    .await?;
+    pg.connect(&db)
+        .await?
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&cap.slot],
+        )
+        .await?;
+    pg.execute(&db, "INSERT INTO t VALUES (3)").await?;
+    let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("past the ledger's checkpoint"), "{stderr}");
+    assert_eq!(ids(&cap.recorded_events("public.t").await?), vec![1]);
+    Ok(())
+}
+
+/// Review of issue 15: an initial snapshot that died is taken again even when the capture is
+/// restarted with `CDC_SNAPSHOT=never` (before, it was ignored: the rows not read yet were lost
+/// and its batches waited for ever).
+#[tokio::test]
+async fn an_unfinished_snapshot_is_retaken_whatever_the_snapshot_mode() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 2000) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("FLUSH_MAX_BYTES".into(), "65536".into()));
+    cap.env
+        .push(("CDC_TEST_CRASH_AT".into(), "after_record".into()));
+    let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+    assert!(!out.status.success());
+    cap.env.pop();
+    cap.env.push(("CDC_SNAPSHOT".into(), "never".into()));
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(ids(&events), (1..=2000).collect::<Vec<_>>());
+    let reports = cap.compact_and_verify(&["public.t"]).await?;
+    assert_eq!(reports[0]["final_changes"], 2000);
+    Ok(())
+}
+
+/// Review of issue 15: the caught-up time comes from probes read over the SQL connection; when
+/// only that connection dies, the capture reconnects it, and the caught-up time keeps moving
+/// (hours keep closing on an idle database).
+#[tokio::test]
+async fn the_caught_up_time_keeps_moving_after_the_sql_connection_dies() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(&pg, "CREATE TABLE t (id int PRIMARY KEY)").await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("HEARTBEAT_INTERVAL_MS".into(), "300".into()));
+    cap.create_publication_and_slot().await?;
+    let child = cap.spawn(&[])?;
+    wait_for("a caught-up time", Duration::from_secs(60), || async {
+        Ok(cap.checkpoint().await?.and_then(|c| c.caught_up_ms))
+    })
+    .await
+    .with_context(|| cap.log())?;
+    let client = pg.connect(&db).await?;
+    let killed = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'pg-cdc-s3-capture' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await?
+        .get::<_, i64>(0);
+    assert_eq!(killed, 1, "the capture's SQL connection");
+    let cut_ms = chrono_now_ms();
+    wait_for(
+        "a caught-up time after the cut",
+        Duration::from_secs(60),
+        || async {
+            Ok(cap
+                .checkpoint()
+                .await?
+                .and_then(|c| c.caught_up_ms)
+                .filter(|t| *t > cut_ms + 1000))
+        },
+    )
+    .await
+    .with_context(|| cap.log())?;
+    stop(&cap, child).await?;
+    Ok(())
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
