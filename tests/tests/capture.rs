@@ -845,8 +845,11 @@ async fn aws_errors_and_lost_replies_neither_stop_the_capture_nor_lose_or_double
         "every change recorded",
         Duration::from_secs(120),
         || async {
+            // Both tables: a flush's pending markers are written after its commit, and a
+            // failed one is written again by the flush's retry, so one table may lag the other.
             let n = cap.recorded_events("public.t").await?.len();
-            Ok((n >= expected_t).then_some(n))
+            let m = cap.recorded_events("public.u").await?.len();
+            Ok((n >= expected_t && m >= 20).then_some(n))
         },
     )
     .await?;
@@ -1034,7 +1037,7 @@ async fn start_up_checks_fire_on_databases_that_trip_them() -> anyhow::Result<()
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        log.contains("CDC_TABLES: public.nokey not in publication"),
+        log.contains("CDC_TABLES: ") && log.contains("nokey") && log.contains("not in publication"),
         "{log}"
     );
 
