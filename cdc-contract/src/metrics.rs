@@ -80,6 +80,8 @@ metric_names! {
     DEAD_LETTER_RECORDS = "DeadLetterRecords";
     /// Closed hours still pending after a run.
     PENDING_HOURS = "PendingHours";
+    /// Age of the oldest closed hour still pending after a run (seconds past its end).
+    OLDEST_PENDING_HOUR_AGE = "OldestPendingHourAge";
 }
 
 /// One CloudWatch Embedded Metric Format line with the slot and table dimensions (the opt-in

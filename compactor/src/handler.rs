@@ -65,6 +65,17 @@ pub enum HandlerError {
     /// The sweep could not run (the ledger is unreachable).
     #[error("sweep failed: {0}")]
     Sweep(#[from] crate::ledger::LedgerError),
+    /// The sweep ran, but hours (or slots) failed: the invocation fails so the platform sees it
+    /// (the Lambda's Errors metric and alarm); the report went to the log.
+    #[error("{count} hour(s) or slot(s) failed, first: {first}")]
+    HoursFailed {
+        /// How many.
+        count: usize,
+        /// The first failure, as `slot table hour: error`.
+        first: String,
+        /// True when every failure may go away by itself.
+        transient: bool,
+    },
 }
 
 impl HandlerError {
@@ -73,6 +84,7 @@ impl HandlerError {
         match self {
             HandlerError::BadEvent(_) => false,
             HandlerError::Sweep(e) => e.is_transient(),
+            HandlerError::HoursFailed { transient, .. } => *transient,
         }
     }
 }
@@ -165,17 +177,52 @@ fn report_json(report: &SweepReport) -> Value {
     serde_json::to_value(report).unwrap_or(Value::Null)
 }
 
+/// The report as the answer, or an error when anything failed.
+fn answer(report: &SweepReport) -> Result<Value, HandlerError> {
+    let Some(first) = report.failures.first() else {
+        return Ok(report_json(report));
+    };
+    tracing::error!(report = %report_json(report), "sweep finished with failures");
+    Err(HandlerError::HoursFailed {
+        count: report.failures.len(),
+        first: format!(
+            "{} {} {}: {}",
+            first.slot,
+            first.table.as_deref().unwrap_or("-"),
+            first.hour.as_deref().unwrap_or("-"),
+            first.error
+        ),
+        transient: report.failures.iter().all(|f| f.transient),
+    })
+}
+
+/// True when `note` names an hour that failed in `report` (or its slot failed as a whole).
+fn names_a_failure(note: &Notification, report: &SweepReport) -> bool {
+    report.failures.iter().any(|f| {
+        f.slot == note.slot
+            && match (&f.table, &f.hour) {
+                (Some(table), Some(hour)) => note
+                    .hours
+                    .iter()
+                    .any(|h| h.table.to_string() == *table && h.hour.to_string() == *hour),
+                _ => true,
+            }
+    })
+}
+
 impl Compactor {
     /// Answers one Lambda event.
     pub async fn handle(&self, event: Value) -> Result<Value, HandlerError> {
         match parse_trigger(&event)? {
             Trigger::Sqs(messages) => {
                 let mut failures = Vec::new();
+                let mut notes = Vec::new();
                 for m in &messages {
                     let parsed = m.body.as_deref().map(serde_json::from_str::<Notification>);
                     match parsed {
                         Some(Ok(note)) => {
-                            tracing::debug!(message = %m.id, slot = %note.slot, flush = %note.flush_id, "notification")
+                            tracing::debug!(message = %m.id, slot = %note.slot, flush = %note.flush_id, "notification");
+                            notes.push((m.id.clone(), note));
                         }
                         Some(Err(e)) => {
                             tracing::warn!(message = %m.id, error = %e, "notification does not parse");
@@ -189,6 +236,14 @@ impl Compactor {
                 }
                 match self.sweep(&SweepRequest::default()).await {
                     Ok(report) => {
+                        // A message naming an hour that failed is reported failed: SQS delivers it
+                        // again, and after the queue's receive limit it lands in the dead-letter
+                        // queue, whose alarm fires.
+                        for (id, note) in &notes {
+                            if names_a_failure(note, &report) {
+                                failures.push(ItemFailure { id: id.clone() });
+                            }
+                        }
                         tracing::info!(
                             messages = messages.len(),
                             bad = failures.len(),
@@ -216,7 +271,7 @@ impl Compactor {
                         ..Default::default()
                     })
                     .await?;
-                Ok(report_json(&report))
+                answer(&report)
             }
             Trigger::Compact { table, hour, slot } => {
                 let report = self
@@ -226,7 +281,7 @@ impl Compactor {
                         slot,
                     })
                     .await?;
-                Ok(report_json(&report))
+                answer(&report)
             }
         }
     }

@@ -100,6 +100,8 @@ pub struct SweepReport {
     pub hours: Vec<HourReport>,
     /// Closed hours still pending after the run (failed, busy or waiting).
     pub pending_closed_hours: usize,
+    /// Seconds since the end of the oldest of them (0 when none).
+    pub oldest_pending_age_seconds: u64,
     /// Failures.
     pub failures: Vec<Failure>,
 }
@@ -251,18 +253,21 @@ impl Compactor {
             .collect()
             .await;
         let mut pending = 0usize;
+        let mut oldest: Option<Hour> = None;
         for (job, result) in results {
             let closed = job.hour < first_open;
             match result {
                 Ok(hour) => {
                     if closed && hour.state != HourState::Done {
                         pending += 1;
+                        oldest = Some(oldest.map_or(job.hour, |o| o.min(job.hour)));
                     }
                     report.hours.push(hour);
                 }
                 Err(e) => {
                     if closed {
                         pending += 1;
+                        oldest = Some(oldest.map_or(job.hour, |o| o.min(job.hour)));
                     }
                     tracing::error!(slot, table = %job.table, hour = %job.hour, error = %e, transient = e.is_transient(), "hour compaction failed");
                     report.failures.push(Failure {
@@ -276,7 +281,15 @@ impl Compactor {
             }
         }
         report.pending_closed_hours += pending;
-        metrics::emit(slot, &[(names::PENDING_HOURS, pending as f64)]);
+        let age = oldest.map_or(0, |h| ((now_ms() - h.end_millis()).max(0) / 1000) as u64);
+        report.oldest_pending_age_seconds = report.oldest_pending_age_seconds.max(age);
+        metrics::emit(
+            slot,
+            &[
+                (names::PENDING_HOURS, pending as f64),
+                (names::OLDEST_PENDING_HOUR_AGE, age as f64),
+            ],
+        );
         Ok(())
     }
 }

@@ -107,7 +107,10 @@ export interface PipelineConfig {
     asset: string;
     memoryMiB: number;
     timeoutSeconds: number;
-    reservedConcurrency: number;
+    /** Reserved concurrency (default: none; the account's default quota is 10, and reserving takes from it). */
+    reservedConcurrency?: number;
+    /** The SQS event source's maximum concurrency: backpressure without reserving (default 2, at least 2). */
+    maxConcurrency: number;
     batchSize: number;
     maxBatchingWindowSeconds: number;
     sweepMinutes: number;
@@ -129,6 +132,8 @@ export interface PipelineConfig {
     replicationLagSeconds: number;
     /** Minutes without any ReplicationLagSeconds datapoint before a capture counts as down (default 15). */
     captureDownMinutes: number;
+    /** OldestPendingHourAge threshold: a closed hour waiting this long past its end alarms (default 7200). */
+    pendingHourAgeSeconds: number;
   };
   sources: SourceConfig[];
 }
@@ -152,7 +157,7 @@ export const DEFAULTS = {
     asset: '../target/lambda/compactor/bootstrap.zip',
     memoryMiB: 512,
     timeoutSeconds: 300,
-    reservedConcurrency: 2,
+    maxConcurrency: 2,
     batchSize: 10,
     maxBatchingWindowSeconds: 30,
     sweepMinutes: 5,
@@ -162,7 +167,7 @@ export const DEFAULTS = {
     parquetCompression: 'snappy',
   },
   queue: { maxReceiveCount: 5 },
-  alarms: { replicationLagSeconds: 900, captureDownMinutes: 15 },
+  alarms: { replicationLagSeconds: 900, captureDownMinutes: 15, pendingHourAgeSeconds: 7200 },
   source: { port: 5432, publication: 'cdc_publication', sslMode: 'require' as SslMode, metricsPerTable: false },
 };
 
@@ -370,7 +375,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
 
   const cmp = obj('compactor', c.compactor);
   onlyKeys('compactor.', cmp, [
-    'asset', 'memoryMiB', 'timeoutSeconds', 'reservedConcurrency', 'batchSize', 'maxBatchingWindowSeconds',
+    'asset', 'memoryMiB', 'timeoutSeconds', 'reservedConcurrency', 'maxConcurrency', 'batchSize', 'maxBatchingWindowSeconds',
     'sweepMinutes', 'outputFormats', 'closeGraceSeconds', 'partMaxBytes', 'parquetCompression', 'slotFilter',
   ]);
   const outputFormats = str('compactor.outputFormats', cmp.outputFormats, DEFAULTS.compactor.outputFormats);
@@ -391,8 +396,12 @@ export function parseConfig(raw: unknown): PipelineConfig {
     asset: str('compactor.asset', cmp.asset, DEFAULTS.compactor.asset),
     memoryMiB: int('compactor.memoryMiB', cmp.memoryMiB, DEFAULTS.compactor.memoryMiB, 128, 10240),
     timeoutSeconds,
+    reservedConcurrency:
+      cmp.reservedConcurrency === undefined
+        ? undefined
+        : int('compactor.reservedConcurrency', cmp.reservedConcurrency, 0, 1, 1000),
     // The event source's maximum concurrency must be at least 2.
-    reservedConcurrency: int('compactor.reservedConcurrency', cmp.reservedConcurrency, DEFAULTS.compactor.reservedConcurrency, 2, 1000),
+    maxConcurrency: int('compactor.maxConcurrency', cmp.maxConcurrency, DEFAULTS.compactor.maxConcurrency, 2, 1000),
     batchSize: int('compactor.batchSize', cmp.batchSize, DEFAULTS.compactor.batchSize, 1, 10000),
     maxBatchingWindowSeconds: int('compactor.maxBatchingWindowSeconds', cmp.maxBatchingWindowSeconds, DEFAULTS.compactor.maxBatchingWindowSeconds, 0, 300),
     sweepMinutes: int('compactor.sweepMinutes', cmp.sweepMinutes, DEFAULTS.compactor.sweepMinutes, 1, 1440),
@@ -401,7 +410,13 @@ export function parseConfig(raw: unknown): PipelineConfig {
     partMaxBytes: int('compactor.partMaxBytes', cmp.partMaxBytes, DEFAULTS.compactor.partMaxBytes, 4096, 5 * 1024 ** 3),
     parquetCompression,
     slotFilter,
-  };
+  };  if (compactor.reservedConcurrency !== undefined && compactor.reservedConcurrency < compactor.maxConcurrency) {
+    throw new ConfigError(
+      'compactor.reservedConcurrency',
+      `must be at least compactor.maxConcurrency (${compactor.maxConcurrency}): SQS pollers beyond it are throttled into false dead-letter alarms`,
+    );
+  }
+
   if (compactor.batchSize > 10 && compactor.maxBatchingWindowSeconds === 0) {
     throw new ConfigError('compactor.batchSize', 'above 10 needs compactor.maxBatchingWindowSeconds of at least 1');
   }
@@ -411,7 +426,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
   const queue = { maxReceiveCount: int('queue.maxReceiveCount', q.maxReceiveCount, DEFAULTS.queue.maxReceiveCount, 1, 1000) };
 
   const a = obj('alarms', c.alarms);
-  onlyKeys('alarms.', a, ['email', 'replicationLagSeconds', 'captureDownMinutes']);
+  onlyKeys('alarms.', a, ['email', 'replicationLagSeconds', 'captureDownMinutes', 'pendingHourAgeSeconds']);
   const email = optStr('alarms.email', a.email);
   if (email !== undefined && !/^[^@\s]+@[^@\s]+\.[^@\s]+$/.test(email)) {
     throw new ConfigError('alarms.email', `${JSON.stringify(email)} is not an email address`);
@@ -420,6 +435,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
     email,
     replicationLagSeconds: int('alarms.replicationLagSeconds', a.replicationLagSeconds, DEFAULTS.alarms.replicationLagSeconds, 1, 7 * 86400),
     captureDownMinutes: int('alarms.captureDownMinutes', a.captureDownMinutes, DEFAULTS.alarms.captureDownMinutes, 5, 1440),
+    pendingHourAgeSeconds: int('alarms.pendingHourAgeSeconds', a.pendingHourAgeSeconds, DEFAULTS.alarms.pendingHourAgeSeconds, 300, 30 * 86400),
   };
   if (alarms.captureDownMinutes % 5 !== 0) {
     throw new ConfigError('alarms.captureDownMinutes', 'must be a multiple of 5 (the alarm period)');

@@ -91,6 +91,17 @@ export class Monitoring extends Construct {
         datapointsToAlarm: periods,
         treatMissingData: cloudwatch.TreatMissingData.BREACHING,
       });
+      alarm(`${s.name}PendingHourAge`, {
+        alarmName: `${config.stackName}-${s.name}-pending-hour-age`,
+        alarmDescription:
+          `A closed table-hour of ${s.name} (slot ${s.slotName}) has waited more than ${config.alarms.pendingHourAgeSeconds} s ` +
+          'past its end for compaction: an hour fails (see the compactor log and its Errors alarm) or the capture stopped closing hours.',
+        metric: pipelineMetric('OldestPendingHourAge', s.slotName, 'Maximum'),
+        threshold: config.alarms.pendingHourAgeSeconds,
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        evaluationPeriods: 1,
+        treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+      });
       alarm(`${s.name}SlotWal`, {
         alarmName: `${config.stackName}-${s.name}-slot-wal`,
         alarmDescription:

@@ -337,7 +337,7 @@ export class PipelineStack extends Stack {
         reportBatchItemFailures: true,
         // Never more pollers than the function may run: throttled batches would count as receives
         // and end up in the dead-letter queue.
-        maxConcurrency: config.compactor.reservedConcurrency,
+        maxConcurrency: config.compactor.maxConcurrency,
       }),
     );
 

@@ -25,7 +25,9 @@ describe('configuration', () => {
     assert.equal(c.basePath, 'cdc');
     assert.equal(c.versioned, false);
     assert.equal(c.queue.maxReceiveCount, 5);
-    assert.equal(c.compactor.reservedConcurrency, 2);
+    assert.equal(c.compactor.reservedConcurrency, undefined, 'no reserved concurrency by default');
+    assert.equal(c.compactor.maxConcurrency, 2);
+    assert.equal(c.alarms.pendingHourAgeSeconds, 7200);
     assert.equal(c.compactor.timeoutSeconds, 300);
     assert.equal(c.compactor.memoryMiB, 512);
     assert.equal(c.compactor.sweepMinutes, 5);
@@ -80,7 +82,8 @@ describe('configuration', () => {
     fails({ sources: [{ ...source, passwordSecretArn: 'arn:aws:secretsmanager:eu-west-1:123456789012:secret:x-AbCdEf', passwordSecretName: 'x' }] }, /either passwordSecretArn or passwordSecretName/);
     fails({ sources: [{ ...source, passwordSecretArn: 'arn:aws:secretsmanager:eu-west-1:123456789012:secret:x' }] }, /complete secret ARN/);
     fails({ queue: { maxReceiveCount: 0 }, sources: [source] }, /queue\.maxReceiveCount/);
-    fails({ compactor: { reservedConcurrency: 1 }, sources: [source] }, /compactor\.reservedConcurrency/);
+    fails({ compactor: { reservedConcurrency: 1 }, sources: [source] }, /compactor\.reservedConcurrency: must be at least compactor\.maxConcurrency/);
+    fails({ compactor: { maxConcurrency: 1 }, sources: [source] }, /compactor\.maxConcurrency/);
     fails({ compactor: { outputFormats: 'csv' }, sources: [source] }, /compactor\.outputFormats/);
     fails({ compactor: { timeoutSeconds: 901 }, sources: [source] }, /compactor\.timeoutSeconds/);
     fails({ alarms: { email: 'nobody' }, sources: [source] }, /alarms\.email/);

@@ -243,7 +243,7 @@ describe('config.example.json', () => {
         Handler: 'bootstrap',
         MemorySize: 512,
         Timeout: 300,
-        ReservedConcurrentExecutions: 2,
+        ReservedConcurrentExecutions: Match.absent(),
         LoggingConfig: { LogGroup: { Ref: Match.stringLikeRegexp('^CompactorLogs') } },
       });
     });
@@ -310,6 +310,18 @@ describe('config.example.json', () => {
         assert.equal(a.Namespace, 'PgCdc');
       }
       assert.deepEqual(lag.map((a) => a.Dimensions[0].Value).sort(), ['cdc_billing', 'cdc_orders']);
+    });
+
+    it('the oldest closed pending hour per source, threshold 7200 s', () => {
+      const age = alarms().filter((a) => a.MetricName === 'OldestPendingHourAge');
+      assert.equal(age.length, 2);
+      for (const a of age) {
+        assert.equal(a.Threshold, 7200);
+        assert.equal(a.Statistic, 'Maximum');
+        assert.equal(a.ComparisonOperator, 'GreaterThanThreshold');
+        assert.equal(a.TreatMissingData, 'notBreaching');
+      }
+      assert.deepEqual(age.map((a) => a.Dimensions[0].Value).sort(), ['cdc_billing', 'cdc_orders']);
     });
 
     it('a capture that is down: no lag datapoints, missing data breaching', () => {
@@ -383,6 +395,7 @@ describe('configuration overrides', () => {
       timeoutSeconds: 120,
       memoryMiB: 1024,
       reservedConcurrency: 4,
+      maxConcurrency: 3,
       batchSize: 100,
       maxBatchingWindowSeconds: 10,
       sweepMinutes: 15,
@@ -406,7 +419,7 @@ describe('configuration overrides', () => {
     template.hasResourceProperties('AWS::Lambda::EventSourceMapping', {
       BatchSize: 100,
       MaximumBatchingWindowInSeconds: 10,
-      ScalingConfig: { MaximumConcurrency: 4 },
+      ScalingConfig: { MaximumConcurrency: 3 },
     });
     template.hasResourceProperties('AWS::Events::Rule', { ScheduleExpression: 'rate(15 minutes)' });
     template.hasResourceProperties('AWS::CloudWatch::Alarm', {

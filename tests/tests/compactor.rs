@@ -1565,3 +1565,82 @@ async fn the_lambda_binary_answers_cargo_lambda_invoke_for_each_trigger() -> any
     }
     result
 }
+
+/// Issue 18, item 2: a table-hour that cannot be compacted (here its schema item is gone) reaches
+/// the platform: a sweep invocation fails (the Lambda's Errors alarm), an SQS batch reports the
+/// message naming that hour as failed and only that one (redelivered, then dead-lettered), and
+/// `OldestPendingHourAge` says how long the oldest closed hour has waited.
+#[tokio::test]
+async fn a_poisoned_hour_fails_the_invocation_and_raises_the_oldest_pending_age(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_poison").await?;
+    let notes = notes_schema();
+    let users = users_schema();
+    stager.tx(
+        at(1, 0),
+        vec![Change::insert(&notes, json!({"id": 1, "body": "x"}))],
+    );
+    stager.tx(at(2, 0), vec![Change::insert(&users, full_row(1))]);
+    stager.flush(Some(now_ms())).await?;
+    // The poison: the notes table's schema item is gone.
+    aws.dynamodb
+        .delete_item()
+        .table_name(&aws.table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(cdc_contract::ledger::schema_pk(
+                "slot_poison",
+                &notes.table,
+            )),
+        )
+        .key(
+            "sk",
+            aws_sdk_dynamodb::types::AttributeValue::S(notes.version_id()),
+        )
+        .send()
+        .await?;
+
+    let c = compactor_with(&aws, config(&aws));
+    let sweep = c.handle(json!({"action": "sweep"})).await;
+    let err = sweep.expect_err("a sweep with a failed hour fails the invocation");
+    assert!(err.to_string().contains("public.notes"), "{err}");
+    assert!(!err.is_transient(), "a missing schema needs a person");
+
+    let note = |table: &TableName| {
+        json!({
+            "slot": "slot_poison", "flush_id": "x", "commit_ms": 0, "caught_up_ms": null,
+            "hours": [{"table": table.to_string(), "hour": hour().to_string()}]
+        })
+        .to_string()
+    };
+    let answer = c
+        .handle(json!({"Records": [
+            {"messageId": "names-the-poisoned-hour", "body": note(&notes.table)},
+            {"messageId": "names-a-good-hour", "body": note(&users.table)},
+        ]}))
+        .await?;
+    assert_eq!(
+        answer,
+        json!({"batchItemFailures": [{"itemIdentifier": "names-the-poisoned-hour"}]})
+    );
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert_eq!(report.pending_closed_hours, 1);
+    let expected_age = (now_ms() - hour().end_millis()) / 1000;
+    assert!(
+        (report.oldest_pending_age_seconds as i64 - expected_age).abs() < 60,
+        "{} vs {expected_age}",
+        report.oldest_pending_age_seconds
+    );
+
+    // The binary emits it as an EMF metric line, and exits non-zero.
+    let (ok, stdout, _) = run_compactor(&aws, &["sweep"], None).await?;
+    assert!(!ok);
+    let metric = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l.get("OldestPendingHourAge").is_some())
+        .context("an OldestPendingHourAge line")?;
+    assert!(metric["OldestPendingHourAge"].as_f64().unwrap_or(0.0) > 3600.0);
+    Ok(())
+}
