@@ -15,6 +15,10 @@ pub struct Health {
     streaming: AtomicBool,
     lease: AtomicBool,
     last_recorded_ms: AtomicI64,
+    /// At start-up, while the database is unreachable or refuses the login: why. The task is
+    /// then healthy (alive, retrying; a new task would fare no better), so a first deployment
+    /// completes before the database is set up, and the CaptureDown alarm says what is wrong.
+    waiting_for_database: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -38,9 +42,24 @@ impl Health {
         self.last_recorded_ms.store(at_ms, Ordering::Relaxed);
     }
 
-    /// True when streaming under the lease.
+    /// Start-up is waiting for the database (`Some(reason)`), or no longer (`None`).
+    pub fn set_waiting_for_database(&self, reason: Option<String>) {
+        if let Ok(mut w) = self.waiting_for_database.lock() {
+            *w = reason;
+        }
+    }
+
+    fn waiting(&self) -> Option<String> {
+        self.waiting_for_database
+            .lock()
+            .ok()
+            .and_then(|w| w.clone())
+    }
+
+    /// True when streaming under the lease, or waiting at start-up for the database.
     pub fn healthy(&self) -> bool {
-        self.streaming.load(Ordering::Relaxed) && self.lease.load(Ordering::Relaxed)
+        (self.streaming.load(Ordering::Relaxed) && self.lease.load(Ordering::Relaxed))
+            || self.waiting().is_some()
     }
 
     fn body(&self) -> String {
@@ -49,6 +68,7 @@ impl Health {
             "streaming": self.streaming.load(Ordering::Relaxed),
             "lease": self.lease.load(Ordering::Relaxed),
             "last_recorded_ms": self.last_recorded_ms.load(Ordering::Relaxed),
+            "waiting_for_database": self.waiting(),
         })
         .to_string()
     }

@@ -526,7 +526,12 @@ async fn stream(
 ) -> Result<Stopped, CaptureError> {
     let params = connect_params(settings)?;
     let checkpoint = deps.ledger.load_checkpoint().await?;
-    let catalog = Catalog::new(crate::catalog::connect(&params).await?);
+    let Some(client) =
+        connect_at_start(settings, &params, &deps.health, shutdown, lease_lost).await?
+    else {
+        return Ok(Stopped::Shutdown);
+    };
+    let catalog = Catalog::new(client);
     let exported = ensure_slot(
         settings,
         &params,
@@ -672,6 +677,98 @@ async fn slot_confirmed(
     Ok(row
         .and_then(|r| r.get::<_, Option<String>>(0))
         .and_then(|t| t.parse().ok()))
+}
+
+/// Why a first connection failed, and what fixes it, when waiting may help: the database is
+/// unreachable or refuses the login (a first deployment before its password secret or security
+/// group is set up). None for anything else (a missing database, bad TLS settings): definite.
+fn waiting_reason(error: &tokio_postgres::Error, settings: &Settings) -> Option<String> {
+    let cfg = &settings.config;
+    match error.code().map(|c| c.code()) {
+        Some("28P01") | Some("28000") => Some(format!(
+            "the database refused the login of {:?}: set the password in POSTGRES_PASSWORD (the \
+             deployment's secret) and allow the user in pg_hba.conf",
+            settings.username
+        )),
+        Some("57P03") | Some("53300") => Some(
+            "the database cannot take a connection now (starting up, or too many connections)"
+                .into(),
+        ),
+        Some(_) => None,
+        None if !unreachable(error) => None,
+        None => Some(format!(
+            "cannot reach {}:{}: check POSTGRES_HOST, POSTGRES_PORT and the network path (the \
+             database's security group must admit the capture)",
+            cfg.host, cfg.port
+        )),
+    }
+}
+
+/// True when a connection failed on the network path (refused, reset, timed out, no route, a
+/// name that does not resolve yet), not on TLS or a protocol error.
+fn unreachable(error: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | NotConnected
+                    | AddrNotAvailable
+                    | HostUnreachable
+                    | NetworkUnreachable
+            ) || io.to_string().contains("lookup address");
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The first SQL connection. While the database is unreachable or refuses the login, retries
+/// with backoff (up to 30 s), logging the reason and the fix; `/healthz` stays healthy meanwhile.
+/// None when shutdown was asked for.
+async fn connect_at_start(
+    settings: &Settings,
+    params: &ConnectParams,
+    health: &crate::health::Health,
+    shutdown: &CancellationToken,
+    lease_lost: &CancellationToken,
+) -> Result<Option<tokio_postgres::Client>, CaptureError> {
+    let mut attempt = 0u32;
+    loop {
+        match crate::catalog::connect(params).await {
+            Ok(client) => {
+                if attempt > 0 {
+                    tracing::info!("connected to the database");
+                }
+                health.set_waiting_for_database(None);
+                return Ok(Some(client));
+            }
+            Err(e) => {
+                let Some(reason) = waiting_reason(&e, settings) else {
+                    return Err(e.into());
+                };
+                let wait = Duration::from_millis((1000u64 << attempt.min(5)).min(30_000));
+                // A server error displays as "db error"; its message says what was refused.
+                let detail = match e.as_db_error() {
+                    Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                    None => e.to_string(),
+                };
+                tracing::error!(error = %detail, reason = %reason, retry_in_ms = wait.as_millis() as u64, "waiting for the database");
+                health.set_waiting_for_database(Some(reason));
+                attempt += 1;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = lease_lost.cancelled() => return Err(CaptureError::LeaseLost("renewal failed".into())),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
 }
 
 async fn connect_and_start(

@@ -573,14 +573,19 @@ async fn bad_settings_fail_fast_naming_the_setting() -> anyhow::Result<()> {
             "{env:?}: error does not name {setting}: {err}"
         );
     }
-    // A wrong password: a clear error that never prints the password.
-    let out = cap
-        .command()?
-        .env("POSTGRES_PASSWORD", "s3cr3t-Pa55")
-        .output()
-        .await?;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    // A wrong password: the capture waits for it to be fixed (a first deployment's secret may
+    // not be set yet), with a clear reason that never prints the password.
+    let mut cap = cap;
+    cap.env
+        .push(("POSTGRES_PASSWORD".into(), "s3cr3t-Pa55".into()));
+    let mut child = cap.spawn(&[])?;
+    pipeline_tests::wait_for("the refusal logged", Duration::from_secs(30), || async {
+        Ok(cap.log().contains("waiting for the database").then_some(()))
+    })
+    .await?;
+    child.start_kill()?;
+    child.wait().await?;
+    let err = cap.log();
     assert!(err.contains("password authentication failed"), "{err}");
     assert!(
         !err.contains("s3cr3t-Pa55"),
@@ -1330,5 +1335,53 @@ async fn every_metric_line_is_emf_with_documented_names() -> anyhow::Result<()> 
     }
     assert_eq!(rows.get("public.t"), Some(&30.0), "{rows:?}");
     assert_eq!(rows.get("public.u"), Some(&7.0), "{rows:?}");
+    Ok(())
+}
+
+/// Issue 18, item 1: a first deployment whose database refuses the login (the password secret not
+/// set yet) does not crash-loop into a rollback: the capture stays up and healthy, says why and
+/// what fixes it, and once the login is fixed it goes on without a restart.
+#[tokio::test]
+async fn a_capture_whose_login_is_refused_waits_healthy_and_goes_on_once_fixed(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE ROLE cdc LOGIN SUPERUSER PASSWORD 'not-yet'",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.create_publication_and_slot().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    cap.env.extend([
+        ("HEALTH_PORT".into(), port.to_string()),
+        ("POSTGRES_USER".into(), "cdc".into()),
+        ("POSTGRES_PASSWORD".into(), "the-secret".into()),
+    ]);
+    let mut child = cap.spawn(&[])?;
+    pipeline_tests::wait_for(
+        "the login refused twice",
+        Duration::from_secs(60),
+        || async { Ok((cap.log().matches("waiting for the database").count() >= 2).then_some(())) },
+    )
+    .await?;
+    assert!(child.try_wait()?.is_none(), "the capture keeps waiting");
+    assert!(cap.log().contains("POSTGRES_PASSWORD"), "{}", cap.log());
+    assert!(healthcheck(&cap, port).await?, "healthy while it waits");
+
+    pg.execute(&db, "ALTER ROLE cdc PASSWORD 'the-secret'")
+        .await?;
+    pg.execute(&db, "INSERT INTO t VALUES (1), (2)").await?;
+    pipeline_tests::wait_for("the rows recorded", Duration::from_secs(90), || async {
+        Ok((cap.recorded_events("public.t").await?.len() == 2).then_some(()))
+    })
+    .await
+    .with_context(|| cap.log())?;
+    assert!(child.try_wait()?.is_none(), "no restart");
+    assert!(cap.log().contains("connected to the database"));
+    child.start_kill()?;
     Ok(())
 }
