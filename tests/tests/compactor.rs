@@ -134,7 +134,7 @@ fn python_json(script: &str, args: &[&str]) -> anyhow::Result<Value> {
 /// JSON-comparable forms (decimals and timestamps as text, bytes as base64, DuckDB's zoned
 /// timestamps as epoch microseconds).
 const READ_PARQUET: &str = r#"
-import sys, json, base64, math, decimal, datetime
+import os, sys, json, base64, math, decimal, datetime
 import pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq, duckdb
 root = sys.argv[1]
 def conv(v):
@@ -172,6 +172,9 @@ cols = [f'epoch_us("{n}") AS "{n}"' if t == "TIMESTAMP WITH TIME ZONE" else f'"{
 rel = con.sql(f"SELECT {', '.join(cols)} FROM {src} ORDER BY _lsn, _seq")
 out["duckdb"] = {"types": types, "rows": [dict(zip(rel.columns, [conv(x) for x in row])) for row in rel.fetchall()]}
 print(json.dumps(out))
+# pyarrow's thread pools can abort the interpreter's teardown; the answer is printed.
+sys.stdout.flush()
+os._exit(0)
 "#;
 
 /// Downloads every object under `prefix` into `dir`, keeping the keys as paths.
