@@ -237,8 +237,9 @@ impl Config {
                     .map_err(|e| bad("CDC_TABLES", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if self.flush_max_bytes < 1024 {
-            return Err(bad("FLUSH_MAX_BYTES", "must be at least 1024"));
+        // Each buffered table-hour holds at least 1 KiB: below this, a flush per change.
+        if self.flush_max_bytes < 65_536 {
+            return Err(bad("FLUSH_MAX_BYTES", "must be at least 65536"));
         }
         if self.flush_interval_ms == 0 {
             return Err(bad("FLUSH_INTERVAL_MS", "must be positive"));
