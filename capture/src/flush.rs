@@ -74,7 +74,8 @@ pub struct Flusher {
     pub crash_at: Option<String>,
 }
 
-fn backoff(attempt: u32) -> Duration {
+/// The wait before retry number `attempt` of an AWS call: 100–200 ms doubling to 5–10 s, jittered.
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let ms = 200u64.saturating_mul(1 << attempt.min(6)).min(10_000);
     Duration::from_millis(ms / 2 + rand::random_range(0..=ms / 2))
 }

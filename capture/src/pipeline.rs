@@ -215,7 +215,7 @@ fn crash_point(point: &str) {
     }
 }
 
-/// Retries a ledger call while it fails transiently (backoff up to 10 s, for about five
+/// Retries a ledger call while it fails transiently (the flushes' backoff, for about five
 /// minutes), so one lost reply at start-up neither stops the capture nor leaves a step half done.
 async fn retry_ledger<T, F, Fut>(what: &str, mut call: F) -> Result<T, LedgerError>
 where
@@ -226,7 +226,7 @@ where
     loop {
         match call().await {
             Err(e) if e.is_transient() && attempt < 40 => {
-                let wait = Duration::from_millis((200u64 << attempt.min(6)).min(10_000));
+                let wait = crate::flush::backoff(attempt);
                 tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "{what} failed; retrying");
                 tokio::time::sleep(wait).await;
                 attempt += 1;
@@ -306,12 +306,13 @@ async fn ensure_slot(
             if wal_status == "lost" {
                 if settings.config.recreate_slot {
                     tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is invalidated; recreating it and taking a new snapshot, keeping what the ledger recorded");
-                    // The intent first: dying after it, the next start retakes (drops, creates).
-                    record_intent(ledger, owner, epoch).await?;
-                    fence(ledger, owner, epoch, lease_ms).await?;
-                    drop_slot(client, &settings.slot).await?;
-                    return create_with_snapshot(settings, params, ledger, owner, epoch, lease_ms)
-                        .await;
+                    // The intent first: from then on this is a retake (drop, create), and dying
+                    // anywhere leads the next start to retake again.
+                    let intent = record_intent(ledger, owner, epoch).await?;
+                    return retake_snapshot(
+                        settings, params, client, ledger, &intent, true, owner, epoch, lease_ms,
+                    )
+                    .await;
                 }
                 return Err(CaptureError::Setup(format!(
                     "replication slot {:?} is invalidated (wal_status = lost): the WAL it needed was removed and \
@@ -363,8 +364,12 @@ async fn create_with_snapshot(
 }
 
 /// Records that a slot is about to be created for a snapshot (an incomplete state with no
-/// consistent point yet), under the lease.
-async fn record_intent(ledger: &dyn Ledger, owner: &str, epoch: u64) -> Result<(), CaptureError> {
+/// consistent point yet), under the lease; returns it.
+async fn record_intent(
+    ledger: &dyn Ledger,
+    owner: &str,
+    epoch: u64,
+) -> Result<cdc_contract::ledger::SnapshotState, CaptureError> {
     let intent = cdc_contract::ledger::SnapshotState {
         complete: false,
         consistent_lsn: Lsn::ZERO,
@@ -374,7 +379,7 @@ async fn record_intent(ledger: &dyn Ledger, owner: &str, epoch: u64) -> Result<(
         ledger.save_snapshot(&intent, owner, epoch)
     })
     .await?;
-    Ok(())
+    Ok(intent)
 }
 
 /// Proves this task still holds the lease right before it drops or creates the slot: a task
@@ -411,11 +416,14 @@ async fn retake_snapshot(
     epoch: u64,
     lease_ms: i64,
 ) -> Result<Option<ExportedSnapshot>, CaptureError> {
-    let retired = retry_ledger("retiring the abandoned snapshot", || {
-        ledger.retire_snapshot(state)
-    })
-    .await?;
-    tracing::info!(retired, "batches of the abandoned snapshot retired");
+    // An intent (no consistent point yet) never wrote a batch: nothing to look for.
+    if state.consistent_lsn > Lsn::ZERO {
+        let retired = retry_ledger("retiring the abandoned snapshot", || {
+            ledger.retire_snapshot(state)
+        })
+        .await?;
+        tracing::info!(retired, "batches of the abandoned snapshot retired");
+    }
     crash_point("after_snapshot_retired");
     if slot_exists {
         fence(ledger, owner, epoch, lease_ms).await?;
@@ -507,8 +515,6 @@ struct Streamer<'a> {
     /// The last proven probe: `server_end` reached this position, so every change committed
     /// before this time is at or below it.
     caught_up: Option<(Lsn, i64)>,
-    /// The last flush sequence number used; flush numbers strictly increase.
-    flush_seq: u64,
     idle_since_record: Instant,
     target: Option<Lsn>,
     metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
@@ -577,7 +583,6 @@ async fn stream(
         server_end: recorded.lsn,
         probe: target.map(|t| (t, target_ms)),
         caught_up: None,
-        flush_seq: recorded.flush_seq,
         recorded,
         inflight: None,
         tx: None,
@@ -1440,10 +1445,10 @@ impl Streamer<'_> {
         checkpoint.caught_up_ms = checkpoint.caught_up_ms.max(self.recorded.caught_up_ms);
         checkpoint.commit_ms = checkpoint.commit_ms.max(self.recorded.commit_ms);
         let segments = self.batcher.take();
-        // Every flush gets a number never used before in this epoch's run (item 2): a reused
-        // number would be taken for an earlier flush "already recorded".
-        self.flush_seq = self.flush_seq.max(self.recorded.flush_seq) + 1;
-        let seq = self.flush_seq;
+        // Flush numbers strictly increase (item 2): the previous flush has completed and every
+        // completed flush becomes `recorded` (its checkpoint is never lower, see above), so a
+        // number is never reused and taken for an earlier flush "already recorded".
+        let seq = self.recorded.flush_seq + 1;
         let flusher = self.flusher.clone();
         self.inflight = Some(tokio::spawn(async move {
             flusher.flush(segments, checkpoint, seq, notify_empty).await

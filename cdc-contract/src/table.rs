@@ -1,6 +1,7 @@
 //! Qualified table names.
 
-use std::fmt;
+use std::borrow::Cow;
+use std::fmt::{self, Write};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -29,27 +30,30 @@ impl TableName {
 impl TableName {
     /// The table's name as it appears in S3 keys and file names: [`escape`]d, dots kept.
     pub fn key_name(&self) -> String {
-        escape(&self.name, false)
+        escape(&self.name, false).into_owned()
     }
 }
 
 /// Escapes an identifier for S3 keys and ledger keys: `%`, `/`, control characters and (in a
 /// schema, where a dot would end it) `.` become `%XX` of their UTF-8 bytes. Every other
 /// character, and so every ordinary identifier, stays as it is. [`unescape`] reverses it.
-fn escape(part: &str, escape_dot: bool) -> String {
-    let mut out = String::with_capacity(part.len());
+fn escape(part: &str, escape_dot: bool) -> Cow<'_, str> {
+    let special = |c: char| matches!(c, '%' | '/') || c.is_control() || (escape_dot && c == '.');
+    if !part.contains(special) {
+        return Cow::Borrowed(part);
+    }
+    let mut out = String::with_capacity(part.len() + 8);
     for c in part.chars() {
-        let special = matches!(c, '%' | '/') || c.is_control() || (escape_dot && c == '.');
-        if special {
+        if special(c) {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{b:02X}"));
+                let _ = write!(out, "%{b:02X}");
             }
         } else {
             out.push(c);
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// Reverses [`escape`]: `%XX` sequences become their bytes; anything else is kept.
@@ -63,6 +67,9 @@ fn unescape(part: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = part.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -153,5 +160,6 @@ mod tests {
         assert_eq!(TableName::new("s", "a/b").key_name(), "a%2Fb");
         assert!("public.a%2".parse::<TableName>().is_err());
         assert!("public.a%ZZ".parse::<TableName>().is_err());
+        assert!("public.a%+1".parse::<TableName>().is_err());
     }
 }

@@ -20,6 +20,20 @@ async fn setup(pg: &PgCluster, schema_sql: &str) -> anyhow::Result<String> {
     Ok(db)
 }
 
+/// A database whose table `t` holds rows 1..=`rows` (about 60 bytes each) and a publication for
+/// all tables, with no slot yet: the first capture creates the slot and snapshots them.
+async fn rows_before_any_slot(pg: &PgCluster, rows: u32) -> anyhow::Result<String> {
+    setup(
+        pg,
+        &format!(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, {rows}) g;
+             CREATE PUBLICATION pub_all FOR ALL TABLES;"
+        ),
+    )
+    .await
+}
+
 fn ids(events: &[Value]) -> Vec<i64> {
     events
         .iter()
@@ -473,13 +487,7 @@ async fn a_snapshot_survives_a_crash_at_every_step_of_taking_and_retaking_it() -
     use std::os::unix::process::ExitStatusExt;
     let pg = PgCluster::start()?;
     let aws = AwsFixture::new().await?;
-    let db = setup(
-        &pg,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 3000) g;
-         CREATE PUBLICATION pub_all FOR ALL TABLES;",
-    )
-    .await?;
+    let db = rows_before_any_slot(&pg, 3000).await?;
     let mut cap = CaptureSetup::new(&pg, &db, &aws);
     cap.env.push(("FLUSH_MAX_BYTES".into(), "65536".into()));
 
@@ -725,13 +733,7 @@ async fn one_transaction_over_thousands_of_tables_fits_dynamodb_items() -> anyho
 async fn a_lost_slot_is_recreated_keeping_what_the_ledger_recorded() -> anyhow::Result<()> {
     let pg = PgCluster::start()?;
     let aws = AwsFixture::new().await?;
-    let db = setup(
-        &pg,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'first' FROM generate_series(1, 50) g;
-         CREATE PUBLICATION pub_all FOR ALL TABLES;",
-    )
-    .await?;
+    let db = rows_before_any_slot(&pg, 50).await?;
     let mut cap = CaptureSetup::new(&pg, &db, &aws);
     cap.run_until_caught_up(CAUGHT_UP).await?;
     pg.execute(
@@ -925,13 +927,7 @@ async fn a_slot_ahead_of_the_ledger_is_refused() -> anyhow::Result<()> {
 async fn an_unfinished_snapshot_is_retaken_whatever_the_snapshot_mode() -> anyhow::Result<()> {
     let pg = PgCluster::start()?;
     let aws = AwsFixture::new().await?;
-    let db = setup(
-        &pg,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 2000) g;
-         CREATE PUBLICATION pub_all FOR ALL TABLES;",
-    )
-    .await?;
+    let db = rows_before_any_slot(&pg, 2000).await?;
     let mut cap = CaptureSetup::new(&pg, &db, &aws);
     cap.env.push(("FLUSH_MAX_BYTES".into(), "65536".into()));
     cap.env
