@@ -2,6 +2,7 @@
 //! under the lease, notify the compactor. Transient failures are retried with backoff, forever:
 //! a flush either completes or stops the capture with a definite error; it never confirms early.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use cdc_contract::TableName;
 use crate::batch::Segment;
 use crate::ledger::{FlushRequest, Ledger, LedgerError};
 use crate::notify::Notifier;
+use crate::retry::{retry, Policy};
 use crate::sink::{BatchSink, SinkError};
 
 /// Why a flush gave up.
@@ -74,12 +76,6 @@ pub struct Flusher {
     pub crash_at: Option<String>,
 }
 
-/// The wait before retry number `attempt` of an AWS call: 100–200 ms doubling to 5–10 s, jittered.
-pub(crate) fn backoff(attempt: u32) -> Duration {
-    let ms = 200u64.saturating_mul(1 << attempt.min(6)).min(10_000);
-    Duration::from_millis(ms / 2 + rand::random_range(0..=ms / 2))
-}
-
 impl Flusher {
     fn crash_point(&self, point: &str, rows: u64) {
         if rows > 0 && self.crash_at.as_deref() == Some(point) {
@@ -104,7 +100,6 @@ impl Flusher {
         };
         checkpoint.flush_seq = seq;
         checkpoint.flush_id = id.to_string();
-        let mut retries = 0u64;
 
         let mut schemas: Vec<TableSchema> = Vec::new();
         let mut uploads = Vec::with_capacity(segments.len());
@@ -139,33 +134,33 @@ impl Flusher {
         }
 
         let rows: u64 = uploads.iter().map(|(b, _)| b.rows).sum();
-        let retry_count = std::sync::atomic::AtomicU64::new(0);
+        let retry_count = AtomicU64::new(0);
         let batches: Vec<BatchItem> = futures::stream::iter(uploads)
             .map(|(mut item, data)| {
                 let retry_count = &retry_count;
                 async move {
-                    let mut attempt = 0;
-                    loop {
-                        match self.sink.put_batch(&item.key, data.clone()).await {
-                            Ok(size) => {
-                                item.bytes = size;
-                                return Ok::<_, FlushError>(item);
-                            }
-                            Err(e) if e.is_transient() => {
-                                retry_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                tracing::warn!(error = %e, key = %item.key, attempt, "batch upload failed; retrying");
-                                tokio::time::sleep(backoff(attempt)).await;
-                                attempt += 1;
-                            }
-                            Err(e) => return Err(FlushError::Sink(e)),
+                    let what = format!("uploading batch {}", item.key);
+                    let put = || self.sink.put_batch(&item.key, data.clone());
+                    match retry(
+                        &what,
+                        Policy::Forever,
+                        Some(retry_count),
+                        SinkError::is_transient,
+                        put,
+                    )
+                    .await
+                    {
+                        Ok(size) => {
+                            item.bytes = size;
+                            Ok::<_, FlushError>(item)
                         }
+                        Err(e) => Err(FlushError::Sink(e)),
                     }
                 }
             })
             .buffer_unordered(self.upload_concurrency.max(1))
             .try_collect()
             .await?;
-        retries += retry_count.load(std::sync::atomic::Ordering::Relaxed);
         let bytes = batches.iter().map(|b| b.bytes).sum();
         self.crash_point("after_upload", rows);
 
@@ -175,24 +170,20 @@ impl Flusher {
             schemas,
             checkpoint: checkpoint.clone(),
         };
-        let mut attempt = 0;
-        loop {
-            match self
-                .ledger
-                .record_flush(&request, &self.owner, self.epoch)
-                .await
-            {
-                Ok(()) => break,
-                Err(e @ LedgerError::Fenced(_)) => return Err(FlushError::Fenced(e)),
-                Err(e) if e.is_transient() => {
-                    retries += 1;
-                    tracing::warn!(error = %e, flush = %id, attempt, "recording flush failed; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(FlushError::Ledger(e)),
-            }
-        }
+        let what = format!("recording flush {id}");
+        retry(
+            &what,
+            Policy::Forever,
+            Some(&retry_count),
+            LedgerError::is_transient,
+            || self.ledger.record_flush(&request, &self.owner, self.epoch),
+        )
+        .await
+        .map_err(|e| match e {
+            e @ LedgerError::Fenced(_) => FlushError::Fenced(e),
+            e => FlushError::Ledger(e),
+        })?;
+        let retries = retry_count.load(Ordering::Relaxed);
 
         self.crash_point("after_record", rows);
 

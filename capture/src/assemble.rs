@@ -1,0 +1,513 @@
+//! Transaction assembly: pgoutput messages in, encoded events buffered per table-hour out. Owns
+//! the relations, the open transaction, what the server has proven sent, and the one place
+//! checkpoints are built ([`Assembler::take_flush`]). No I/O: the streamer feeds it and carries
+//! out the flushes it asks for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use cdc_contract::event::Op;
+use cdc_contract::ledger::Checkpoint;
+use cdc_contract::schema::TableSchema;
+use cdc_contract::{Hour, Lsn, Position, TableName};
+
+use crate::batch::{Batcher, Segment};
+use crate::config::Settings;
+use crate::encode::{Image, TableEncoder, TxContext};
+use crate::pgoutput::{DecodeError, OldTuple, Relation, Value};
+use crate::replication::PG_EPOCH_OFFSET_MICROS;
+
+/// Why a flush is wanted; [`Assembler::take_flush`] turns it into the checkpoint to record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Between transactions: everything up to the last commit's end (after a commit that filled
+    /// the batch, or when the flush interval elapsed).
+    Committed,
+    /// A transaction larger than a batch, recorded up to its change `pos`.
+    MidTransaction {
+        /// The last buffered change.
+        pos: Position,
+        /// Its transaction's commit time (ms).
+        commit_ms: i64,
+    },
+    /// While idle: the position the server proved everything before sent.
+    Heartbeat {
+        /// That position.
+        lsn: Lsn,
+        /// When the capture was last proven caught up.
+        caught_up_ms: Option<i64>,
+    },
+    /// Stopping: what is buffered, mid-transaction or not.
+    Shutdown,
+    /// Snapshot rows, while the snapshot is read: the recorded position does not move.
+    SnapshotRows {
+        /// The snapshot's start time (ms).
+        started_ms: i64,
+    },
+    /// The snapshot's end: its consistent point.
+    SnapshotDone {
+        /// The slot's consistent point.
+        consistent: Lsn,
+        /// The snapshot's start time (ms).
+        started_ms: i64,
+    },
+}
+
+struct RelState {
+    encoder: Arc<TableEncoder>,
+    captured: bool,
+}
+
+struct Tx {
+    ctx: TxContext,
+    ordinal: u32,
+    per_table: HashMap<u32, u32>,
+    last: Option<Position>,
+}
+
+/// The assembler's state.
+pub struct Assembler {
+    slot: String,
+    database: String,
+    tables: Vec<TableName>,
+    flush_max_bytes: usize,
+    flush_interval: Duration,
+    heartbeat_interval: Duration,
+    grace_ms: i64,
+    relations: HashMap<u32, RelState>,
+    batcher: Batcher,
+    /// The last checkpoint the ledger recorded.
+    recorded: Checkpoint,
+    tx: Option<Tx>,
+    last_commit_end: Lsn,
+    last_commit_ms: i64,
+    /// What the server has proven sent on this stream: every transaction committed before it
+    /// was received (a commit's end, or a keepalive's position while between transactions).
+    /// Reset to the recorded checkpoint on reconnect: a stream's proof says nothing of the next.
+    server_end: Lsn,
+    /// A caught-up probe not proven yet: the server's WAL position read at a time. Once
+    /// `server_end` reaches it, everything committed before that time has been received.
+    probe: Option<(Lsn, i64)>,
+    /// The last proven probe: `server_end` reached this position, so every change committed
+    /// before this time is at or below it.
+    caught_up: Option<(Lsn, i64)>,
+    idle_since_record: Instant,
+    target: Option<Lsn>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Assembler {
+    /// An assembler resuming from the recorded checkpoint; `target` (with the time it was read)
+    /// for `--exit-when-caught-up`.
+    pub fn new(settings: &Settings, recorded: Checkpoint, target: Option<(Lsn, i64)>) -> Self {
+        Assembler {
+            slot: settings.slot.clone(),
+            database: settings.database.clone(),
+            tables: settings.tables.clone(),
+            flush_max_bytes: settings.config.flush_max_bytes,
+            flush_interval: settings.flush_interval(),
+            heartbeat_interval: settings.heartbeat_interval(),
+            grace_ms: settings.config.close_grace_seconds as i64 * 1000,
+            relations: HashMap::new(),
+            batcher: Batcher::default(),
+            last_commit_end: recorded.lsn,
+            last_commit_ms: recorded.commit_ms,
+            server_end: recorded.lsn,
+            probe: target,
+            caught_up: None,
+            recorded,
+            tx: None,
+            idle_since_record: Instant::now(),
+            target: target.map(|(lsn, _)| lsn),
+        }
+    }
+
+    /// The last recorded checkpoint: the only position ever confirmed.
+    pub fn recorded(&self) -> &Checkpoint {
+        &self.recorded
+    }
+
+    /// True inside a transaction.
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// True when nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.batcher.is_empty()
+    }
+
+    /// True when the buffer holds a flush's worth.
+    pub fn full(&self) -> bool {
+        self.batcher.full(self.flush_max_bytes)
+    }
+
+    /// When the flush interval makes a flush due (between transactions only).
+    pub fn flush_deadline(&self) -> Option<Instant> {
+        match self.tx {
+            Some(_) => None,
+            None => self.batcher.oldest().map(|o| o + self.flush_interval),
+        }
+    }
+
+    /// The one place checkpoints are built: the checkpoint `want` records, never behind the
+    /// recorded one, with the next flush number, and the buffered segments it records.
+    pub fn take_flush(&mut self, want: Want) -> (Vec<Segment>, Checkpoint, u64) {
+        let recorded = &self.recorded;
+        let (lsn, partial, commit_ms, caught_up_ms) = match want {
+            Want::Committed => (self.last_commit_end, None, self.last_commit_ms, None),
+            Want::MidTransaction { pos, commit_ms } => {
+                (self.last_commit_end, Some(pos), commit_ms, None)
+            }
+            Want::Heartbeat { lsn, caught_up_ms } => (lsn, None, self.last_commit_ms, caught_up_ms),
+            Want::Shutdown => match &self.tx {
+                Some(tx) => (
+                    self.last_commit_end,
+                    tx.last.or(recorded
+                        .partial
+                        .filter(|p| p.commit_lsn == tx.ctx.commit_lsn)),
+                    tx.ctx.commit_us.div_euclid(1000),
+                    None,
+                ),
+                None => (self.last_commit_end, None, self.last_commit_ms, None),
+            },
+            Want::SnapshotRows { started_ms } => (recorded.lsn, recorded.partial, started_ms, None),
+            Want::SnapshotDone {
+                consistent,
+                started_ms,
+            } => (consistent, None, started_ms, None),
+        };
+        let mut checkpoint = Checkpoint {
+            lsn,
+            partial,
+            commit_ms,
+            caught_up_ms,
+            ..Default::default()
+        };
+        // The checkpoint never moves backwards, and keeps the caught-up time it had.
+        if progress(&checkpoint) < progress(recorded) {
+            checkpoint.lsn = recorded.lsn;
+            checkpoint.partial = recorded.partial;
+        }
+        checkpoint.caught_up_ms = checkpoint.caught_up_ms.max(recorded.caught_up_ms);
+        checkpoint.commit_ms = checkpoint.commit_ms.max(recorded.commit_ms);
+        // Flush numbers strictly increase (issue 15, item 2): the previous flush has completed
+        // and every completed flush becomes `recorded` (its checkpoint is never lower, see
+        // above), so a number is never reused and taken for an earlier flush "already recorded".
+        let seq = recorded.flush_seq + 1;
+        (self.batcher.take(), checkpoint, seq)
+    }
+
+    /// A flush completed: its checkpoint is recorded.
+    pub fn flush_recorded(&mut self, checkpoint: Checkpoint) {
+        debug_assert!(
+            progress(&checkpoint) >= progress(&self.recorded),
+            "progress only moves forward"
+        );
+        self.recorded = checkpoint;
+        self.idle_since_record = Instant::now();
+    }
+
+    /// The stream broke: what was buffered but not recorded is sent again from the recorded
+    /// checkpoint, and the broken stream's proof is void (issue 15, item 2). Probes restart.
+    pub fn reset(&mut self) {
+        self.batcher.take();
+        self.tx = None;
+        self.relations.clear();
+        self.last_commit_end = self.recorded.lsn;
+        self.last_commit_ms = self.recorded.commit_ms;
+        self.server_end = self.recorded.lsn;
+        self.probe = None;
+        self.caught_up = None;
+    }
+
+    /// The server proved everything committed before `lsn` sent on this stream.
+    fn server_reached(&mut self, lsn: Lsn) {
+        self.server_end = self.server_end.max(lsn);
+        if let Some((at, time)) = self.probe {
+            if self.server_end >= at {
+                self.caught_up = Some((at, time));
+                self.probe = None;
+            }
+        }
+    }
+
+    /// A keepalive: between transactions, everything committed before `wal_end` was sent.
+    pub fn keepalive(&mut self, wal_end: Lsn) {
+        if self.tx.is_none() {
+            self.server_reached(wal_end);
+        }
+    }
+
+    /// True when no probe is waiting to be proven.
+    pub fn wants_probe(&self) -> bool {
+        self.probe.is_none()
+    }
+
+    /// A caught-up probe: the server's WAL position `current`, read after `at_ms`.
+    pub fn probe(&mut self, current: Lsn, at_ms: i64) {
+        if self.probe.is_none() && current > Lsn::ZERO {
+            self.probe = Some((current, at_ms));
+            self.server_reached(Lsn::ZERO);
+        }
+    }
+
+    /// `--exit-when-caught-up`: everything committed before the start is recorded.
+    pub fn caught_up(&self, inflight: bool) -> bool {
+        match self.target {
+            Some(target) => {
+                self.recorded.lsn >= target
+                    && self.recorded.partial.is_none()
+                    && self.batcher.is_empty()
+                    && !inflight
+                    && self.tx.is_none()
+            }
+            None => false,
+        }
+    }
+
+    /// While idle: the flush that records the position the server says everything before is
+    /// sent (and so processed), at the heartbeat rate, or at once when `--exit-when-caught-up`
+    /// reached its target; with whether it closes an hour (notify even without batches).
+    pub fn heartbeat(&mut self, inflight: bool) -> Option<(Want, bool)> {
+        if self.tx.is_some() || inflight {
+            return None;
+        }
+        if !self.batcher.is_empty() {
+            // `--exit-when-caught-up` has everything it waits for: record it now.
+            if self.target.is_some_and(|t| self.server_end >= t) {
+                return Some((Want::Committed, false));
+            }
+            return None;
+        }
+        let reached_target = self
+            .target
+            .is_some_and(|t| self.server_end >= t && self.recorded.lsn < t);
+        let due = self.idle_since_record.elapsed() >= self.heartbeat_interval;
+        if !(due || reached_target) {
+            return None;
+        }
+        let lsn = self.server_end.max(self.last_commit_end);
+        if self.recorded.partial.is_some_and(|p| lsn <= p.commit_lsn) {
+            // The server is resending a transaction recorded in part: nothing to record until
+            // it has come again past its recorded part.
+            return None;
+        }
+        // The caught-up time comes from a proven probe, never from the clock: while the server
+        // is still decoding (a large transaction, a stalled stream) nothing is proven (item 14).
+        let caught_up_ms = self
+            .caught_up
+            .filter(|(at, _)| *at <= lsn)
+            .map(|(_, time)| time)
+            .max(self.recorded.caught_up_ms);
+        let closing_ms = self.last_commit_ms.max(caught_up_ms.unwrap_or(0));
+        // Notify when the closing time passes an hour's end plus the grace period.
+        let closes_hour = Hour::from_millis(self.recorded.closing_ms() - self.grace_ms)
+            != Hour::from_millis(closing_ms - self.grace_ms);
+        self.last_commit_end = lsn;
+        Some((Want::Heartbeat { lsn, caught_up_ms }, closes_hour))
+    }
+
+    /// A transaction begins.
+    pub fn begin(&mut self, final_lsn: Lsn, commit_ts: i64, xid: u32) {
+        self.tx = Some(Tx {
+            ctx: TxContext {
+                xid: Some(xid),
+                commit_lsn: final_lsn,
+                commit_us: commit_ts + PG_EPOCH_OFFSET_MICROS,
+                prev_commit_end: self.last_commit_end,
+                snapshot: false,
+            },
+            ordinal: 0,
+            per_table: HashMap::new(),
+            last: None,
+        });
+    }
+
+    /// A transaction commits; a flush is wanted when the buffer is full or old enough.
+    pub fn commit(&mut self, end_lsn: Lsn, commit_ts: i64) -> Option<Want> {
+        self.tx = None;
+        self.last_commit_end = end_lsn;
+        self.last_commit_ms = (commit_ts + PG_EPOCH_OFFSET_MICROS).div_euclid(1000);
+        self.server_reached(end_lsn);
+        let due = self.full()
+            || self
+                .batcher
+                .oldest()
+                .is_some_and(|o| o.elapsed() >= self.flush_interval);
+        due.then_some(Want::Committed)
+    }
+
+    /// True when a Relation message for `oid` was seen on this stream (its next one may be a
+    /// schema change).
+    pub fn knows(&self, oid: u32) -> bool {
+        self.relations.contains_key(&oid)
+    }
+
+    /// A Relation message, with its table's schema.
+    pub fn relation(&mut self, rel: &Relation, schema: TableSchema) {
+        let table = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let captured = self.tables.is_empty() || self.tables.contains(&table);
+        let previous = self
+            .relations
+            .get(&rel.oid)
+            .map(|r| r.encoder.schema_id.clone());
+        let encoder = TableEncoder::new(schema, &self.slot, &self.database);
+        match previous {
+            Some(old) if old == encoder.schema_id => {
+                // Same columns: keep the encoder so batches are not cut.
+                return;
+            }
+            Some(old) => {
+                tracing::info!(table = %table, old_version = %old, new_version = %encoder.schema_id, "schema change")
+            }
+            None => tracing::debug!(table = %table, version = %encoder.schema_id, "relation"),
+        }
+        self.relations.insert(
+            rel.oid,
+            RelState {
+                encoder: Arc::new(encoder),
+                captured,
+            },
+        );
+    }
+
+    /// A row change; a flush is wanted when a transaction outgrows the batch.
+    pub fn change(
+        &mut self,
+        rel: u32,
+        op: Op,
+        old: Option<OldTuple>,
+        new: Option<&[Value]>,
+        lsn: Lsn,
+    ) -> Result<Option<Want>, DecodeError> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(DecodeError("change outside a transaction".into()));
+        };
+        tx.ordinal += 1;
+        let pos = Position::new(tx.ctx.commit_lsn, tx.ordinal);
+        let Some(state) = self.relations.get(&rel) else {
+            return Err(DecodeError(format!(
+                "change for relation {rel} before its Relation message"
+            )));
+        };
+        if !state.captured || self.recorded.covers(pos) {
+            return Ok(None);
+        }
+        let table_ordinal = {
+            let n = tx.per_table.entry(rel).or_insert(0);
+            *n += 1;
+            *n
+        };
+        tx.last = Some(pos);
+        let ctx = tx.ctx;
+        let encoder = state.encoder.clone();
+        let commit_ms = ctx.commit_us.div_euclid(1000);
+        let hour = Hour::from_millis(commit_ms);
+        let now = now_ms();
+        self.batcher
+            .push(rel, &encoder, hour, pos, commit_ms, |out| {
+                let before = match &old {
+                    Some(OldTuple::Key(v)) => Some(Image::KeyOnly(v)),
+                    Some(OldTuple::Full(v)) => Some(Image::Full(v)),
+                    None => None,
+                };
+                encoder.write_event(
+                    out,
+                    op,
+                    before,
+                    new,
+                    &ctx,
+                    lsn,
+                    pos.ordinal,
+                    table_ordinal,
+                    now,
+                );
+            });
+        // A transaction larger than a batch: record what we have, mid-transaction.
+        Ok(self
+            .full()
+            .then_some(Want::MidTransaction { pos, commit_ms }))
+    }
+
+    /// One snapshot row of `encoder`'s table (relation `oid`), keyed `pos`, as op "r" in `ctx`;
+    /// a flush is wanted when the buffer is full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn snapshot_row(
+        &mut self,
+        oid: u32,
+        encoder: &Arc<TableEncoder>,
+        ctx: &TxContext,
+        hour: Hour,
+        pos: Position,
+        consistent: Lsn,
+        values: &[Value],
+        started_ms: i64,
+    ) -> Option<Want> {
+        let now = now_ms();
+        self.batcher
+            .push(oid, encoder, hour, pos, started_ms, |out| {
+                encoder.write_event(
+                    out,
+                    Op::Read,
+                    None,
+                    Some(values),
+                    ctx,
+                    consistent,
+                    pos.ordinal,
+                    pos.ordinal,
+                    now,
+                );
+            });
+        self.full().then_some(Want::SnapshotRows { started_ms })
+    }
+
+    /// The snapshot is recorded complete: streaming starts at its consistent point.
+    pub fn snapshot_done(&mut self, consistent: Lsn, started_ms: i64) {
+        self.last_commit_end = consistent;
+        self.last_commit_ms = started_ms;
+        self.server_end = self.server_end.max(consistent);
+    }
+}
+
+/// How far a checkpoint reaches: inside a transaction larger than a batch, its last recorded
+/// change; otherwise just below the first change of a transaction committing at `lsn`. A
+/// checkpoint `(X, none)` with `X` at or below a recorded `partial`'s commit is behind it, not
+/// ahead: it does not cover that transaction's recorded changes.
+pub fn progress(cp: &Checkpoint) -> Position {
+    cp.partial.unwrap_or(Position::new(cp.lsn, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cp(lsn: u64, partial: Option<(u64, u32)>) -> Checkpoint {
+        Checkpoint {
+            lsn: Lsn(lsn),
+            partial: partial.map(|(l, o)| Position::new(Lsn(l), o)),
+            ..Default::default()
+        }
+    }
+
+    /// A checkpoint inside a large transaction (its commit at 500, recorded through change 7)
+    /// is ahead of a position the server proved before that commit, and behind one after it.
+    #[test]
+    fn progress_orders_checkpoints_by_what_they_cover() {
+        let inside = cp(100, Some((500, 7)));
+        assert!(progress(&cp(400, None)) < progress(&inside));
+        assert!(
+            progress(&cp(500, None)) < progress(&inside),
+            "a commit at 500 is not covered by lsn 500"
+        );
+        assert!(progress(&cp(501, None)) > progress(&inside));
+        assert!(progress(&cp(100, Some((500, 8)))) > progress(&inside));
+        assert!(progress(&cp(100, None)) < progress(&inside));
+    }
+}

@@ -1,0 +1,301 @@
+//! Connecting to PostgreSQL: the connection settings, the first connection (waited for while
+//! the database is unreachable or refuses the login), and PostgreSQL's implementation of the
+//! streamer's seams ([`PgUpstream`], [`PgSource`]).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use cdc_contract::schema::TableSchema;
+use cdc_contract::Lsn;
+
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::pgoutput::{self, Relation};
+use crate::pipeline::CaptureError;
+use crate::replication::{
+    ConnectParams, ReplicationConnection, ReplicationMessage, ReplicationStream,
+};
+use crate::source::{Incoming, ReplicationSource, SlotStatus, Upstream};
+
+/// The connection settings of both connections.
+pub fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError> {
+    let cfg = &settings.config;
+    let tls = crate::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
+        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+    Ok(ConnectParams {
+        host: cfg.host.clone(),
+        port: cfg.port,
+        user: settings.username.clone(),
+        password: cfg.password.clone(),
+        database: settings.database.clone(),
+        ssl_mode: cfg.sslmode,
+        tls,
+        connect_timeout: Duration::from_secs(30),
+    })
+}
+
+/// Why a first connection failed, and what fixes it, when waiting may help: the database is
+/// unreachable or refuses the login (a first deployment before its password secret or security
+/// group is set up). None for anything else (a missing database, bad TLS settings): definite.
+fn waiting_reason(error: &tokio_postgres::Error, settings: &Settings) -> Option<String> {
+    let cfg = &settings.config;
+    match error.code().map(|c| c.code()) {
+        Some("28P01") | Some("28000") => Some(format!(
+            "the database refused the login of {:?}: set the password in POSTGRES_PASSWORD (the \
+             deployment's secret) and allow the user in pg_hba.conf",
+            settings.username
+        )),
+        Some("57P03") | Some("53300") => Some(
+            "the database cannot take a connection now (starting up, or too many connections)"
+                .into(),
+        ),
+        Some(_) => None,
+        None if !unreachable(error) => None,
+        None => Some(format!(
+            "cannot reach {}:{}: check POSTGRES_HOST, POSTGRES_PORT and the network path (the \
+             database's security group must admit the capture)",
+            cfg.host, cfg.port
+        )),
+    }
+}
+
+/// True when a connection failed on the network path (refused, reset, timed out, no route, a
+/// name that does not resolve yet), not on TLS or a protocol error.
+fn unreachable(error: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | NotConnected
+                    | AddrNotAvailable
+                    | HostUnreachable
+                    | NetworkUnreachable
+            ) || io.to_string().contains("lookup address");
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The first SQL connection. While the database is unreachable or refuses the login, retries
+/// with backoff (up to 30 s), logging the reason and the fix; `/healthz` stays healthy meanwhile.
+/// None when shutdown was asked for.
+pub async fn connect_at_start(
+    settings: &Settings,
+    params: &ConnectParams,
+    health: &crate::health::Health,
+    shutdown: &CancellationToken,
+    lease_lost: &CancellationToken,
+) -> Result<Option<tokio_postgres::Client>, CaptureError> {
+    let mut attempt = 0u32;
+    loop {
+        match crate::catalog::connect(params).await {
+            Ok(client) => {
+                if attempt > 0 {
+                    tracing::info!("connected to the database");
+                }
+                health.set_waiting_for_database(None);
+                return Ok(Some(client));
+            }
+            Err(e) => {
+                let Some(reason) = waiting_reason(&e, settings) else {
+                    return Err(e.into());
+                };
+                let wait = Duration::from_millis((1000u64 << attempt.min(5)).min(30_000));
+                // A server error displays as "db error"; its message says what was refused.
+                let detail = match e.as_db_error() {
+                    Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                    None => e.to_string(),
+                };
+                tracing::error!(error = %detail, reason = %reason, retry_in_ms = wait.as_millis() as u64, "waiting for the database");
+                health.set_waiting_for_database(Some(reason));
+                attempt += 1;
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = lease_lost.cancelled() => return Err(CaptureError::LeaseLost("renewal failed".into())),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The slot's `confirmed_flush_lsn` (None: no such slot, or never confirmed).
+pub async fn slot_confirmed(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<Lsn>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|t| t.parse().ok()))
+}
+
+/// PostgreSQL behind the streamer: the SQL connection (reopened when lost) and replication
+/// streams on the slot.
+pub struct PgUpstream<'a> {
+    settings: &'a Settings,
+    params: ConnectParams,
+    /// The SQL side.
+    pub catalog: Catalog,
+}
+
+impl<'a> PgUpstream<'a> {
+    /// An upstream over an open SQL connection.
+    pub fn new(
+        settings: &'a Settings,
+        params: ConnectParams,
+        client: tokio_postgres::Client,
+    ) -> Self {
+        PgUpstream {
+            settings,
+            params,
+            catalog: Catalog::new(client),
+        }
+    }
+
+    /// The connection settings.
+    pub fn params(&self) -> &ConnectParams {
+        &self.params
+    }
+}
+
+/// A failed SQL call: a lost connection is reconnectable, anything else is passed on.
+fn lost_or(error: tokio_postgres::Error) -> Result<(), CaptureError> {
+    if error.is_closed() {
+        Err(CaptureError::Sql(error))
+    } else {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Upstream for PgUpstream<'_> {
+    async fn reconnect_sql(&mut self) -> Result<(), CaptureError> {
+        if self.catalog.client().is_closed() {
+            let client = crate::catalog::connect(&self.params)
+                .await
+                .map_err(|e| CaptureError::Disconnected(format!("sql connection: {e}")))?;
+            self.catalog = Catalog::new(client);
+        }
+        Ok(())
+    }
+
+    async fn slot_confirmed(&mut self) -> Result<Option<Lsn>, CaptureError> {
+        Ok(slot_confirmed(self.catalog.client(), &self.settings.slot).await?)
+    }
+
+    async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError> {
+        let conn = ReplicationConnection::connect(&self.params).await?;
+        let stream = conn
+            .start_replication(&self.settings.slot, from, &self.settings.config.publication)
+            .await?;
+        Ok(Box::new(PgSource { stream }))
+    }
+
+    async fn table_schema(
+        &mut self,
+        rel: &Relation,
+        refresh: bool,
+    ) -> Result<TableSchema, CaptureError> {
+        Ok(self.catalog.table_schema(rel, refresh).await?)
+    }
+
+    async fn emit_heartbeat(&mut self) -> Result<(), CaptureError> {
+        if let Err(error) = self
+            .catalog
+            .client()
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'pg-cdc-s3', 'heartbeat')",
+                &[],
+            )
+            .await
+        {
+            lost_or_warn(
+                error,
+                "heartbeat message failed (grant EXECUTE on pg_logical_emit_message)",
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn slot_status(&mut self, slot: &str) -> Result<SlotStatus, CaptureError> {
+        let row = match self
+            .catalog
+            .client()
+            .query_opt(
+                "SELECT pg_current_wal_lsn()::text, coalesce(wal_status, ''), safe_wal_size \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(error) => {
+                lost_or_warn(error, "reading slot health failed")?;
+                return Ok(SlotStatus::Unread);
+            }
+        };
+        Ok(match row {
+            None => SlotStatus::Missing,
+            Some(row) => SlotStatus::Present {
+                current: row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
+                wal_status: row.get(1),
+                safe_wal: row.get(2),
+            },
+        })
+    }
+}
+
+/// A lost connection is an error (reconnect); anything else is logged and passed over.
+fn lost_or_warn(error: tokio_postgres::Error, what: &str) -> Result<(), CaptureError> {
+    if error.is_closed() {
+        return lost_or(error);
+    }
+    tracing::warn!(error = %error, "{what}");
+    Ok(())
+}
+
+/// A PostgreSQL replication stream.
+pub struct PgSource {
+    stream: ReplicationStream,
+}
+
+#[async_trait]
+impl ReplicationSource for PgSource {
+    async fn next(&mut self) -> Result<Incoming, CaptureError> {
+        Ok(match self.stream.next().await? {
+            ReplicationMessage::XLogData {
+                data, wal_start, ..
+            } => Incoming::Message {
+                msg: pgoutput::decode(data)?,
+                wal_start,
+            },
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => Incoming::Keepalive {
+                wal_end,
+                reply_requested,
+            },
+        })
+    }
+
+    async fn confirm(&mut self, lsn: Lsn) -> Result<(), CaptureError> {
+        Ok(self.stream.send_status(lsn, lsn, false).await?)
+    }
+}
