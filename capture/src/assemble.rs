@@ -266,7 +266,6 @@ impl Assembler {
                     && self.recorded.partial.is_none()
                     && self.batcher.is_empty()
                     && !inflight
-                    && self.tx.is_none()
             }
             None => false,
         }

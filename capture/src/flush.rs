@@ -139,10 +139,10 @@ impl Flusher {
             .map(|(mut item, data)| {
                 let retry_count = &retry_count;
                 async move {
-                    let what = format!("uploading batch {}", item.key);
                     let put = || self.sink.put_batch(&item.key, data.clone());
                     match retry(
-                        &what,
+                        "batch upload",
+                        Some(&item.key),
                         Policy::Forever,
                         Some(retry_count),
                         SinkError::is_transient,
@@ -170,9 +170,10 @@ impl Flusher {
             schemas,
             checkpoint: checkpoint.clone(),
         };
-        let what = format!("recording flush {id}");
+        let subject = id.to_string();
         retry(
-            &what,
+            "recording flush",
+            Some(&subject),
             Policy::Forever,
             Some(&retry_count),
             LedgerError::is_transient,

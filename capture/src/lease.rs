@@ -89,6 +89,7 @@ impl Lease {
         let lease_ms = self.duration.as_millis() as i64;
         match retry(
             "renewing the lease",
+            None,
             Policy::Attempts(40),
             None,
             LedgerError::is_transient,

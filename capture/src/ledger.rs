@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeValue, ConditionCheck, Put, PutRequest, ReturnValue, TransactWriteItem, WriteRequest,
+    ConditionCheck, Put, PutRequest, ReturnValue, TransactWriteItem, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use futures::{StreamExt, TryStreamExt};
@@ -355,9 +355,11 @@ impl DynamoLedger {
 #[async_trait]
 impl Ledger for DynamoLedger {
     async fn acquire_lease(&self, owner: &str, duration_ms: i64) -> Result<u64, LedgerError> {
-        let mut reg = items::key(items::SLOTS_PK.into(), self.slot.clone());
-        reg.insert("slot".into(), items::s(self.slot.clone()));
-        reg.insert("created_ms".into(), items::n(now_ms()));
+        let reg = items::SlotRegistration {
+            slot: self.slot.clone(),
+            created_ms: now_ms(),
+        }
+        .to_item();
         let registered = self
             .client
             .put_item()
@@ -533,10 +535,8 @@ impl Ledger for DynamoLedger {
         owner: &str,
         epoch: u64,
     ) -> Result<(), LedgerError> {
-        let pk = items::slot_pk(&self.slot);
         let lease_check = self.lease_condition(owner, epoch)?;
-        let mut item = items::key(pk, items::SNAPSHOT_SK.into());
-        item.extend(state.attributes());
+        let item = state.to_item(&self.slot);
         let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(item))
@@ -611,38 +611,29 @@ impl Ledger for DynamoLedger {
         let pk = items::slot_pk(&self.slot);
 
         let lease_check = self.lease_condition(owner, epoch)?;
-        let mut flush_item = items::key(pk.clone(), items::flush_sk(&req.id));
-        flush_item.insert("seq".into(), items::n(req.id.seq));
-        flush_item.insert("epoch".into(), items::n(req.id.epoch));
-        flush_item.insert("created_ms".into(), items::n(now_ms()));
-        flush_item.insert("lsn".into(), items::s(req.checkpoint.lsn.key()));
-        if hours.is_empty() {
+        let now = now_ms();
+        let record = FlushRecord {
+            id: req.id,
+            hours: hours
+                .iter()
+                .map(|(t, h)| items::pending_sk(*h, t))
+                .collect(),
+            created_ms: now,
+            lsn: req.checkpoint.lsn,
             // A heartbeat's record validates no batch: it only needs to outlive a lost reply's
             // retry (issue 15, item 13). Records with batches expire once the compactor is done.
-            flush_item.insert(
-                items::TTL_ATTRIBUTE.into(),
-                items::n(now_ms() / 1000 + EMPTY_FLUSH_TTL_SECONDS),
-            );
-        }
-        flush_item.insert(
-            "hours".into(),
-            AttributeValue::L(
-                hours
-                    .iter()
-                    .map(|(t, h)| items::s(items::pending_sk(*h, t)))
-                    .collect(),
-            ),
-        );
+            expires_at: hours
+                .is_empty()
+                .then_some(now / 1000 + EMPTY_FLUSH_TTL_SECONDS),
+        };
+        let flush_item = record.to_item(&self.slot);
         let flush_put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(flush_item))
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(|e| LedgerError::Definite(e.to_string()))?;
-        let mut cp_item = items::key(pk.clone(), items::CHECKPOINT_SK.into());
-        cp_item.extend(req.checkpoint.attributes());
-        cp_item.insert("epoch".into(), items::n(epoch));
-        cp_item.insert("updated_ms".into(), items::n(now_ms()));
+        let cp_item = req.checkpoint.to_item(&self.slot, epoch, now);
         let cp_put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(cp_item))

@@ -36,9 +36,11 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 /// Runs `call` until it succeeds, fails definitely (`transient` says no), or the policy's
-/// attempts are spent; logs each retry with `what`. `retries` counts the retries, if given.
+/// attempts are spent; logs each retry as "{what} failed; retrying" (with `subject`, the key or
+/// id it is about, when given). `retries` counts the retries, if given.
 pub async fn retry<T, E, F, Fut>(
     what: &str,
+    subject: Option<&str>,
     policy: Policy,
     retries: Option<&AtomicU64>,
     transient: impl Fn(&E) -> bool,
@@ -60,7 +62,7 @@ where
                     } =>
             {
                 let wait = backoff(attempt);
-                tracing::warn!(error = %e, attempt, retry_in_ms = wait.as_millis() as u64, "{what} failed; retrying");
+                tracing::warn!(error = %e, subject, attempt, retry_in_ms = wait.as_millis() as u64, "{what} failed; retrying");
                 if let Some(count) = retries {
                     count.fetch_add(1, Ordering::Relaxed);
                 }
@@ -82,6 +84,7 @@ mod tests {
         let count = AtomicU64::new(0);
         let out: Result<(), String> = retry(
             "x",
+            None,
             Policy::Attempts(3),
             Some(&count),
             |_| true,
@@ -97,6 +100,7 @@ mod tests {
         let calls = std::cell::Cell::new(0);
         let out: Result<(), String> = retry(
             "x",
+            None,
             Policy::Forever,
             None,
             |e: &String| e != "definite",

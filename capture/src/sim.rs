@@ -469,7 +469,16 @@ impl Ledger for SimLedger {
             } else if !leased {
                 return Err(LedgerError::Fenced(format!("epoch {epoch} was taken over")));
             } else {
-                return Err(transient("record flush cancelled (conflict)"));
+                // DynamoDB would cancel this transaction every time, and the flush would retry
+                // it forever: the capture wedges.
+                let recorded = w.ledger.checkpoint.as_ref().map_or(0, |c| c.flush_seq);
+                w.violations.push(format!(
+                    "flush {} is numbered at or below the recorded flush {recorded}: it can never be recorded",
+                    req.id
+                ));
+                return Err(LedgerError::Definite(
+                    "flush number not above the checkpoint's".into(),
+                ));
             }
         }
         self.0

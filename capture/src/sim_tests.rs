@@ -1,7 +1,7 @@
 //! The deterministic simulation test: a seeded, randomized WAL (transactions of any size,
 //! schema changes, truncates) streamed to the real capture code through the in-memory seams of
 //! [`crate::sim`], under injected faults (stream breaks, late bytes, keepalives anywhere, failed
-//! and lost ledger and store replies, conflicting ledger writes) and kills at any operation,
+//! and lost ledger and store replies, a cancelled ledger transaction among them) and kills at any operation,
 //! before or after it takes effect. After every incarnation the ledger and the store are
 //! checked against the WAL; the last incarnation runs without faults until caught up, and then
 //! the recorded changes must equal the WAL's exactly.
@@ -261,13 +261,17 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
                     biased;
                     _ = notice.notified() => break None,
                     result = &mut run => break Some(result),
-                    _ = &mut deadline, if !stopping => {
+                    _ = &mut deadline => {
                         if last {
                             return Err("the last incarnation did not catch up within 4 simulated hours".into());
+                        }
+                        if stopping {
+                            return Err(format!("incarnation {n} did not stop within 10 simulated minutes of SIGTERM"));
                         }
                         // A graceful stop (SIGTERM): buffered changes are recorded.
                         shutdown.cancel();
                         stopping = true;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(600));
                     }
                 }
             };

@@ -23,6 +23,7 @@ where
 {
     retry(
         what,
+        None,
         Policy::Attempts(40),
         None,
         LedgerError::is_transient,

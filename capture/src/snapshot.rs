@@ -47,19 +47,7 @@ pub async fn take(
             crate::replication::quote_literal(&exported.name)
         ))
         .await?;
-    let tables: Vec<TableName> = if settings.tables.is_empty() {
-        reader
-            .query(
-                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
-                &[&settings.config.publication],
-            )
-            .await?
-            .iter()
-            .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-            .collect()
-    } else {
-        settings.tables.clone()
-    };
+    let tables = published_tables(&reader, settings).await?;
     tracing::info!(tables = tables.len(), consistent = %consistent, "initial snapshot started");
     // Rows are keyed one below the consistent point, so no streamed change shares a key
     // (issue 15, item 5).
@@ -73,8 +61,14 @@ pub async fn take(
     };
     let hour = Hour::from_millis(started_ms);
     let mut total = 0u64;
-    for table in &tables {
-        let (rel, order_by) = relation_of(&reader, table).await?;
+    for published in &tables {
+        let table = &published.table;
+        let (mut rel, order_by) = relation_of(&reader, table).await?;
+        // The publication's column list and row filter hold for the snapshot exactly as for the
+        // stream: an excluded column or a filtered-out row never reaches S3.
+        if let Some(columns) = &published.columns {
+            rel.columns.retain(|c| columns.contains(&c.name));
+        }
         let schema = upstream.table_schema(&rel, false).await?;
         let encoder = Arc::new(TableEncoder::new(
             schema,
@@ -82,9 +76,14 @@ pub async fn take(
             &settings.database,
         ));
         let columns: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let filter = published
+            .row_filter
+            .as_ref()
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default();
         reader
             .batch_execute(&format!(
-                "DECLARE cdc_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}{}",
+                "DECLARE cdc_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}{filter}{}",
                 if columns.is_empty() {
                     "NULL".to_owned()
                 } else {
@@ -148,6 +147,67 @@ pub async fn take(
     streamer.asm.snapshot_done(consistent, started_ms);
     tracing::info!(rows = total, "initial snapshot complete");
     Ok(())
+}
+
+/// A table the snapshot reads, with what the publication publishes of it.
+struct Published {
+    table: TableName,
+    /// The published columns (PostgreSQL 15+ column lists); None: every column.
+    columns: Option<Vec<String>>,
+    /// The publication's row filter (PostgreSQL 15+), as SQL.
+    row_filter: Option<String>,
+}
+
+/// The captured tables (`CDC_TABLES`, or every table of the publication) with the publication's
+/// column list and row filter of each. A table of `CDC_TABLES` outside the publication is read
+/// whole (its changes are never streamed).
+async fn published_tables(
+    reader: &tokio_postgres::Client,
+    settings: &Settings,
+) -> Result<Vec<Published>, CaptureError> {
+    let version: i32 = reader
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let sql = if version >= 150_000 {
+        "SELECT schemaname::text, tablename::text, attnames::text[], rowfilter::text \
+         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+    } else {
+        "SELECT schemaname::text, tablename::text, NULL::text[], NULL::text \
+         FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
+    };
+    let published: Vec<Published> = reader
+        .query(sql, &[&settings.config.publication])
+        .await?
+        .iter()
+        .map(|r| Published {
+            table: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            columns: r.get(2),
+            row_filter: r.get(3),
+        })
+        .collect();
+    if settings.tables.is_empty() {
+        return Ok(published);
+    }
+    Ok(settings
+        .tables
+        .iter()
+        .map(|table| {
+            published
+                .iter()
+                .find(|p| &p.table == table)
+                .map(|p| Published {
+                    table: table.clone(),
+                    columns: p.columns.clone(),
+                    row_filter: p.row_filter.clone(),
+                })
+                .unwrap_or(Published {
+                    table: table.clone(),
+                    columns: None,
+                    row_filter: None,
+                })
+        })
+        .collect())
 }
 
 /// A table's columns as pgoutput would describe them (replica identity columns as the key), and

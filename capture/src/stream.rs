@@ -84,17 +84,19 @@ impl<'a> Streamer<'a> {
         let mut attempt = 0u32;
         loop {
             let started = match upstream.reconnect_sql().await {
-                Ok(()) => self.start(upstream).await,
-                Err(e) => Err(e),
+                Ok(()) => self.start(upstream).await.map_err(|e| ("replication", e)),
+                Err(e) => Err(("sql", e)),
             };
             let mut source = match started {
                 Ok(source) => {
                     attempt = 0;
                     source
                 }
-                Err(e) if e.is_reconnectable() => {
+                // Any failure to open the SQL connection is retried, as are transient ones of
+                // the replication connection.
+                Err((which, e)) if which == "sql" || e.is_reconnectable() => {
                     let wait = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "connecting failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{which} connection failed; retrying");
                     attempt += 1;
                     tokio::select! {
                         biased;
@@ -103,7 +105,7 @@ impl<'a> Streamer<'a> {
                         _ = tokio::time::sleep(wait) => continue,
                     }
                 }
-                Err(e) => return Err(e),
+                Err((_, e)) => return Err(e),
             };
             tracing::info!(slot = %slot, start = %self.asm.recorded().lsn, "streaming");
             self.health.set_streaming(true);
@@ -114,7 +116,11 @@ impl<'a> Streamer<'a> {
             match outcome {
                 Ok(stopped) => return Ok(stopped),
                 Err(e) if e.is_reconnectable() => {
-                    tracing::warn!(error = %e, "connection broke; reconnecting from the recorded checkpoint");
+                    let which = match e {
+                        CaptureError::Replication(_) => "replication stream",
+                        _ => "sql connection",
+                    };
+                    tracing::warn!(error = %e, "{which} broke; reconnecting from the recorded checkpoint");
                     // What was buffered but not recorded is sent again.
                     self.wait_inflight().await?;
                     self.asm.reset();
@@ -143,7 +149,6 @@ impl<'a> Streamer<'a> {
                     )));
                 }
                 Ok(_) => {}
-                Err(e) if e.is_reconnectable() => return Err(e),
                 Err(error) => {
                     tracing::warn!(error = %error, "reading the slot's confirmed position failed")
                 }
@@ -201,7 +206,7 @@ impl<'a> Streamer<'a> {
                             tracing::trace!(wal_end = %wal_end, reply_requested, "keepalive");
                             self.asm.keepalive(wal_end);
                             self.maybe_heartbeat().await?;
-                            if self.asm.caught_up(self.inflight.is_some()) {
+                            if self.asm.caught_up(self.inflight.is_some()) && !self.asm.in_transaction() {
                                 return Ok(Stopped::CaughtUp);
                             }
                             if reply_requested {
@@ -216,7 +221,7 @@ impl<'a> Streamer<'a> {
                 _ = status_tick.tick() => {
                     self.confirm(source).await?;
                     self.maybe_heartbeat().await?;
-                    if self.asm.caught_up(self.inflight.is_some()) {
+                    if self.asm.caught_up(self.inflight.is_some()) && !self.asm.in_transaction() {
                         return Ok(Stopped::CaughtUp);
                     }
                 }

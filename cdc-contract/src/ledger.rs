@@ -234,6 +234,34 @@ impl std::str::FromStr for FlushId {
     }
 }
 
+/// A slot's registration (`pk = slots`, `sk = {slot}`): how the compactor finds every slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRegistration {
+    /// The slot.
+    pub slot: String,
+    /// When it was registered (ms since the epoch).
+    pub created_ms: i64,
+}
+
+impl SlotRegistration {
+    /// The full item.
+    pub fn to_item(&self) -> Item {
+        let mut item = key(SLOTS_PK.into(), self.slot.clone());
+        item.insert("slot".to_owned(), s(self.slot.clone()));
+        item.insert("created_ms".to_owned(), n(self.created_ms));
+        item
+    }
+
+    /// Reads a registration (the slot from the sort key, which every version wrote).
+    pub fn from_item(item: &Item) -> Result<Self, ItemError> {
+        let r = ItemReader::new(item);
+        Ok(SlotRegistration {
+            slot: r.s(SK)?.to_owned(),
+            created_ms: r.n_opt("created_ms")?.unwrap_or(0),
+        })
+    }
+}
+
 /// The slot's lease: one writer at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -254,6 +282,17 @@ impl Lease {
             epoch: r.n("epoch")?,
             expires_ms: r.n("expires_ms")?,
         })
+    }
+
+    /// The full item.
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(slot_pk(slot), LEASE_SK.into());
+        item.extend([
+            ("owner".to_owned(), s(self.owner.clone())),
+            ("epoch".to_owned(), n(self.epoch)),
+            ("expires_ms".to_owned(), n(self.expires_ms)),
+        ]);
+        item
     }
 }
 
@@ -312,6 +351,15 @@ impl Checkpoint {
         item
     }
 
+    /// The full item, as written by the flush of lease `epoch` at `updated_ms`.
+    pub fn to_item(&self, slot: &str, epoch: u64, updated_ms: i64) -> Item {
+        let mut item = key(slot_pk(slot), CHECKPOINT_SK.into());
+        item.extend(self.attributes());
+        item.insert("epoch".to_owned(), n(epoch));
+        item.insert("updated_ms".to_owned(), n(updated_ms));
+        item
+    }
+
     /// True when a change at `pos` is already recorded and must be dropped on resume.
     pub fn covers(&self, pos: Position) -> bool {
         // `lsn` is a commit's end: every transaction committed before it has a smaller commit LSN.
@@ -334,6 +382,11 @@ pub struct FlushRecord {
     pub hours: Vec<String>,
     /// When it was committed (ms since the epoch).
     pub created_ms: i64,
+    /// The checkpoint it recorded (its LSN).
+    pub lsn: Lsn,
+    /// When DynamoDB may delete it ([`TTL_ATTRIBUTE`], s since the epoch): a record that
+    /// validates no batch only needs to outlive a lost reply's retry.
+    pub expires_at: Option<i64>,
 }
 
 impl FlushRecord {
@@ -347,7 +400,31 @@ impl FlushRecord {
             },
             hours: r.ss_list("hours")?,
             created_ms: r.n("created_ms")?,
+            lsn: match r.s_opt("lsn") {
+                Some(l) => Lsn::from_key(l).map_err(|_| r.error("lsn"))?,
+                None => Lsn::ZERO,
+            },
+            expires_at: r.n_opt(TTL_ATTRIBUTE)?,
         })
+    }
+
+    /// The full item.
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(slot_pk(slot), flush_sk(&self.id));
+        item.extend([
+            ("seq".to_owned(), n(self.id.seq)),
+            ("epoch".to_owned(), n(self.id.epoch)),
+            ("created_ms".to_owned(), n(self.created_ms)),
+            ("lsn".to_owned(), s(self.lsn.key())),
+            (
+                "hours".to_owned(),
+                AttributeValue::L(self.hours.iter().map(|h| s(h.clone())).collect()),
+            ),
+        ]);
+        if let Some(at) = self.expires_at {
+            item.insert(TTL_ATTRIBUTE.to_owned(), n(at));
+        }
+        item
     }
 }
 
@@ -775,6 +852,13 @@ impl SnapshotState {
             ("started_ms".to_owned(), n(self.started_ms)),
         ])
     }
+
+    /// The full item.
+    pub fn to_item(&self, slot: &str) -> Item {
+        let mut item = key(slot_pk(slot), SNAPSHOT_SK.into());
+        item.extend(self.attributes());
+        item
+    }
 }
 
 #[cfg(test)]
@@ -895,5 +979,97 @@ mod tests {
     fn flush_ids_round_trip() {
         let id = FlushId { seq: 42, epoch: 3 };
         assert_eq!(id.to_string().parse::<FlushId>().unwrap(), id);
+    }
+
+    /// Every item the ledger holds reads back as it was written: one codec, both directions.
+    #[test]
+    fn every_item_round_trips() {
+        let table = TableName::new("sales", "order/lines");
+        let hour: Hour = "2025-01-08T10".parse().unwrap();
+        let lease = Lease {
+            owner: "capture-1".into(),
+            epoch: 4,
+            expires_ms: 1_700_000_000_000,
+        };
+        assert_eq!(Lease::from_item(&lease.to_item("s1")).unwrap(), lease);
+        let registration = SlotRegistration {
+            slot: "s1".into(),
+            created_ms: 2,
+        };
+        assert_eq!(
+            SlotRegistration::from_item(&registration.to_item()).unwrap(),
+            registration
+        );
+        let cp = Checkpoint {
+            lsn: Lsn(0x1_0000_0010),
+            partial: Some(Position::new(Lsn(0x1_0000_0200), 7)),
+            commit_ms: 5,
+            caught_up_ms: Some(6),
+            flush_seq: 9,
+            flush_id: FlushId { seq: 9, epoch: 4 }.to_string(),
+        };
+        let item = cp.to_item("s1", 4, 77);
+        assert_eq!(Checkpoint::from_item(&item).unwrap(), cp);
+        assert_eq!(item[SK].as_s().unwrap(), CHECKPOINT_SK);
+        for expires_at in [None, Some(1_700_000_000)] {
+            let record = FlushRecord {
+                id: FlushId { seq: 9, epoch: 4 },
+                hours: vec![pending_sk(hour, &table)],
+                created_ms: 8,
+                lsn: Lsn(0x20),
+                expires_at,
+            };
+            assert_eq!(
+                FlushRecord::from_item(&record.to_item("s1")).unwrap(),
+                record
+            );
+        }
+        for complete in [false, true] {
+            let state = SnapshotState {
+                complete,
+                consistent_lsn: Lsn(0x30),
+                started_ms: 3,
+            };
+            assert_eq!(
+                SnapshotState::from_item(&state.to_item("s1")).unwrap(),
+                state
+            );
+        }
+        let pending = PendingHour {
+            table: table.clone(),
+            hour,
+            flush_seq: 3,
+        };
+        assert_eq!(
+            PendingHour::from_item(&pending.to_item("s1")).unwrap(),
+            pending
+        );
+        let record = HourRecord {
+            table: table.clone(),
+            hour,
+            version: 2,
+            compacted_through: Some(Position::new(Lsn(0x40), 2)),
+            next_part: 3,
+            rows: 10,
+            bytes: 20,
+            claim_attempt: "a1".into(),
+            claim_until_ms: 30,
+            updated_ms: 40,
+            recheck_after_ms: 50,
+        };
+        assert_eq!(
+            HourRecord::from_item(&record.to_item("s1")).unwrap(),
+            record
+        );
+        let schema = SchemaItem {
+            schema: crate::schema::TableSchema {
+                table: table.clone(),
+                columns: Vec::new(),
+            },
+        };
+        assert_eq!(
+            SchemaItem::from_item(&schema.to_item("s1")).unwrap().schema,
+            schema.schema
+        );
     }
 }

@@ -275,9 +275,8 @@ impl Ledger for DynamoLedger {
         items
             .iter()
             .map(|i| {
-                items::ItemReader::new(i)
-                    .s(items::SK)
-                    .map(str::to_owned)
+                items::SlotRegistration::from_item(i)
+                    .map(|r| r.slot)
                     .map_err(Into::into)
             })
             .collect()

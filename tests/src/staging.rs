@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::Context;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use serde_json::Value;
 
 use cdc_contract::event::Op;
@@ -227,9 +227,11 @@ pub struct StagedBatch {
 impl<'a> Stager<'a> {
     /// A stager for a new slot: registers it and takes the lease at epoch 1.
     pub async fn new(aws: &'a AwsFixture, slot: &str) -> anyhow::Result<Stager<'a>> {
-        let mut reg = ledger::key(ledger::SLOTS_PK.into(), slot.into());
-        reg.insert("slot".into(), ledger::s(slot));
-        reg.insert("created_ms".into(), ledger::n(now_ms()));
+        let reg = ledger::SlotRegistration {
+            slot: slot.into(),
+            created_ms: now_ms(),
+        }
+        .to_item();
         aws.dynamodb
             .put_item()
             .table_name(&aws.table)
@@ -255,10 +257,12 @@ impl<'a> Stager<'a> {
     }
 
     async fn put_lease(&self) -> anyhow::Result<()> {
-        let mut lease = ledger::key(ledger::slot_pk(&self.slot), ledger::LEASE_SK.into());
-        lease.insert("owner".into(), ledger::s("stager"));
-        lease.insert("epoch".into(), ledger::n(self.epoch));
-        lease.insert("expires_ms".into(), ledger::n(now_ms() + 60_000));
+        let lease = ledger::Lease {
+            owner: "stager".into(),
+            epoch: self.epoch,
+            expires_ms: now_ms() + 60_000,
+        }
+        .to_item(&self.slot);
         self.aws
             .dynamodb
             .put_item()
@@ -485,25 +489,18 @@ impl<'a> Stager<'a> {
         checkpoint.flush_seq = id.seq;
         checkpoint.flush_id = id.to_string();
 
-        let pk = ledger::slot_pk(&self.slot);
-        let mut flush_item = ledger::key(pk.clone(), ledger::flush_sk(&id));
-        flush_item.insert("seq".into(), ledger::n(id.seq));
-        flush_item.insert("epoch".into(), ledger::n(id.epoch));
-        flush_item.insert("created_ms".into(), ledger::n(now_ms()));
-        flush_item.insert("lsn".into(), ledger::s(checkpoint.lsn.key()));
-        flush_item.insert(
-            "hours".into(),
-            AttributeValue::L(
-                hours
-                    .iter()
-                    .map(|(t, h)| ledger::s(ledger::pending_sk(*h, t)))
-                    .collect(),
-            ),
-        );
-        let mut cp_item = ledger::key(pk, ledger::CHECKPOINT_SK.into());
-        cp_item.extend(checkpoint.attributes());
-        cp_item.insert("epoch".into(), ledger::n(self.epoch));
-        cp_item.insert("updated_ms".into(), ledger::n(now_ms()));
+        let flush_item = ledger::FlushRecord {
+            id,
+            hours: hours
+                .iter()
+                .map(|(t, h)| ledger::pending_sk(*h, t))
+                .collect(),
+            created_ms: now_ms(),
+            lsn: checkpoint.lsn,
+            expires_at: None,
+        }
+        .to_item(&self.slot);
+        let cp_item = checkpoint.to_item(&self.slot, self.epoch, now_ms());
         self.aws
             .dynamodb
             .transact_write_items()
