@@ -118,6 +118,10 @@ pub struct Config {
     /// Port of the `/healthz` endpoint (0: none).
     #[arg(long, env = "HEALTH_PORT", default_value_t = 8080)]
     pub health_port: u16,
+    /// `/healthz` stays healthy while the initial snapshot makes progress; without progress for
+    /// this long (s) the task counts as stuck.
+    #[arg(long, env = "HEALTH_STALL_SECONDS", default_value_t = 120)]
+    pub health_stall_seconds: u64,
     /// `healthcheck`: probe a running capture's `/healthz` and exit 0 when healthy.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -250,6 +254,9 @@ impl Config {
         if self.aws_attempt_timeout_ms < 100 {
             return Err(bad("AWS_ATTEMPT_TIMEOUT_MS", "must be at least 100"));
         }
+        if self.health_stall_seconds == 0 {
+            return Err(bad("HEALTH_STALL_SECONDS", "must be positive"));
+        }
         if self.heartbeat_interval_ms < 100 {
             return Err(bad("HEARTBEAT_INTERVAL_MS", "must be at least 100"));
         }
@@ -315,6 +322,11 @@ impl Settings {
             .connect_timeout(Duration::from_secs(3))
             .operation_attempt_timeout(Duration::from_millis(self.config.aws_attempt_timeout_ms))
             .build()
+    }
+
+    /// How long the initial snapshot may go without progress before `/healthz` says stuck.
+    pub fn health_stall(&self) -> Duration {
+        Duration::from_secs(self.config.health_stall_seconds)
     }
 
     /// The lease duration.

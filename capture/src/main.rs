@@ -36,7 +36,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
             sink: Arc::new(StdoutSink),
             notifier: Arc::new(NoNotifier),
             metrics: None,
-            health: Health::new(),
+            health: Health::with_stall(settings.health_stall()),
         }),
         Target::Aws {
             bucket,
@@ -83,7 +83,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                 })),
-                health: Health::new(),
+                health: Health::with_stall(settings.health_stall()),
             })
         }
     }

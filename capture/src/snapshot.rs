@@ -49,6 +49,7 @@ pub async fn take(
         .await?;
     let tables = published_tables(&reader, settings).await?;
     tracing::info!(tables = tables.len(), consistent = %consistent, "initial snapshot started");
+    streamer.health().snapshot_progress(Some(now_ms()));
     // Rows are keyed one below the consistent point, so no streamed change shares a key
     // (issue 15, item 5).
     let rows_lsn = state.rows_lsn();
@@ -97,6 +98,7 @@ pub async fn take(
         let mut ordinal = 0u32;
         loop {
             let messages = reader.simple_query("FETCH 5000 FROM cdc_snapshot").await?;
+            streamer.health().snapshot_progress(Some(now_ms()));
             let mut fetched = 0;
             for message in messages {
                 let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
@@ -145,6 +147,7 @@ pub async fn take(
     })
     .await?;
     streamer.asm.snapshot_done(consistent, started_ms);
+    streamer.health().snapshot_progress(None);
     tracing::info!(rows = total, "initial snapshot complete");
     Ok(())
 }

@@ -346,6 +346,11 @@ impl<'a> Streamer<'a> {
         }
     }
 
+    /// What `/healthz` reports.
+    pub fn health(&self) -> &crate::health::Health {
+        &self.health
+    }
+
     /// Waits for the flush in flight, if any, and takes in its outcome.
     pub async fn wait_inflight(&mut self) -> Result<(), CaptureError> {
         if let Some(handle) = self.inflight.take() {

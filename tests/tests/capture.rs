@@ -1462,3 +1462,57 @@ async fn the_snapshot_honours_the_publications_column_list_and_row_filter() -> a
     assert!(other.iter().all(|e| e["after"]["v"] == "v"));
     Ok(())
 }
+
+/// `/healthz` is a liveness probe: 200 while an initial snapshot makes progress under the lease,
+/// however long it takes (the deployed health check would otherwise replace the task after about
+/// 2.5 minutes and a first deployment on a large database would never get past its snapshot).
+#[tokio::test]
+async fn healthz_stays_healthy_throughout_a_long_snapshot() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat('x', 40) || g FROM generate_series(1, 1000000) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    cap.env.push(("HEALTH_PORT".into(), port.to_string()));
+    let mut child = cap.spawn(&[])?;
+    pipeline_tests::wait_for("the snapshot to start", Duration::from_secs(60), || async {
+        Ok(cap.log().contains("initial snapshot started").then_some(()))
+    })
+    .await?;
+    let mut polls = 0;
+    let mut unhealthy = 0;
+    while !cap.log().contains("initial snapshot complete") {
+        anyhow::ensure!(
+            child.try_wait()?.is_none(),
+            "the capture stopped: {}",
+            cap.log()
+        );
+        if !healthcheck(&cap, port).await? && !cap.log().contains("initial snapshot complete") {
+            unhealthy += 1;
+        }
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        polls >= 3,
+        "the snapshot was too short to observe ({polls} polls)"
+    );
+    assert_eq!(
+        unhealthy, 0,
+        "/healthz answered 503 at {unhealthy} of {polls} polls during the snapshot"
+    );
+    pipeline_tests::wait_for("streaming and healthy", Duration::from_secs(30), || async {
+        Ok(healthcheck(&cap, port).await?.then_some(()))
+    })
+    .await?;
+    child.start_kill()?;
+    Ok(())
+}
