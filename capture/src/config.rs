@@ -23,7 +23,11 @@ pub enum SnapshotMode {
 /// DynamoDB ledger.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "capture", version, about)]
-pub struct Config {
+pub struct Flags {
+    /// What the compactor shares (bucket, base path, ledger table, close grace, attempt timeout,
+    /// log format).
+    #[command(flatten)]
+    pub shared: cdc_contract::flags::SharedFlags,
     /// PostgreSQL host.
     #[arg(long, env = "POSTGRES_HOST", default_value = "localhost")]
     pub host: String,
@@ -60,15 +64,6 @@ pub struct Config {
     /// Tables to capture, comma-separated `schema.table`; default: every table of the publication.
     #[arg(long, env = "CDC_TABLES", value_delimiter = ',')]
     pub tables: Vec<String>,
-    /// S3 bucket for micro-batches (required unless --local-test-mode).
-    #[arg(long = "s3-bucket", env = "S3_BUCKET_NAME")]
-    pub s3_bucket: Option<String>,
-    /// Prefix of every key the pipeline writes.
-    #[arg(long, env = "S3_BASE_PATH", default_value = "")]
-    pub s3_base_path: String,
-    /// DynamoDB ledger table (required unless --local-test-mode).
-    #[arg(long, env = "LEDGER_TABLE")]
-    pub ledger_table: Option<String>,
     /// SQS queue URL the compactor listens on (optional: the compactor's sweep finds everything).
     #[arg(long, env = "NOTIFY_QUEUE_URL")]
     pub notify_queue_url: Option<String>,
@@ -84,14 +79,6 @@ pub struct Config {
     /// Lease duration (ms); renewed every third of it.
     #[arg(long, env = "LEASE_DURATION_MS", default_value_t = 30_000)]
     pub lease_duration_ms: u64,
-    /// Time limit of one AWS request attempt (ms); a slower answer counts as a failed attempt and
-    /// is retried.
-    #[arg(long, env = "AWS_ATTEMPT_TIMEOUT_MS", default_value_t = 10_000)]
-    pub aws_attempt_timeout_ms: u64,
-    /// Grace period after an hour's end before the compactor closes it (s); the capture notifies
-    /// when its checkpoint passes it. Keep equal to the compactor's.
-    #[arg(long, env = "CLOSE_GRACE_SECONDS", default_value_t = 300)]
-    pub close_grace_seconds: u64,
     /// Also emit the flush metrics (rows, bytes) per table, with a `Table` dimension. Each
     /// distinct slot and table is a metric CloudWatch bills monthly.
     #[arg(long, env = "METRICS_PER_TABLE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -125,9 +112,6 @@ pub struct Config {
     /// `healthcheck`: probe a running capture's `/healthz` and exit 0 when healthy.
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
 }
 
 /// Subcommands.
@@ -137,14 +121,7 @@ pub enum Command {
     Healthcheck,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable.
-    Text,
-    /// One JSON object per line (AWS).
-    Json,
-}
+pub use cdc_contract::flags::LogFormat;
 
 /// A setting that is missing or wrong.
 #[derive(Debug, thiserror::Error)]
@@ -166,8 +143,10 @@ fn bad(setting: &'static str, problem: impl Into<String>) -> ConfigError {
 /// The validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The raw configuration.
-    pub config: Config,
+    /// The flags as given.
+    pub flags: Flags,
+    /// The shared settings, validated.
+    pub shared: cdc_contract::flags::SharedSettings,
     /// Database name.
     pub database: String,
     /// Role.
@@ -206,9 +185,13 @@ fn valid_identifier(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-impl Config {
+impl Flags {
     /// Validates the configuration.
     pub fn validate(self) -> Result<Settings, ConfigError> {
+        let shared = self
+            .shared
+            .validate(Duration::from_secs(10), LogFormat::Text)
+            .map_err(|e| bad(e.setting, e.problem))?;
         let database = self
             .database
             .clone()
@@ -251,9 +234,6 @@ impl Config {
         if self.lease_duration_ms < 3_000 {
             return Err(bad("LEASE_DURATION_MS", "must be at least 3000"));
         }
-        if self.aws_attempt_timeout_ms < 100 {
-            return Err(bad("AWS_ATTEMPT_TIMEOUT_MS", "must be at least 100"));
-        }
         if self.health_stall_seconds == 0 {
             return Err(bad("HEALTH_STALL_SECONDS", "must be positive"));
         }
@@ -273,20 +253,15 @@ impl Config {
                 ledger_file: self.local_ledger_file.clone(),
             }
         } else {
-            let bucket = self
-                .s3_bucket
-                .clone()
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| {
-                    bad(
-                        "--s3-bucket / S3_BUCKET_NAME",
-                        "is required (or ask for --local-test-mode)",
-                    )
-                })?;
-            let ledger_table = self
+            let bucket = shared.bucket.clone().ok_or_else(|| {
+                bad(
+                    "--s3-bucket / S3_BUCKET_NAME",
+                    "is required (or ask for --local-test-mode)",
+                )
+            })?;
+            let ledger_table = shared
                 .ledger_table
                 .clone()
-                .filter(|s| !s.is_empty())
                 .ok_or_else(|| bad("LEDGER_TABLE", "is required (or ask for --local-test-mode)"))?;
             Target::Aws {
                 bucket,
@@ -300,7 +275,8 @@ impl Config {
             slot,
             tables,
             target,
-            config: self,
+            flags: self,
+            shared,
         })
     }
 }
@@ -308,30 +284,30 @@ impl Config {
 impl Settings {
     /// The flush interval.
     pub fn flush_interval(&self) -> Duration {
-        Duration::from_millis(self.config.flush_interval_ms)
+        Duration::from_millis(self.flags.flush_interval_ms)
     }
 
     /// The heartbeat interval.
     pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.config.heartbeat_interval_ms)
+        Duration::from_millis(self.flags.heartbeat_interval_ms)
     }
 
     /// The AWS SDK's timeouts: connecting, and each request attempt.
     pub fn aws_timeouts(&self) -> aws_config::timeout::TimeoutConfig {
         aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(3))
-            .operation_attempt_timeout(Duration::from_millis(self.config.aws_attempt_timeout_ms))
+            .operation_attempt_timeout(self.shared.aws_attempt_timeout)
             .build()
     }
 
     /// How long the initial snapshot may go without progress before `/healthz` says stuck.
     pub fn health_stall(&self) -> Duration {
-        Duration::from_secs(self.config.health_stall_seconds)
+        Duration::from_secs(self.flags.health_stall_seconds)
     }
 
     /// The lease duration.
     pub fn lease_duration(&self) -> Duration {
-        Duration::from_millis(self.config.lease_duration_ms)
+        Duration::from_millis(self.flags.lease_duration_ms)
     }
 }
 
@@ -339,10 +315,10 @@ impl Settings {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Config {
+    fn parse(args: &[&str]) -> Flags {
         let mut all = vec!["capture"];
         all.extend_from_slice(args);
-        Config::try_parse_from(all).unwrap()
+        Flags::try_parse_from(all).unwrap()
     }
 
     const BASE: [&str; 6] = ["--database", "app", "--username", "u", "--slot-name", "s1"];

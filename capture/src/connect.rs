@@ -21,7 +21,7 @@ use crate::source::{Incoming, ReplicationSource, SlotStatus, Upstream};
 
 /// The connection settings of both connections.
 pub fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError> {
-    let cfg = &settings.config;
+    let cfg = &settings.flags;
     let tls = crate::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
         .map_err(|e| CaptureError::Setup(e.to_string()))?;
     Ok(ConnectParams {
@@ -40,7 +40,7 @@ pub fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError
 /// unreachable or refuses the login (a first deployment before its password secret or security
 /// group is set up). None for anything else (a missing database, bad TLS settings): definite.
 fn waiting_reason(error: &tokio_postgres::Error, settings: &Settings) -> Option<String> {
-    let cfg = &settings.config;
+    let cfg = &settings.flags;
     match error.code().map(|c| c.code()) {
         Some("28P01") | Some("28000") => Some(format!(
             "the database refused the login of {:?}: set the password in POSTGRES_PASSWORD (the \
@@ -202,7 +202,7 @@ impl Upstream for PgUpstream<'_> {
     async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError> {
         let conn = ReplicationConnection::connect(&self.params).await?;
         let stream = conn
-            .start_replication(&self.settings.slot, from, &self.settings.config.publication)
+            .start_replication(&self.settings.slot, from, &self.settings.flags.publication)
             .await?;
         Ok(Box::new(PgSource { stream }))
     }

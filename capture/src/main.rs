@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use capture::config::{Command, Config, LogFormat, Settings, Target};
+use capture::config::{Command, Flags, LogFormat, Settings, Target};
 use capture::health::Health;
 use capture::ledger::{DynamoLedger, LocalLedger};
 use capture::notify::{NoNotifier, Notifier, SqsNotifier};
@@ -105,7 +105,7 @@ fn shutdown_on_signals(token: CancellationToken) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Flags::parse();
     if let Some(Command::Healthcheck) = config.command {
         return if capture::health::probe(config.health_port).await {
             ExitCode::SUCCESS
@@ -113,7 +113,7 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    init_tracing(config.log_format);
+    init_tracing(config.shared.log_format_or(LogFormat::Text));
     let settings = match config.validate() {
         Ok(s) => s,
         Err(e) => {
@@ -150,8 +150,8 @@ async fn run(settings: Settings) -> anyhow::Result<Stopped> {
     let deps = deps(&settings).await?;
     let token = CancellationToken::new();
     shutdown_on_signals(token.clone())?;
-    if settings.config.health_port != 0 {
-        let port = settings.config.health_port;
+    if settings.flags.health_port != 0 {
+        let port = settings.flags.health_port;
         let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
             .await
             .with_context(|| format!("HEALTH_PORT: cannot listen on port {port}"))?;

@@ -169,7 +169,7 @@ async fn stream(
     .await?;
     // Taken before the position is read: everything committed before it is below the target.
     let target_ms = now_ms();
-    let target = if settings.config.exit_when_caught_up {
+    let target = if settings.flags.exit_when_caught_up {
         let lsn = upstream.catalog.current_wal_lsn().await?;
         tracing::info!(target = %lsn, "will exit once everything committed before this position is recorded");
         Some((lsn, target_ms))

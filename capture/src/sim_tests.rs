@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use cdc_contract::{Lsn, Position, TableName};
 
-use crate::config::Config;
+use crate::config::Flags;
 use crate::pipeline::{run_upstream, CaptureError, Deps, Stopped};
 use crate::sim::{
     Change, Handle, Replayed, SimLedger, SimNotifier, SimSink, SimUpstream, Transaction, World,
@@ -146,7 +146,7 @@ fn settings(rng: &mut StdRng) -> crate::config::Settings {
         "--health-port",
         "0",
     ];
-    match Config::try_parse_from(args).map(Config::validate) {
+    match Flags::try_parse_from(args).map(Flags::validate) {
         Ok(Ok(settings)) => settings,
         other => panic!("simulation settings: {other:?}"),
     }

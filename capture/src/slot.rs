@@ -58,7 +58,7 @@ pub async fn ensure_slot(
 ) -> Result<Option<ExportedSnapshot>, CaptureError> {
     let client = catalog.client();
     let findings =
-        crate::checks::run(client, &settings.config.publication, &settings.tables).await?;
+        crate::checks::run(client, &settings.flags.publication, &settings.tables).await?;
     for finding in findings {
         match finding {
             crate::checks::Finding::Fatal(message) => return Err(CaptureError::Setup(message)),
@@ -71,7 +71,7 @@ pub async fn ensure_slot(
             &[&settings.slot],
         )
         .await?;
-    let initial = settings.config.snapshot == SnapshotMode::Initial;
+    let initial = settings.flags.snapshot == SnapshotMode::Initial;
     // An unfinished snapshot is taken again whatever CDC_SNAPSHOT says now: its slot was made
     // for it, and its batches wait for it (the mode only decides what a new slot gets).
     let unfinished = retry_ledger("reading the snapshot state", || ledger.load_snapshot())
@@ -101,7 +101,7 @@ pub async fn ensure_slot(
                     .await;
             }
             if wal_status == "lost" {
-                if settings.config.recreate_slot {
+                if settings.flags.recreate_slot {
                     tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is invalidated; recreating it and taking a new snapshot, keeping what the ledger recorded");
                     // The intent first: from then on this is a retake (drop, create), and dying
                     // anywhere leads the next start to retake again.
@@ -119,7 +119,7 @@ pub async fn ensure_slot(
             Ok(None)
         }
         None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => {
-            if settings.config.recreate_slot {
+            if settings.flags.recreate_slot {
                 tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is gone; recreating it and taking a new snapshot, keeping what the ledger recorded");
                 return create_with_snapshot(settings, params, ledger, lease).await;
             }

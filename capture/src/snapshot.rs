@@ -180,7 +180,7 @@ async fn published_tables(
          FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2"
     };
     let published: Vec<Published> = reader
-        .query(sql, &[&settings.config.publication])
+        .query(sql, &[&settings.flags.publication])
         .await?
         .iter()
         .map(|r| Published {

@@ -51,7 +51,7 @@ impl<'a> Streamer<'a> {
         tracing::info!(lsn = %recorded.lsn, partial = ?recorded.partial.map(|p| p.key()), flush_seq = recorded.flush_seq, "resuming from the ledger's checkpoint");
         let flusher = Arc::new(Flusher {
             slot: settings.slot.clone(),
-            layout: Layout::new(&settings.config.s3_base_path),
+            layout: Layout::new(&settings.shared.base_path),
             sink: deps.sink.clone(),
             ledger: deps.ledger.clone(),
             notifier: deps.notifier.clone(),
@@ -389,7 +389,7 @@ impl<'a> Streamer<'a> {
                         ),
                     ],
                 ));
-                if self.settings.config.metrics_per_table {
+                if self.settings.flags.metrics_per_table {
                     for (table, rows, bytes) in &outcome.tables {
                         emit(metrics::emf_table_line(
                             &self.settings.slot,

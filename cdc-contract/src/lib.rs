@@ -7,6 +7,7 @@
 
 pub mod aws;
 pub mod event;
+pub mod flags;
 pub mod hour;
 pub mod layout;
 pub mod ledger;

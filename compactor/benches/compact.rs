@@ -23,7 +23,7 @@ use serde_json::json;
 
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, TableName};
-use compactor::config::Config;
+use compactor::config::Settings;
 use compactor::{Compactor, SweepRequest};
 use pipeline_tests::aws::AwsFixture;
 use pipeline_tests::staging::{column, now_ms, Change, ColumnExt, Stager};
@@ -46,7 +46,7 @@ fn args() -> anyhow::Result<Args> {
         rows: 1_000_000,
         batch_rows: 10_000,
         part_max_bytes: 128 * 1024 * 1024,
-        gzip_level: Config::new(String::new(), String::new()).jsonl_gzip_level,
+        gzip_level: Settings::new(String::new(), String::new()).jsonl_gzip_level,
         duckdb: true,
         compact_child: false,
         stage_only: false,
@@ -265,7 +265,7 @@ async fn duckdb_reference(aws: &AwsFixture, dir: &Path) -> anyhow::Result<f64> {
 async fn compact_child(args: &Args) -> anyhow::Result<()> {
     let endpoint = std::env::var("AWS_ENDPOINT_URL")?;
     let sdk = pipeline_tests::aws::sdk_config(&endpoint).await;
-    let mut config = Config::new(
+    let mut config = Settings::new(
         std::env::var("BENCH_BUCKET")?,
         std::env::var("BENCH_TABLE")?,
     );

@@ -1,5 +1,5 @@
 //! Configuration: one `clap` struct whose every flag has an environment variable (flags win),
-//! validated once at start-up into [`Config`]; errors name the setting.
+//! validated once at start-up into [`Settings`]; errors name the setting.
 
 use std::time::Duration;
 
@@ -53,27 +53,15 @@ impl Compression {
     }
 }
 
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line (CloudWatch Logs Insights).
-    Json,
-    /// Human-readable lines.
-    Text,
-}
+pub use cdc_contract::flags::LogFormat;
+use cdc_contract::flags::SharedFlags;
 
-/// The compactor's settings as given (flags or environment).
+/// The compactor's flags as given (flags or environment).
 #[derive(Debug, Clone, Args)]
-pub struct Settings {
-    /// Bucket holding the staging batches and the final files.
-    #[arg(long = "s3-bucket", env = "S3_BUCKET_NAME")]
-    pub s3_bucket: Option<String>,
-    /// Prefix of every key the pipeline writes (may be empty).
-    #[arg(long = "s3-base-path", env = "S3_BASE_PATH", default_value = "")]
-    pub s3_base_path: String,
-    /// The DynamoDB ledger table.
-    #[arg(long = "ledger-table", env = "LEDGER_TABLE")]
-    pub ledger_table: Option<String>,
+pub struct Flags {
+    /// What the capture shares.
+    #[command(flatten)]
+    pub shared: SharedFlags,
     /// Final formats, comma-separated: jsonl, parquet.
     #[arg(
         long = "output-formats",
@@ -84,13 +72,6 @@ pub struct Settings {
     /// Compact only this slot's hours (default: every slot in the ledger).
     #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
     pub slot_name: Option<String>,
-    /// An hour closes once the checkpoint's commit or caught-up time is this far past its end.
-    #[arg(
-        long = "close-grace-seconds",
-        env = "CLOSE_GRACE_SECONDS",
-        default_value = "300"
-    )]
-    pub close_grace_seconds: String,
     /// Final files roll into a new part at this size (bytes).
     #[arg(
         long = "part-max-bytes",
@@ -122,14 +103,6 @@ pub struct Settings {
     /// SQS queue told about each dead-lettered staging batch (optional).
     #[arg(long = "dead-letter-queue-url", env = "DEAD_LETTER_QUEUE_URL")]
     pub dead_letter_queue_url: Option<String>,
-    /// Time limit of one AWS request attempt (ms); a slower answer counts as a failed attempt and
-    /// is retried.
-    #[arg(
-        long = "aws-attempt-timeout-ms",
-        env = "AWS_ATTEMPT_TIMEOUT_MS",
-        default_value = "30000"
-    )]
-    pub aws_attempt_timeout_ms: String,
     /// How long a compactor's claim on an hour holds without renewal (seconds).
     #[arg(
         long = "hour-claim-seconds",
@@ -153,9 +126,6 @@ pub struct Settings {
         default_value = "2"
     )]
     pub concurrency: String,
-    /// Log format: json or text (default: json under Lambda, text in a shell).
-    #[arg(long = "log-format", env = "LOG_FORMAT")]
-    pub log_format: Option<String>,
 }
 
 /// A setting that cannot be used.
@@ -177,7 +147,7 @@ fn bad(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct Settings {
     /// The bucket.
     pub bucket: String,
     /// The base path (`S3_BASE_PATH`).
@@ -212,10 +182,10 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-impl Config {
+impl Settings {
     /// A configuration with every default, for `bucket` and `ledger_table`.
     pub fn new(bucket: impl Into<String>, ledger_table: impl Into<String>) -> Self {
-        Config {
+        Settings {
             bucket: bucket.into(),
             base_path: String::new(),
             ledger_table: ledger_table.into(),
@@ -263,23 +233,28 @@ pub fn parse_formats(text: &str) -> Result<Vec<Format>, ConfigError> {
     Ok(formats)
 }
 
-impl Settings {
+impl Flags {
     /// Validates every setting, naming the first one that is wrong.
-    pub fn validate(&self, under_lambda: bool) -> Result<Config, ConfigError> {
-        let bucket = self
-            .s3_bucket
-            .as_deref()
-            .map(str::trim)
-            .filter(|b| !b.is_empty())
-            .ok_or_else(|| bad("S3_BUCKET_NAME", "is required"))?
-            .to_owned();
-        let ledger_table = self
+    pub fn validate(&self, under_lambda: bool) -> Result<Settings, ConfigError> {
+        let shared = self
+            .shared
+            .validate(
+                Duration::from_secs(30),
+                if under_lambda {
+                    LogFormat::Json
+                } else {
+                    LogFormat::Text
+                },
+            )
+            .map_err(|e| bad(e.setting, e.problem))?;
+        let bucket = shared
+            .bucket
+            .clone()
+            .ok_or_else(|| bad("S3_BUCKET_NAME", "is required"))?;
+        let ledger_table = shared
             .ledger_table
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| bad("LEDGER_TABLE", "is required"))?
-            .to_owned();
+            .clone()
+            .ok_or_else(|| bad("LEDGER_TABLE", "is required"))?;
         let formats = parse_formats(&self.output_formats)?;
         let slot = self
             .slot_name
@@ -292,7 +267,6 @@ impl Settings {
                 return Err(bad("CDC_SLOT_NAME", format!("{s:?} contains '#'")));
             }
         }
-        let grace: u64 = number("CLOSE_GRACE_SECONDS", &self.close_grace_seconds)?;
         let part_max_bytes: u64 = number("PART_MAX_BYTES", &self.part_max_bytes)?;
         if part_max_bytes < 4096 {
             return Err(bad("PART_MAX_BYTES", "must be at least 4096"));
@@ -320,10 +294,6 @@ impl Settings {
                 return Err(bad("DEAD_LETTER_QUEUE_URL", format!("{u:?} is not a URL")));
             }
         }
-        let attempt_ms: u64 = number("AWS_ATTEMPT_TIMEOUT_MS", &self.aws_attempt_timeout_ms)?;
-        if attempt_ms < 100 {
-            return Err(bad("AWS_ATTEMPT_TIMEOUT_MS", "must be at least 100"));
-        }
         let claim: u64 = number("HOUR_CLAIM_SECONDS", &self.hour_claim_seconds)?;
         if claim == 0 {
             return Err(bad("HOUR_CLAIM_SECONDS", "must be at least 1"));
@@ -333,37 +303,23 @@ impl Settings {
         if concurrency == 0 || concurrency > 64 {
             return Err(bad("COMPACT_CONCURRENCY", "must be between 1 and 64"));
         }
-        let log_format = match self.log_format.as_deref().map(str::trim) {
-            None | Some("") => {
-                if under_lambda {
-                    LogFormat::Json
-                } else {
-                    LogFormat::Text
-                }
-            }
-            Some(f) => match f.to_ascii_lowercase().as_str() {
-                "json" => LogFormat::Json,
-                "text" => LogFormat::Text,
-                _ => return Err(bad("LOG_FORMAT", format!("{f:?} is not json or text"))),
-            },
-        };
-        Ok(Config {
+        Ok(Settings {
             bucket,
-            base_path: self.s3_base_path.trim().to_owned(),
+            base_path: shared.base_path.trim().to_owned(),
             ledger_table,
             formats,
             slot,
-            close_grace: Duration::from_secs(grace),
+            close_grace: shared.close_grace,
             part_max_bytes,
             row_group_bytes,
             compression,
             jsonl_gzip_level,
             dead_letter_queue_url,
-            aws_attempt_timeout: Duration::from_millis(attempt_ms),
+            aws_attempt_timeout: shared.aws_attempt_timeout,
             hour_claim: Duration::from_secs(claim),
             straggler_window: Duration::from_secs(straggler),
             concurrency,
-            log_format,
+            log_format: shared.log_format,
         })
     }
 }
@@ -376,13 +332,13 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     }
 
-    fn settings(args: &[&str]) -> Settings {
+    fn settings(args: &[&str]) -> Flags {
         let mut all = vec!["compactor"];
         all.extend_from_slice(args);
-        Cli::try_parse_from(all).unwrap().settings
+        Cli::try_parse_from(all).unwrap().flags
     }
 
     #[test]

@@ -36,7 +36,7 @@ use cdc_contract::metrics as names;
 use cdc_contract::{Hour, TableName};
 
 pub use compact::{HourError, HourJob, HourReport, HourState};
-pub use config::Config;
+pub use config::Settings;
 
 use crate::dead_letter::DeadLetterNotifier;
 use crate::ledger::{Ledger, LedgerError};
@@ -53,7 +53,7 @@ pub const BATCH_TTL_SECONDS: i64 = 7 * 24 * 3600;
 
 /// The compactor: configuration, the S3 and ledger seams, and caches shared by its runs.
 pub struct Compactor {
-    pub(crate) config: Config,
+    pub(crate) config: Settings,
     pub(crate) layout: Layout,
     pub(crate) store: Arc<dyn store::ObjectStore>,
     pub(crate) ledger: Arc<dyn Ledger>,
@@ -116,7 +116,7 @@ impl SweepReport {
 impl Compactor {
     /// A compactor over the given seams.
     pub fn new(
-        config: Config,
+        config: Settings,
         store: Arc<dyn store::ObjectStore>,
         ledger: Arc<dyn Ledger>,
         notifier: Option<Arc<dyn DeadLetterNotifier>>,
@@ -134,7 +134,7 @@ impl Compactor {
 
     /// A compactor over the AWS SDK's clients for `sdk` (S3 path-style when an endpoint such as
     /// an emulator is configured).
-    pub fn from_sdk(config: Config, sdk: &aws_config::SdkConfig) -> Self {
+    pub fn from_sdk(config: Settings, sdk: &aws_config::SdkConfig) -> Self {
         let s3 = aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::config::Builder::from(sdk)
                 .force_path_style(sdk.endpoint_url().is_some())
@@ -162,7 +162,7 @@ impl Compactor {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &Settings {
         &self.config
     }
 

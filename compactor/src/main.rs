@@ -10,7 +10,7 @@ use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::Value;
 use tracing::Instrument;
 
-use compactor::config::{Config, LogFormat, Settings};
+use compactor::config::{Flags, LogFormat, Settings};
 use compactor::{Compactor, SweepRequest};
 
 /// Rolls staging micro-batches into hour-partitioned final JSONL.gz and Parquet files.
@@ -18,7 +18,7 @@ use compactor::{Compactor, SweepRequest};
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
-    settings: Settings,
+    flags: Flags,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -52,7 +52,7 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn compactor(config: Config) -> anyhow::Result<Compactor> {
+async fn compactor(config: Settings) -> anyhow::Result<Compactor> {
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(std::time::Duration::from_secs(3))
         .operation_attempt_timeout(config.aws_attempt_timeout)
@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let under_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
     let config = cli
-        .settings
+        .flags
         .validate(under_lambda && cli.command.is_none())
         .context("configuration")?;
     init_logs(config.log_format);

@@ -20,7 +20,7 @@ use cdc_contract::ledger::{
 };
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, TableName};
-use compactor::config::Config;
+use compactor::config::Settings;
 use compactor::ledger::{Claim, DynamoLedger, Ledger, LedgerError, Recorded};
 use compactor::store::{ObjectStore, S3Store, StoreError};
 use compactor::{Compactor, HourState, SweepRequest};
@@ -46,14 +46,14 @@ fn at(minute: i64, second: i64) -> i64 {
     (hour().start_millis() + (minute * 60 + second) * 1000) * 1000 + 123_456
 }
 
-fn config(aws: &AwsFixture) -> Config {
-    let mut c = Config::new(&aws.bucket, &aws.table);
+fn config(aws: &AwsFixture) -> Settings {
+    let mut c = Settings::new(&aws.bucket, &aws.table);
     c.hour_claim = Duration::from_secs(2);
     c.straggler_window = Duration::from_secs(2);
     c
 }
 
-fn compactor_with(aws: &AwsFixture, config: Config) -> Compactor {
+fn compactor_with(aws: &AwsFixture, config: Settings) -> Compactor {
     Compactor::from_sdk(config, &aws.config)
 }
 
