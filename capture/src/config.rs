@@ -17,6 +17,11 @@ pub enum SnapshotMode {
     Initial,
     /// Stream only changes committed after the slot was created.
     Never,
+    /// Take the initial snapshot (as `initial`), then exit without streaming. The slot stays,
+    /// so a later run in `initial` streams on from the snapshot without a gap (drop the slot if
+    /// none will: it holds WAL back).
+    #[value(name = "initial_only", alias = "initial-only")]
+    InitialOnly,
 }
 
 /// Streams PostgreSQL logical replication into gzipped JSONL micro-batches on S3, recorded in a

@@ -17,7 +17,7 @@ pub mod notify;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;
-pub mod retry;
+pub use cdc_contract::retry;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{Settings, SnapshotMode};
 use crate::connect::{connect_at_start, connect_params, PgUpstream};
 use crate::flush::FlushError;
 use crate::lease::Lease;
@@ -66,6 +66,8 @@ pub enum Stopped {
     Shutdown,
     /// `--exit-when-caught-up`: everything committed before the start is recorded.
     CaughtUp,
+    /// `CDC_SNAPSHOT=initial_only`: the initial snapshot is recorded complete.
+    SnapshotTaken,
 }
 
 /// The capture's collaborators.
@@ -88,15 +90,7 @@ pub async fn run(
     deps: Deps,
     shutdown: CancellationToken,
 ) -> Result<Stopped, CaptureError> {
-    let Some(lease) = Lease::acquire(
-        deps.ledger.clone(),
-        &settings.slot,
-        settings.lease_duration(),
-        &deps.health,
-        &shutdown,
-    )
-    .await?
-    else {
+    let Some(lease) = acquire(&settings, &deps, &shutdown).await? else {
         return Ok(Stopped::Shutdown);
     };
     let result = stream(&settings, &deps, &lease, &shutdown).await;
@@ -114,15 +108,7 @@ pub async fn run_upstream(
     target: Option<cdc_contract::Lsn>,
     shutdown: &CancellationToken,
 ) -> Result<Stopped, CaptureError> {
-    let Some(lease) = Lease::acquire(
-        deps.ledger.clone(),
-        &settings.slot,
-        settings.lease_duration(),
-        &deps.health,
-        shutdown,
-    )
-    .await?
-    else {
+    let Some(lease) = acquire(settings, deps, shutdown).await? else {
         return Ok(Stopped::Shutdown);
     };
     let result = async {
@@ -142,6 +128,22 @@ pub async fn run_upstream(
     .await;
     lease.end(deps.ledger.as_ref(), &deps.health, &result).await;
     result
+}
+
+/// Takes the slot's lease (None: shutdown came first).
+async fn acquire(
+    settings: &Settings,
+    deps: &Deps,
+    shutdown: &CancellationToken,
+) -> Result<Option<Lease>, CaptureError> {
+    Lease::acquire(
+        deps.ledger.clone(),
+        &settings.slot,
+        settings.lease_duration(),
+        &deps.health,
+        shutdown,
+    )
+    .await
 }
 
 async fn stream(
@@ -186,7 +188,7 @@ async fn stream(
     );
     if let Some(exported) = exported {
         let params = upstream.params().clone();
-        crate::snapshot::take(
+        let taken = crate::snapshot::take(
             settings,
             &mut s,
             &mut upstream,
@@ -194,8 +196,16 @@ async fn stream(
             exported,
             deps.ledger.as_ref(),
             lease,
+            shutdown,
         )
         .await?;
+        if !taken {
+            return Ok(Stopped::Shutdown);
+        }
+    }
+    if settings.flags.snapshot == SnapshotMode::InitialOnly {
+        tracing::warn!(slot = %settings.slot, "CDC_SNAPSHOT=initial_only: the initial snapshot is recorded; stopping without streaming. The slot stays and holds WAL back: run the capture with CDC_SNAPSHOT=initial to stream on from the snapshot, or drop the slot");
+        return Ok(Stopped::SnapshotTaken);
     }
     s.run(&mut upstream, shutdown, &lease.lost).await
 }

@@ -71,7 +71,7 @@ pub async fn ensure_slot(
             &[&settings.slot],
         )
         .await?;
-    let initial = settings.flags.snapshot == SnapshotMode::Initial;
+    let initial = settings.flags.snapshot != SnapshotMode::Never;
     // An unfinished snapshot is taken again whatever CDC_SNAPSHOT says now: its slot was made
     // for it, and its batches wait for it (the mode only decides what a new slot gets).
     let unfinished = retry_ledger("reading the snapshot state", || ledger.load_snapshot())

@@ -19,7 +19,9 @@ use crate::slot::{retry_ledger, ExportedSnapshot};
 use crate::source::Upstream;
 use crate::stream::Streamer;
 
-/// Reads the snapshot the slot exported and records it, complete.
+/// Reads the snapshot the slot exported and records it, complete (true). On shutdown it stops
+/// between fetches (false): the state stays incomplete, and the next start takes it again.
+#[allow(clippy::too_many_arguments)]
 pub async fn take(
     settings: &Settings,
     streamer: &mut Streamer<'_>,
@@ -28,7 +30,8 @@ pub async fn take(
     exported: ExportedSnapshot,
     ledger: &dyn Ledger,
     lease: &Lease,
-) -> Result<(), CaptureError> {
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<bool, CaptureError> {
     let started_ms = now_ms();
     let consistent = exported.consistent_lsn;
     let mut state = SnapshotState {
@@ -97,6 +100,12 @@ pub async fn take(
             .await?;
         let mut ordinal = 0u32;
         loop {
+            if shutdown.is_cancelled() {
+                tracing::info!(table = %table, rows = ordinal, "stopped on request during the initial snapshot; the next start takes it again");
+                streamer.health().snapshot_progress(None);
+                streamer.wait_inflight().await?;
+                return Ok(false);
+            }
             let messages = reader.simple_query("FETCH 5000 FROM cdc_snapshot").await?;
             streamer.health().snapshot_progress(Some(now_ms()));
             let mut fetched = 0;
@@ -149,7 +158,7 @@ pub async fn take(
     streamer.asm.snapshot_done(consistent, started_ms);
     streamer.health().snapshot_progress(None);
     tracing::info!(rows = total, "initial snapshot complete");
-    Ok(())
+    Ok(true)
 }
 
 /// A table the snapshot reads, with what the publication publishes of it.

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod lsn;
 pub mod metrics;
 pub mod notify;
+pub mod retry;
 pub mod schema;
 pub mod table;
 

@@ -1,7 +1,7 @@
-//! Retrying transient failures, in one place: a few attempts with growing, jittered waits.
+//! Retrying transient failures: a few attempts with growing, jittered waits, through the
+//! helper both binaries share.
 
 use std::future::Future;
-use std::time::Duration;
 
 use crate::ledger::LedgerError;
 use crate::store::StoreError;
@@ -27,34 +27,24 @@ impl Transient for LedgerError {
 /// Attempts before a transient error is given up on.
 const ATTEMPTS: u32 = 5;
 
-fn backoff(attempt: u32) -> Duration {
-    if cfg!(test) {
-        return Duration::from_millis(1);
-    }
-    let ms = 100u64 << (2 * attempt.min(4));
-    let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (ms / 2 + 1);
-    Duration::from_millis(ms / 2 + jitter)
-}
-
-/// Runs `op` until it succeeds, fails definitely, or failed transiently [`ATTEMPTS`] times.
-pub async fn retry<T, E, F, Fut>(what: &str, mut op: F) -> Result<T, E>
+/// Runs `op` until it succeeds, fails definitely, or failed transiently [`ATTEMPTS`] times (the
+/// shared helper, [`cdc_contract::retry`], with the compactor's policy: an invocation gives up
+/// and the hour is retried by the next one).
+pub async fn retry<T, E, F, Fut>(what: &str, op: F) -> Result<T, E>
 where
     E: Transient,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && attempt + 1 < ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, what, "transient failure; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    cdc_contract::retry::retry(
+        what,
+        None,
+        cdc_contract::retry::Policy::Attempts(ATTEMPTS - 1),
+        None,
+        |e: &E| e.is_transient(),
+        op,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -1516,3 +1516,104 @@ async fn healthz_stays_healthy_throughout_a_long_snapshot() -> anyhow::Result<()
     child.start_kill()?;
     Ok(())
 }
+
+/// `CDC_SNAPSHOT=initial_only` takes the initial snapshot and exits; a later run in `initial`
+/// streams on from it without a gap or a second snapshot.
+#[tokio::test]
+async fn initial_only_takes_the_snapshot_and_exits_then_initial_streams_on() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'old' FROM generate_series(1, 500) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("CDC_SNAPSHOT".into(), "initial_only".into()));
+    let out = tokio::time::timeout(CAUGHT_UP, cap.command()?.output())
+        .await
+        .context("initial_only did not exit")??;
+    anyhow::ensure!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(events.len(), 500);
+    assert!(events.iter().all(|e| e["op"] == "r"));
+    pg.execute(
+        &db,
+        "INSERT INTO t VALUES (501, 'new'); UPDATE t SET v = 'changed' WHERE id = 1;",
+    )
+    .await?;
+    cap.env.retain(|(k, _)| k != "CDC_SNAPSHOT");
+    cap.run_until_caught_up(CAUGHT_UP)
+        .await
+        .with_context(|| cap.log())?;
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(
+        ops(&events[500..]),
+        vec!["c", "u"],
+        "streamed on, no second snapshot"
+    );
+    let state = table_state(&pg, &db, "SELECT id, v FROM t").await?;
+    assert_eq!(replay(&events), state);
+    Ok(())
+}
+
+/// SIGTERM during a long initial snapshot stops the capture within seconds (ECS kills a task 30 s
+/// after SIGTERM); the next start takes the snapshot again and every row arrives once.
+#[tokio::test]
+async fn sigterm_during_a_snapshot_stops_at_once_and_the_next_start_takes_it_again(
+) -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 300000) g;
+         CREATE PUBLICATION pub_all FOR ALL TABLES;",
+    )
+    .await?;
+    let mut cap = CaptureSetup::new(&pg, &db, &aws);
+    cap.env.push(("FLUSH_MAX_BYTES".into(), "1048576".into()));
+    let child = cap.spawn(&[])?;
+    pipeline_tests::wait_for("the snapshot to start", Duration::from_secs(60), || async {
+        Ok(cap.log().contains("initial snapshot started").then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    anyhow::ensure!(
+        !cap.log().contains("initial snapshot complete"),
+        "the snapshot ended before the signal: make the table larger"
+    );
+    let pid = child.id().context("pid")?;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()?;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .context("the capture did not stop within 30 s of SIGTERM")??;
+    anyhow::ensure!(out.status.success(), "exit {:?}: {}", out.status, cap.log());
+    assert!(
+        cap.log()
+            .contains("stopped on request during the initial snapshot"),
+        "{}",
+        cap.log()
+    );
+    cap.run_until_caught_up(Duration::from_secs(180))
+        .await
+        .with_context(|| cap.log())?;
+    let events = cap.recorded_events("public.big").await?;
+    let ids: std::collections::BTreeSet<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(events.len(), 300_000, "every row once");
+    assert_eq!(ids.len(), 300_000);
+    Ok(())
+}

@@ -1,5 +1,5 @@
-//! The one retry helper: a call retried while it fails transiently, with jittered exponential
-//! backoff, forever or for a number of attempts.
+//! The one retry helper of both binaries: a call retried while it fails transiently, with
+//! jittered exponential backoff, forever or for a number of attempts.
 
 use std::cell::RefCell;
 use std::fmt::Display;
