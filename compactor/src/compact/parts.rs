@@ -1,132 +1,7 @@
-//! Compacting one table-hour, part by part.
-//!
-//! 1. Sort the hour's batch items out (valid, orphan, undecided) and read the hour record.
-//!    Batches whose last change is at or below the record's `compacted_through` watermark are
-//!    consumed; later ones (late batches too) are to do.
-//! 2. Claim the hour: store the record with its version bumped and this attempt's id, on
-//!    condition that nobody changed it since it was read and no live claim holds it. A claim that
-//!    lapsed without a clean release means a previous attempt died: list the hour's prefixes and
-//!    delete every part file no recorded part names (safe now: the dead attempt can no longer
-//!    record, its version is gone).
-//! 3. Stream the batches to do, one at a time (download ahead, gunzip and parse line by line,
-//!    skipping changes at or below the watermark), into parts; each finished part's files are
-//!    uploaded, then recorded with the record's new state in one conditional transaction, then
-//!    the manifests are rewritten. A lost claim stops the attempt, which deletes its own files.
-//! 4. Tag the consumed batches' staging objects, mark their items compacted (with a TTL), delete
-//!    orphan items, and clear the pending marker unless a flush touched it meanwhile.
+//! Step 3 of an hour: the batches to do streamed into parts; each part's files uploaded,
+//! recorded with the hour record in one conditional transaction, then the manifests rewritten.
 
-use std::collections::HashSet;
-use std::io::BufRead;
-use std::sync::Arc;
-use std::time::Instant;
-
-use bytes::Bytes;
-use futures::StreamExt;
-use serde::Serialize;
-
-use cdc_contract::layout::Format;
-use cdc_contract::ledger::{BatchItem, HourRecord, PartFile, PartItem, PendingHour};
-use cdc_contract::metrics as names;
-use cdc_contract::{Hour, Position, TableName};
-
-use crate::dead_letter::{record_name, DeadLetter};
-use crate::envelope::Envelope;
-use crate::ledger::{Claim, LedgerError, Recorded};
-use crate::manifest::{attempt_of, Manifest};
-use crate::parquet_schema::PartSchema;
-use crate::part::{FinishedPart, Limits, PartError, PartStats, PartWriter};
-use crate::plan::{HourBatches, SlotRun};
-use crate::retry::retry;
-use crate::store::StoreError;
-use crate::upload::FileUpload;
-use crate::{now_ms, Compactor};
-
-/// Why compacting an hour stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum HourError {
-    /// The ledger failed.
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    /// S3 failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Another attempt took the hour over; this one stopped and removed its own files.
-    #[error("another compaction took the hour over")]
-    ClaimLost,
-    /// Something a retry cannot fix: a staging object or schema version the ledger names is
-    /// missing, or a part could not be encoded.
-    #[error("{0}")]
-    Definite(String),
-}
-
-impl HourError {
-    /// True when a later run may succeed without anyone acting.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            HourError::Ledger(e) => e.is_transient(),
-            HourError::Store(e) => e.is_transient(),
-            HourError::ClaimLost => true,
-            HourError::Definite(_) => false,
-        }
-    }
-}
-
-impl From<PartError> for HourError {
-    fn from(e: PartError) -> Self {
-        HourError::Definite(format!("writing a part: {e}"))
-    }
-}
-
-/// One table-hour to compact.
-#[derive(Debug, Clone)]
-pub struct HourJob {
-    /// The table.
-    pub table: TableName,
-    /// The hour.
-    pub hour: Hour,
-    /// Its pending marker, if it has one (cleared once everything is compacted).
-    pub marker: Option<PendingHour>,
-}
-
-/// How an hour was left.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HourState {
-    /// Every recorded batch is compacted; the marker is cleared (or was not there).
-    Done,
-    /// A batch may still be committing, or a flush touched the hour meanwhile: a later run
-    /// finishes it.
-    Pending,
-    /// Another compaction holds the hour.
-    Busy,
-}
-
-/// What one table-hour compaction did.
-#[derive(Debug, Clone, Serialize)]
-pub struct HourReport {
-    /// The slot.
-    pub slot: String,
-    /// `schema.table`.
-    pub table: String,
-    /// The hour.
-    pub hour: String,
-    /// How the hour was left.
-    pub state: HourState,
-    /// Parts written.
-    pub parts: u32,
-    /// Changes written.
-    pub rows: u64,
-    /// Bytes written, every format.
-    pub bytes: u64,
-    /// Lines sent to the dead-letter prefix.
-    pub dead_letters: u64,
-    /// Batches newly marked compacted.
-    pub consumed_batches: usize,
-    /// Orphan batch items removed.
-    pub orphans_removed: usize,
-    /// Files of dead attempts removed.
-    pub stale_files_removed: usize,
-}
+use super::*;
 
 /// The output of one batch's CPU work.
 struct BatchWork {
@@ -236,17 +111,12 @@ fn process_batch(
     })
 }
 
-/// The state of a claimed hour.
-struct Claimed<'a> {
-    c: &'a Compactor,
-    slot: &'a SlotRun,
-    table: TableName,
-    hour: Hour,
-    record: HourRecord,
-    parts: Vec<PartItem>,
-    attempt: String,
-    last_renew_ms: i64,
-    report: HourReport,
+/// The files of the part being uploaded, one per format.
+pub(super) struct PartUploads {
+    /// The part's number.
+    part: u32,
+    /// Its files' uploads.
+    files: Vec<(Format, FileUpload)>,
 }
 
 fn content_type(format: Format) -> &'static str {
@@ -257,13 +127,13 @@ fn content_type(format: Format) -> &'static str {
 }
 
 impl Claimed<'_> {
-    fn part_key(&self, format: Format, part: u32) -> String {
+    pub(super) fn part_key(&self, format: Format, part: u32) -> String {
         self.c
             .layout
             .part_key(&self.table, format, self.hour, part, &self.attempt)
     }
 
-    fn new_uploads(&self, part: u32) -> (u32, Vec<(Format, FileUpload)>) {
+    pub(super) fn new_uploads(&self, part: u32) -> PartUploads {
         let files = self
             .c
             .config
@@ -276,41 +146,10 @@ impl Claimed<'_> {
                 )
             })
             .collect();
-        (part, files)
+        PartUploads { part, files }
     }
 
-    /// Deletes final files that no recorded part names (never this attempt's): files of
-    /// attempts that recorded nothing, and the last, unrecorded parts of attempts that died
-    /// after recording others.
-    async fn remove_unrecorded_files(&mut self) -> Result<(), HourError> {
-        let recorded: HashSet<&str> = self
-            .parts
-            .iter()
-            .flat_map(|p| p.files.iter().map(|f| f.key.as_str()))
-            .collect();
-        let mut stale = Vec::new();
-        for format in &self.c.config.formats {
-            let prefix = format!(
-                "{}/",
-                self.c.layout.hour_prefix(&self.table, *format, self.hour)
-            );
-            let keys = retry("list hour prefix", || self.c.store.list(&prefix)).await?;
-            stale.extend(keys.into_iter().filter(|k| {
-                attempt_of(k).is_some_and(|a| a != self.attempt) && !recorded.contains(k.as_str())
-            }));
-        }
-        if !stale.is_empty() {
-            tracing::info!(
-                slot = %self.slot.slot, table = %self.table, hour = %self.hour,
-                files = stale.len(), "removing files of an attempt that recorded nothing"
-            );
-            retry("delete stale files", || self.c.store.delete(&stale)).await?;
-            self.report.stale_files_removed += stale.len();
-        }
-        Ok(())
-    }
-
-    async fn write_manifests(&self) -> Result<(), HourError> {
+    pub(super) async fn write_manifests(&self) -> Result<(), HourError> {
         for format in &self.c.config.formats {
             let manifest = Manifest::new(&self.table, self.hour, *format, &self.parts);
             let key = self.c.layout.manifest_key(&self.table, *format, self.hour);
@@ -323,30 +162,8 @@ impl Claimed<'_> {
         Ok(())
     }
 
-    /// Keeps the claim alive during long parts.
-    async fn renew_if_due(&mut self) -> Result<(), HourError> {
-        let now = now_ms();
-        let ttl = self.c.config.hour_claim.as_millis() as i64;
-        if now - self.last_renew_ms < ttl / 3 {
-            return Ok(());
-        }
-        let until = now + ttl;
-        let ours = retry("renew claim", || {
-            self.c
-                .ledger
-                .renew_claim(&self.slot.slot, &self.record, until)
-        })
-        .await?;
-        if !ours {
-            return Err(HourError::ClaimLost);
-        }
-        self.record.claim_until_ms = until;
-        self.last_renew_ms = now;
-        Ok(())
-    }
-
     /// Uploads a finished part's files, records it, rewrites the manifests.
-    async fn complete_part(
+    pub(super) async fn complete_part(
         &mut self,
         done: FinishedPart,
         uploads: Option<Vec<(Format, FileUpload)>>,
@@ -354,7 +171,7 @@ impl Claimed<'_> {
         let stats: PartStats = done.stats;
         let mut uploads = match uploads {
             Some(u) => u,
-            None => self.new_uploads(stats.part).1,
+            None => self.new_uploads(stats.part).files,
         };
         let mut files = Vec::new();
         for (format, tail, total) in done.tails {
@@ -429,7 +246,7 @@ impl Claimed<'_> {
     }
 
     /// Streams the batches to do into recorded parts.
-    async fn write_parts(&mut self, todo: Vec<BatchItem>) -> Result<(), HourError> {
+    pub(super) async fn write_parts(&mut self, todo: Vec<BatchItem>) -> Result<(), HourError> {
         let watermark = self.record.compacted_through;
         let limits = Limits {
             part_max_bytes: self.c.config.part_max_bytes,
@@ -462,11 +279,11 @@ impl Claimed<'_> {
 
     /// Uploads the part's output not uploaded yet, closes its files and records it (a part
     /// without rows is dropped).
-    async fn close_part(
+    pub(super) async fn close_part(
         &mut self,
         w: PartWriter,
         pending_output: Vec<(u32, Format, Vec<u8>)>,
-        uploads: &mut Option<(u32, Vec<(Format, FileUpload)>)>,
+        uploads: &mut Option<PartUploads>,
     ) -> Result<(), HourError> {
         for (part, format, bytes) in pending_output {
             upload_to(uploads, part, format, bytes, self).await?;
@@ -481,7 +298,7 @@ impl Claimed<'_> {
         Ok(())
     }
 
-    async fn write_parts_from(
+    pub(super) async fn write_parts_from(
         &mut self,
         rx: &mut tokio::sync::mpsc::Receiver<(BatchItem, Result<Option<Bytes>, StoreError>)>,
         watermark: Option<Position>,
@@ -489,7 +306,7 @@ impl Claimed<'_> {
         table_text: &str,
     ) -> Result<(), HourError> {
         let mut writer: Option<PartWriter> = None;
-        let mut uploads: Option<(u32, Vec<(Format, FileUpload)>)> = None;
+        let mut uploads: Option<PartUploads> = None;
         let mut pending_output: Vec<(u32, Format, Vec<u8>)> = Vec::new();
         let mut last: Option<Position> = watermark;
         let result: Result<(), HourError> = async {
@@ -576,7 +393,7 @@ impl Claimed<'_> {
         }
         .await;
         if result.is_err() {
-            if let Some((_, files)) = uploads.take() {
+            if let Some(PartUploads { files, .. }) = uploads.take() {
                 for (_, f) in files {
                     f.abort(&*self.c.store).await;
                 }
@@ -585,7 +402,7 @@ impl Claimed<'_> {
         result
     }
 
-    async fn store_dead_letters(
+    pub(super) async fn store_dead_letters(
         &mut self,
         batch: &BatchItem,
         dead: &[DeadLetter],
@@ -640,31 +457,28 @@ impl Claimed<'_> {
 /// Appends bytes to the uploads of `part` (the writer's current part: earlier parts are
 /// complete by the time its output is uploaded).
 async fn upload_to(
-    uploads: &mut Option<(u32, Vec<(Format, FileUpload)>)>,
+    uploads: &mut Option<PartUploads>,
     part: u32,
     format: Format,
     bytes: Vec<u8>,
     claimed: &Claimed<'_>,
 ) -> Result<(), HourError> {
-    if uploads.as_ref().is_some_and(|(p, _)| *p != part) {
+    if uploads.as_ref().is_some_and(|u| u.part != part) {
         return Err(HourError::Definite(format!(
             "output of part {part} arrived while another part was uploading"
         )));
     }
     let entry = uploads.get_or_insert_with(|| claimed.new_uploads(part));
-    if let Some((_, f)) = entry.1.iter_mut().find(|(f, _)| *f == format) {
+    if let Some((_, f)) = entry.files.iter_mut().find(|(f, _)| *f == format) {
         f.write(&*claimed.c.store, bytes).await?;
     }
     Ok(())
 }
 
 /// The uploads of `part`, if they were started.
-fn take_uploads(
-    uploads: &mut Option<(u32, Vec<(Format, FileUpload)>)>,
-    part: u32,
-) -> Option<Vec<(Format, FileUpload)>> {
+fn take_uploads(uploads: &mut Option<PartUploads>, part: u32) -> Option<Vec<(Format, FileUpload)>> {
     match uploads {
-        Some((p, _)) if *p == part => uploads.take().map(|(_, f)| f),
+        Some(u) if u.part == part => uploads.take().map(|u| u.files),
         _ => None,
     }
 }
@@ -694,230 +508,4 @@ impl Compactor {
         }
         Ok(part)
     }
-
-    /// Tags a consumed batch's staging object for expiry, then marks its item compacted.
-    async fn consume(
-        &self,
-        slot: &str,
-        batch: &BatchItem,
-        expires_at: i64,
-    ) -> Result<(), HourError> {
-        retry("tag staging object", || {
-            self.store.tag(&batch.key, &[("compacted", "true")])
-        })
-        .await?;
-        retry("mark batch compacted", || {
-            self.ledger.mark_compacted(slot, batch, expires_at)
-        })
-        .await?;
-        // After the item says compacted: the flush record may expire once all its hours are.
-        retry("note flush hour compacted", || {
-            self.ledger.flush_hour_done(slot, batch, expires_at)
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// Compacts one table-hour of `slot`.
-    pub async fn compact_hour(
-        &self,
-        slot: &SlotRun,
-        job: &HourJob,
-    ) -> Result<HourReport, HourError> {
-        let started = Instant::now();
-        let ledger = &*self.ledger;
-        let HourBatches {
-            valid,
-            orphans,
-            undecided,
-        } = slot.hour_batches(ledger, &job.table, job.hour).await?;
-        let record = retry("get hour record", || {
-            ledger.hour_record(&slot.slot, &job.table, job.hour)
-        })
-        .await?
-        .unwrap_or_else(|| HourRecord::new(job.table.clone(), job.hour));
-        let mut report = HourReport {
-            slot: slot.slot.clone(),
-            table: job.table.to_string(),
-            hour: job.hour.to_string(),
-            state: HourState::Done,
-            parts: 0,
-            rows: 0,
-            bytes: 0,
-            dead_letters: 0,
-            consumed_batches: 0,
-            orphans_removed: 0,
-            stale_files_removed: 0,
-        };
-        let watermark = record.compacted_through;
-        let todo: Vec<BatchItem> = valid
-            .iter()
-            .filter(|b| watermark.is_none_or(|w| b.last > w))
-            .cloned()
-            .collect();
-        let now = now_ms();
-        let unreleased = record.version > 0 && record.claim_until_ms != 0;
-        // A cleanup after a lapsed attempt is checked again once that attempt can no longer
-        // complete an upload (issue 15, item 11).
-        let recheck_due = record.recheck_after_ms != 0 && now >= record.recheck_after_ms;
-        let mut record = record;
-        if !todo.is_empty() || unreleased || recheck_due {
-            if record.claim_until_ms >= now {
-                tracing::info!(slot = %slot.slot, table = %job.table, hour = %job.hour, attempt = %record.claim_attempt, "hour is being compacted by another attempt");
-                report.state = HourState::Busy;
-                return Ok(report);
-            }
-            let attempt = new_attempt_id();
-            let claimed = HourRecord {
-                version: record.version + 1,
-                claim_attempt: attempt.clone(),
-                claim_until_ms: now + self.config.hour_claim.as_millis() as i64,
-                updated_ms: now,
-                ..record.clone()
-            };
-            let claim = retry("claim hour", || {
-                ledger.claim_hour(&slot.slot, record.version, &claimed, now)
-            })
-            .await?;
-            let Claim::Claimed(claimed) = claim else {
-                report.state = HourState::Busy;
-                return Ok(report);
-            };
-            let parts = retry("get parts", || {
-                ledger.parts(&slot.slot, &job.table, job.hour)
-            })
-            .await?;
-            let mut run = Claimed {
-                c: self,
-                slot,
-                table: job.table.clone(),
-                hour: job.hour,
-                record: claimed,
-                parts,
-                attempt,
-                last_renew_ms: now,
-                report,
-            };
-            let straggler_window = self.config.straggler_window.as_millis() as i64;
-            let result = async {
-                if unreleased || recheck_due {
-                    run.remove_unrecorded_files().await?;
-                    run.write_manifests().await?;
-                    // After a lapsed attempt, list again once it can no longer upload; a
-                    // recheck that found the hour clean ends it.
-                    run.record.recheck_after_ms = if unreleased && straggler_window > 0 {
-                        now_ms() + straggler_window
-                    } else {
-                        0
-                    };
-                }
-                if !todo.is_empty() {
-                    run.write_parts(todo).await?;
-                }
-                Ok::<(), HourError>(())
-            }
-            .await;
-            match result {
-                Ok(()) => {
-                    retry("release hour", || {
-                        ledger.release_hour(&slot.slot, &run.record)
-                    })
-                    .await?;
-                }
-                Err(e) => {
-                    // Leave the claim lapsed but not released: the next run then removes any
-                    // file this attempt left unrecorded.
-                    if !matches!(e, HourError::ClaimLost) {
-                        if let Err(error) = ledger.renew_claim(&slot.slot, &run.record, 1).await {
-                            tracing::warn!(error = %error, "could not give the hour's claim up; it lapses by itself");
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-            record = run.record;
-            report = run.report;
-        }
-
-        // Consumed batches: tag their staging objects for expiry, then mark their items.
-        let through = record.compacted_through;
-        let consumed: Vec<&BatchItem> = valid
-            .iter()
-            .filter(|b| !b.compacted && through.is_some_and(|w| b.last <= w))
-            .collect();
-        let expires_at = now_ms() / 1000 + self.batch_ttl_seconds;
-        // Futures collected first: a stream holding the closure would make the compaction's
-        // future lose `Send` (the closure's borrow is not general enough).
-        let pending: Vec<_> = consumed
-            .iter()
-            .map(|b| self.consume(&slot.slot, b, expires_at))
-            .collect();
-        let results = futures::stream::iter(pending)
-            .buffer_unordered(8)
-            .collect::<Vec<_>>()
-            .await;
-        for r in results {
-            r?;
-        }
-        report.consumed_batches = consumed.len();
-        for orphan in &orphans {
-            retry("delete orphan batch item", || {
-                ledger.delete_batch(&slot.slot, orphan)
-            })
-            .await?;
-        }
-        report.orphans_removed = orphans.len();
-        if !orphans.is_empty() {
-            tracing::info!(slot = %slot.slot, table = %job.table, hour = %job.hour, items = orphans.len(), "removed orphan batch items (their flush never committed)");
-        }
-
-        let all_consumed = valid.iter().all(|b| through.is_some_and(|w| b.last <= w));
-        // A recheck still to come keeps the pending marker, so a sweep returns to the hour.
-        let recheck_waiting = record.recheck_after_ms != 0;
-        report.state = if undecided || !all_consumed || recheck_waiting {
-            HourState::Pending
-        } else {
-            match &job.marker {
-                Some(marker) => {
-                    if retry("clear pending hour", || {
-                        ledger.clear_pending(&slot.slot, marker)
-                    })
-                    .await?
-                    {
-                        HourState::Done
-                    } else {
-                        HourState::Pending
-                    }
-                }
-                None => HourState::Done,
-            }
-        };
-        if report.parts > 0 || report.dead_letters > 0 {
-            let mut values = vec![
-                (
-                    names::COMPACTION_DURATION,
-                    started.elapsed().as_secs_f64() * 1000.0,
-                ),
-                (names::COMPACTION_ROWS, report.rows as f64),
-                (names::COMPACTION_BYTES, report.bytes as f64),
-            ];
-            if report.dead_letters > 0 {
-                values.push((names::DEAD_LETTER_RECORDS, report.dead_letters as f64));
-            }
-            crate::metrics::emit(&slot.slot, &values);
-        }
-        tracing::info!(
-            slot = %slot.slot, table = %job.table, hour = %job.hour, state = ?report.state,
-            parts = report.parts, rows = report.rows, bytes = report.bytes,
-            consumed = report.consumed_batches, ms = started.elapsed().as_millis() as u64,
-            "hour compacted"
-        );
-        Ok(report)
-    }
-}
-
-/// A short id unique to one compaction attempt (8 hex digits; never contains `-`).
-pub fn new_attempt_id() -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    id[..8].to_owned()
 }
