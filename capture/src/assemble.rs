@@ -18,6 +18,7 @@ use crate::batch::{Batcher, Segment};
 use crate::config::Settings;
 use crate::encode::{Image, TableEncoder, TxContext};
 use crate::pgoutput::{DecodeError, OldTuple, Relation, Value};
+use crate::pipeline::now_ms;
 use crate::replication::PG_EPOCH_OFFSET_MICROS;
 
 /// Why a flush is wanted; [`Assembler::take_flush`] turns it into the checkpoint to record.
@@ -96,10 +97,6 @@ pub struct Assembler {
     caught_up: Option<(Lsn, i64)>,
     idle_since_record: Instant,
     target: Option<Lsn>,
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl Assembler {
@@ -243,11 +240,6 @@ impl Assembler {
         if self.tx.is_none() {
             self.server_reached(wal_end);
         }
-    }
-
-    /// True when no probe is waiting to be proven.
-    pub fn wants_probe(&self) -> bool {
-        self.probe.is_none()
     }
 
     /// A caught-up probe: the server's WAL position `current`, read after `at_ms`.

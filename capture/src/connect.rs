@@ -174,15 +174,6 @@ impl<'a> PgUpstream<'a> {
     }
 }
 
-/// A failed SQL call: a lost connection is reconnectable, anything else is passed on.
-fn lost_or(error: tokio_postgres::Error) -> Result<(), CaptureError> {
-    if error.is_closed() {
-        Err(CaptureError::Sql(error))
-    } else {
-        Ok(())
-    }
-}
-
 #[async_trait]
 impl Upstream for PgUpstream<'_> {
     async fn reconnect_sql(&mut self) -> Result<(), CaptureError> {
@@ -264,7 +255,7 @@ impl Upstream for PgUpstream<'_> {
 /// A lost connection is an error (reconnect); anything else is logged and passed over.
 fn lost_or_warn(error: tokio_postgres::Error, what: &str) -> Result<(), CaptureError> {
     if error.is_closed() {
-        return lost_or(error);
+        return Err(CaptureError::Sql(error));
     }
     tracing::warn!(error = %error, "{what}");
     Ok(())

@@ -17,7 +17,7 @@ use crate::assemble::{Assembler, Want};
 use crate::config::Settings;
 use crate::flush::{FlushError, FlushOutcome, Flusher};
 use crate::pgoutput::PgOutput;
-use crate::pipeline::{CaptureError, Deps, Stopped};
+use crate::pipeline::{now_ms, CaptureError, Deps, Stopped};
 use crate::source::{Incoming, ReplicationSource, SlotStatus, Upstream};
 
 type Inflight = tokio::task::JoinHandle<Result<FlushOutcome, FlushError>>;
@@ -31,10 +31,6 @@ pub struct Streamer<'a> {
     inflight: Option<Inflight>,
     metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
     health: Arc<crate::health::Health>,
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 impl<'a> Streamer<'a> {
@@ -92,9 +88,8 @@ impl<'a> Streamer<'a> {
                     attempt = 0;
                     source
                 }
-                // Any failure to open the SQL connection is retried, as are transient ones of
-                // the replication connection.
-                Err((which, e)) if which == "sql" || e.is_reconnectable() => {
+                // Transient failures are retried (any failure to open the SQL connection is).
+                Err((which, e)) if e.is_reconnectable() => {
                     let wait = Duration::from_millis((500u64 << attempt.min(6)).min(30_000));
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{which} connection failed; retrying");
                     attempt += 1;
