@@ -7,16 +7,14 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{
-    ConditionCheck, Put, PutRequest, ReturnValue, TransactWriteItem, WriteRequest,
-};
 use aws_sdk_dynamodb::Client;
 use futures::{StreamExt, TryStreamExt};
 
+use cdc_contract::aws::AwsError;
+use cdc_contract::dynamo::{Expr, Outcome, Table, Tx, TxWrite};
 use cdc_contract::ledger::SnapshotState;
 use cdc_contract::ledger::{
-    self as items, BatchItem, Checkpoint, FlushId, FlushRecord, Item, PendingHour, SchemaItem,
+    self as items, BatchItem, Checkpoint, FlushId, FlushRecord, PendingHour, SchemaItem,
 };
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, Lsn, TableName};
@@ -50,22 +48,18 @@ impl LedgerError {
     }
 }
 
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug, R>(
-    what: &str,
-    err: SdkError<E, R>,
-) -> LedgerError {
-    let code = err.code().unwrap_or("").to_owned();
-    let message = format!("{what}: {}", cdc_contract::aws::error_text(&err));
-    match &err {
-        SdkError::ServiceError(_) => match code.as_str() {
-            "ResourceNotFoundException"
-            | "ValidationException"
-            | "AccessDeniedException"
-            | "UnrecognizedClientException" => LedgerError::Definite(message),
-            _ => LedgerError::Transient(message),
-        },
-        SdkError::ConstructionFailure(_) => LedgerError::Definite(message),
-        _ => LedgerError::Transient(message),
+impl From<AwsError> for LedgerError {
+    fn from(e: AwsError) -> Self {
+        match e {
+            AwsError::Transient(t) => LedgerError::Transient(t),
+            AwsError::Definite(t) => LedgerError::Definite(t),
+        }
+    }
+}
+
+impl From<items::ItemError> for LedgerError {
+    fn from(e: items::ItemError) -> Self {
+        LedgerError::Definite(e.to_string())
     }
 }
 
@@ -138,8 +132,7 @@ pub trait Ledger: Send + Sync {
 
 /// The DynamoDB ledger.
 pub struct DynamoLedger {
-    client: Client,
-    table: String,
+    table: Table,
     slot: String,
     written_schemas: Mutex<HashSet<String>>,
 }
@@ -154,12 +147,19 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The condition every write under the lease carries: `owner` still holds it at `epoch`.
+fn leased_to(owner: &str, epoch: u64) -> Expr {
+    Expr::when("#owner = :owner AND epoch = :epoch")
+        .name("#owner", "owner")
+        .value(":owner", items::s(owner))
+        .value(":epoch", items::n(epoch))
+}
+
 impl DynamoLedger {
     /// A ledger in `table` for `slot`.
     pub fn new(client: Client, table: String, slot: String) -> Self {
         Self {
-            client,
-            table,
+            table: Table::new(client, table),
             slot,
             written_schemas: Mutex::new(HashSet::new()),
         }
@@ -167,26 +167,11 @@ impl DynamoLedger {
 
     /// Fails with a clear error when the table does not exist or cannot be reached.
     pub async fn check(&self) -> Result<(), LedgerError> {
-        self.client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| classify(&format!("ledger table {}", self.table), e))?;
-        Ok(())
+        Ok(self.table.check().await?)
     }
 
-    async fn get(&self, pk: String, sk: String) -> Result<Option<Item>, LedgerError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(pk, sk)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("get item", e))?;
-        Ok(out.item)
+    fn lease_key(&self) -> items::Item {
+        items::key(items::slot_pk(&self.slot), items::LEASE_SK.into())
     }
 
     async fn put_schemas(&self, schemas: &[TableSchema]) -> Result<(), LedgerError> {
@@ -205,55 +190,9 @@ impl DynamoLedger {
                 schema: schema.clone(),
             }
             .to_item(&self.slot);
-            self.client
-                .put_item()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .send()
-                .await
-                .map_err(|e| classify("put schema", e))?;
+            self.table.put("put schema", item, None).await?;
             if let Ok(mut s) = self.written_schemas.lock() {
                 s.insert(id);
-            }
-        }
-        Ok(())
-    }
-
-    async fn put_batches(&self, batches: &[BatchItem]) -> Result<(), LedgerError> {
-        for chunk in batches.chunks(25) {
-            let mut requests: Vec<WriteRequest> = chunk
-                .iter()
-                .map(|b| {
-                    PutRequest::builder()
-                        .set_item(Some(b.to_item(&self.slot)))
-                        .build()
-                        .map(|p| WriteRequest::builder().put_request(p).build())
-                        .map_err(|e| LedgerError::Definite(e.to_string()))
-                })
-                .collect::<Result<_, _>>()?;
-            let mut attempt = 0;
-            while !requests.is_empty() {
-                let out = self
-                    .client
-                    .batch_write_item()
-                    .request_items(&self.table, requests)
-                    .send()
-                    .await
-                    .map_err(|e| classify("write batch items", e))?;
-                requests = out
-                    .unprocessed_items
-                    .and_then(|mut m| m.remove(&self.table))
-                    .unwrap_or_default();
-                attempt += 1;
-                if !requests.is_empty() {
-                    if attempt > 8 {
-                        return Err(LedgerError::Transient(
-                            "batch items left unprocessed".into(),
-                        ));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt.min(5)))
-                        .await;
-                }
             }
         }
         Ok(())
@@ -269,27 +208,15 @@ impl DynamoLedger {
                     flush_seq: seq,
                 };
                 let item = marker.to_item(&self.slot);
+                // Only ever moves forward: a repair must not lower a later flush's mark (a
+                // failed condition is that case, and fine).
+                let expr = Expr::when("attribute_not_exists(pk) OR flush_seq <= :seq")
+                    .value(":seq", items::n(seq));
                 async move {
-                    // Only ever moves forward: a repair must not lower a later flush's mark.
-                    let res = self
-                        .client
-                        .put_item()
-                        .table_name(&self.table)
-                        .set_item(Some(item))
-                        .condition_expression("attribute_not_exists(pk) OR flush_seq <= :seq")
-                        .expression_attribute_values(":seq", items::n(seq))
-                        .send()
-                        .await;
-                    match res {
-                        Ok(_) => Ok(()),
-                        Err(e)
-                            if e.as_service_error()
-                                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                        {
-                            Ok(())
-                        }
-                        Err(e) => Err(classify("mark pending hour", e)),
-                    }
+                    self.table
+                        .put("mark pending hour", item, Some(expr))
+                        .await
+                        .map(|_| ())
                 }
             })
             .collect();
@@ -302,52 +229,34 @@ impl DynamoLedger {
         Ok(())
     }
 
-    /// The condition every recording transaction carries: this task still holds the lease.
-    fn lease_condition(&self, owner: &str, epoch: u64) -> Result<ConditionCheck, LedgerError> {
-        ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::slot_pk(&self.slot),
-                items::LEASE_SK.into(),
-            )))
-            .condition_expression("#owner = :owner AND epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", items::s(owner))
-            .expression_attribute_values(":epoch", items::n(epoch))
-            .build()
-            .map_err(|e| LedgerError::Definite(e.to_string()))
-    }
-
-    async fn query_all(&self, pk: String) -> Result<Vec<Item>, LedgerError> {
-        let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", items::s(pk))
-            .consistent_read(true)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            out.extend(
-                page.map_err(|e| classify("query ledger", e))?
-                    .items
-                    .unwrap_or_default(),
-            );
-        }
-        Ok(out)
-    }
-
     async fn lease_now(&self) -> Result<Option<items::Lease>, LedgerError> {
         match self
+            .table
             .get(items::slot_pk(&self.slot), items::LEASE_SK.into())
             .await?
         {
             None => Ok(None),
-            Some(item) => items::Lease::from_item(&item)
-                .map(Some)
-                .map_err(|e| LedgerError::Definite(e.to_string())),
+            Some(item) => Ok(Some(items::Lease::from_item(&item)?)),
+        }
+    }
+
+    /// Why a transaction under the lease was cancelled when it was not this task's own earlier
+    /// write: the lease moved on (fenced) or a write conflicted (transient).
+    async fn cancelled(&self, what: &str, owner: &str, epoch: u64, tx: &Tx) -> LedgerError {
+        match self.lease_now().await {
+            Err(e) => e,
+            Ok(Some(l)) if l.owner == owner && l.epoch == epoch => {
+                let reasons = match tx {
+                    Tx::Cancelled(reasons) => reasons.join(", "),
+                    Tx::Committed => String::new(),
+                };
+                LedgerError::Transient(format!("{what} cancelled ({reasons})"))
+            }
+            Ok(Some(l)) => LedgerError::Fenced(format!(
+                "slot now leased by {} at epoch {}",
+                l.owner, l.epoch
+            )),
+            Ok(None) => LedgerError::Fenced("lease item is gone".into()),
         }
     }
 }
@@ -355,70 +264,42 @@ impl DynamoLedger {
 #[async_trait]
 impl Ledger for DynamoLedger {
     async fn acquire_lease(&self, owner: &str, duration_ms: i64) -> Result<u64, LedgerError> {
-        let reg = items::SlotRegistration {
+        let registration = items::SlotRegistration {
             slot: self.slot.clone(),
             created_ms: now_ms(),
         }
         .to_item();
-        let registered = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(reg))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
-        if let Err(e) = registered {
-            if !e
-                .as_service_error()
-                .is_some_and(|s| s.is_conditional_check_failed_exception())
-            {
-                return Err(classify("register slot", e));
-            }
-        }
-        let now = now_ms();
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::slot_pk(&self.slot),
-                items::LEASE_SK.into(),
-            )))
-            .update_expression("SET #owner = :owner, expires_ms = :exp ADD epoch :one")
-            .condition_expression(
-                "attribute_not_exists(pk) OR expires_ms < :now OR #owner = :owner",
+        // Already registered is fine.
+        self.table
+            .put(
+                "register slot",
+                registration,
+                Some(Expr::when("attribute_not_exists(pk)")),
             )
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", items::s(owner))
-            .expression_attribute_values(":exp", items::n(now + duration_ms))
-            .expression_attribute_values(":now", items::n(now))
-            .expression_attribute_values(":one", items::n(1))
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await;
-        match res {
-            Ok(out) => {
-                let attrs = out.attributes.unwrap_or_default();
-                let lease = items::Lease::from_item(&attrs)
-                    .map_err(|e| LedgerError::Definite(e.to_string()))?;
-                Ok(lease.epoch)
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                match self.lease_now().await? {
-                    Some(l) => Err(LedgerError::Held {
-                        owner: l.owner,
-                        expires_ms: l.expires_ms,
-                    }),
-                    None => Err(LedgerError::Transient(
-                        "lease vanished while acquiring".into(),
-                    )),
-                }
-            }
-            Err(e) => Err(classify("acquire lease", e)),
+            .await?;
+        let now = now_ms();
+        let expr = Expr::update("SET #owner = :owner, expires_ms = :exp ADD epoch :one")
+            .and_when("attribute_not_exists(pk) OR expires_ms < :now OR #owner = :owner")
+            .name("#owner", "owner")
+            .value(":owner", items::s(owner))
+            .value(":exp", items::n(now + duration_ms))
+            .value(":now", items::n(now))
+            .value(":one", items::n(1));
+        match self
+            .table
+            .update("acquire lease", self.lease_key(), expr)
+            .await?
+        {
+            Outcome::Written(item) => Ok(items::Lease::from_item(&item)?.epoch),
+            Outcome::ConditionFailed => match self.lease_now().await? {
+                Some(l) => Err(LedgerError::Held {
+                    owner: l.owner,
+                    expires_ms: l.expires_ms,
+                }),
+                None => Err(LedgerError::Transient(
+                    "lease vanished while acquiring".into(),
+                )),
+            },
         }
     }
 
@@ -428,81 +309,50 @@ impl Ledger for DynamoLedger {
         epoch: u64,
         duration_ms: i64,
     ) -> Result<(), LedgerError> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::slot_pk(&self.slot),
-                items::LEASE_SK.into(),
-            )))
-            .update_expression("SET expires_ms = :exp")
-            .condition_expression("#owner = :owner AND epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", items::s(owner))
-            .expression_attribute_values(":epoch", items::n(epoch))
-            .expression_attribute_values(":exp", items::n(now_ms() + duration_ms))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
+        let expr = leased_to(owner, epoch)
+            .and_update("SET expires_ms = :exp")
+            .value(":exp", items::n(now_ms() + duration_ms));
+        match self
+            .table
+            .update("renew lease", self.lease_key(), expr)
+            .await?
+        {
+            Outcome::Written(_) => Ok(()),
+            Outcome::ConditionFailed => {
                 Err(LedgerError::Fenced(format!("epoch {epoch} was taken over")))
             }
-            Err(e) => Err(classify("renew lease", e)),
         }
     }
 
     async fn release_lease(&self, owner: &str, epoch: u64) -> Result<(), LedgerError> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::slot_pk(&self.slot),
-                items::LEASE_SK.into(),
-            )))
-            .update_expression("SET expires_ms = :zero")
-            .condition_expression("#owner = :owner AND epoch = :epoch")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", items::s(owner))
-            .expression_attribute_values(":epoch", items::n(epoch))
-            .expression_attribute_values(":zero", items::n(0))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(classify("release lease", e)),
-        }
+        let expr = leased_to(owner, epoch)
+            .and_update("SET expires_ms = :zero")
+            .value(":zero", items::n(0));
+        // Taken over meanwhile: nothing left to give up.
+        self.table
+            .update("release lease", self.lease_key(), expr)
+            .await?;
+        Ok(())
     }
 
     async fn load_checkpoint(&self) -> Result<Option<Checkpoint>, LedgerError> {
         let Some(item) = self
+            .table
             .get(items::slot_pk(&self.slot), items::CHECKPOINT_SK.into())
             .await?
         else {
             return Ok(None);
         };
-        let checkpoint =
-            Checkpoint::from_item(&item).map_err(|e| LedgerError::Definite(e.to_string()))?;
+        let checkpoint = Checkpoint::from_item(&item)?;
         // The last flush's pending markers are written after its commit: a crash in between
         // leaves them out. Writing them again is idempotent.
         if let Ok(id) = checkpoint.flush_id.parse::<FlushId>() {
             if let Some(flush) = self
+                .table
                 .get(items::slot_pk(&self.slot), items::flush_sk(&id))
                 .await?
             {
-                let record = FlushRecord::from_item(&flush)
-                    .map_err(|e| LedgerError::Definite(e.to_string()))?;
+                let record = FlushRecord::from_item(&flush)?;
                 let hours: Vec<(TableName, Hour)> = record
                     .hours
                     .iter()
@@ -519,13 +369,12 @@ impl Ledger for DynamoLedger {
 
     async fn load_snapshot(&self) -> Result<Option<SnapshotState>, LedgerError> {
         match self
+            .table
             .get(items::slot_pk(&self.slot), items::SNAPSHOT_SK.into())
             .await?
         {
             None => Ok(None),
-            Some(item) => SnapshotState::from_item(&item)
-                .map(Some)
-                .map_err(|e| LedgerError::Definite(e.to_string())),
+            Some(item) => Ok(Some(SnapshotState::from_item(&item)?)),
         }
     }
 
@@ -535,63 +384,50 @@ impl Ledger for DynamoLedger {
         owner: &str,
         epoch: u64,
     ) -> Result<(), LedgerError> {
-        let lease_check = self.lease_condition(owner, epoch)?;
-        let item = state.to_item(&self.slot);
-        let put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .build()
-            .map_err(|e| LedgerError::Definite(e.to_string()))?;
-        let res = self
-            .client
-            .transact_write_items()
-            .transact_items(
-                TransactWriteItem::builder()
-                    .condition_check(lease_check)
-                    .build(),
-            )
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_transaction_canceled_exception()) =>
-            {
-                match self.lease_now().await? {
-                    Some(l) if l.owner == owner && l.epoch == epoch => Err(LedgerError::Transient(
-                        "snapshot state write cancelled".into(),
-                    )),
-                    _ => Err(LedgerError::Fenced(
-                        "lease lost while recording the snapshot state".into(),
-                    )),
-                }
-            }
-            Err(e) => Err(classify("record snapshot state", e)),
+        let writes = vec![
+            TxWrite::Check {
+                key: self.lease_key(),
+                expr: leased_to(owner, epoch),
+            },
+            TxWrite::Put {
+                item: state.to_item(&self.slot),
+                expr: None,
+            },
+        ];
+        match self
+            .table
+            .transact("record snapshot state", writes, None)
+            .await?
+        {
+            Tx::Committed => Ok(()),
+            cancelled => Err(self
+                .cancelled("snapshot state write", owner, epoch, &cancelled)
+                .await),
         }
     }
 
     async fn retire_snapshot(&self, state: &SnapshotState) -> Result<u64, LedgerError> {
         let mut retired = 0;
-        let markers = self.query_all(items::pending_pk(&self.slot)).await?;
+        let markers = self
+            .table
+            .query(items::pending_pk(&self.slot), None)
+            .await?;
         for marker in markers {
-            let m = PendingHour::from_item(&marker)
-                .map_err(|e| LedgerError::Definite(e.to_string()))?;
+            let m = PendingHour::from_item(&marker)?;
             let batches = self
-                .query_all(items::batch_pk(&self.slot, &m.table, m.hour))
+                .table
+                .query(items::batch_pk(&self.slot, &m.table, m.hour), None)
                 .await?;
             for item in batches {
-                let batch = BatchItem::from_item(&item)
-                    .map_err(|e| LedgerError::Definite(e.to_string()))?;
+                let batch = BatchItem::from_item(&item)?;
                 if state.holds(batch.first, batch.last) {
-                    self.client
-                        .delete_item()
-                        .table_name(&self.table)
-                        .set_key(Some(items::key(batch.pk(&self.slot), batch.sk())))
-                        .send()
-                        .await
-                        .map_err(|e| classify("retire snapshot batch", e))?;
+                    self.table
+                        .delete(
+                            "retire snapshot batch",
+                            items::key(batch.pk(&self.slot), batch.sk()),
+                            None,
+                        )
+                        .await?;
                     retired += 1;
                 }
             }
@@ -606,11 +442,13 @@ impl Ledger for DynamoLedger {
         epoch: u64,
     ) -> Result<(), LedgerError> {
         self.put_schemas(&req.schemas).await?;
-        self.put_batches(&req.batches).await?;
+        self.table
+            .put_all(
+                "write batch items",
+                req.batches.iter().map(|b| b.to_item(&self.slot)).collect(),
+            )
+            .await?;
         let hours = req.hours();
-        let pk = items::slot_pk(&self.slot);
-
-        let lease_check = self.lease_condition(owner, epoch)?;
         let now = now_ms();
         let record = FlushRecord {
             id: req.id,
@@ -626,62 +464,34 @@ impl Ledger for DynamoLedger {
                 .is_empty()
                 .then_some(now / 1000 + EMPTY_FLUSH_TTL_SECONDS),
         };
-        let flush_item = record.to_item(&self.slot);
-        let flush_put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(flush_item))
-            .condition_expression("attribute_not_exists(pk)")
-            .build()
-            .map_err(|e| LedgerError::Definite(e.to_string()))?;
-        let cp_item = req.checkpoint.to_item(&self.slot, epoch, now);
-        let cp_put = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(cp_item))
-            .condition_expression("attribute_not_exists(pk) OR flush_seq < :seq")
-            .expression_attribute_values(":seq", items::n(req.id.seq))
-            .build()
-            .map_err(|e| LedgerError::Definite(e.to_string()))?;
-        let res = self
-            .client
-            .transact_write_items()
-            .transact_items(
-                TransactWriteItem::builder()
-                    .condition_check(lease_check)
-                    .build(),
-            )
-            .transact_items(TransactWriteItem::builder().put(flush_put).build())
-            .transact_items(TransactWriteItem::builder().put(cp_put).build())
-            .send()
-            .await;
-        if let Err(e) = res {
-            let cancelled = e
-                .as_service_error()
-                .is_some_and(|s| s.is_transaction_canceled_exception());
-            if !cancelled {
-                return Err(classify("record flush", e));
-            }
+        let writes = vec![
+            TxWrite::Check {
+                key: self.lease_key(),
+                expr: leased_to(owner, epoch),
+            },
+            TxWrite::Put {
+                item: record.to_item(&self.slot),
+                expr: Some(Expr::when("attribute_not_exists(pk)")),
+            },
+            TxWrite::Put {
+                item: req.checkpoint.to_item(&self.slot, epoch, now),
+                expr: Some(
+                    Expr::when("attribute_not_exists(pk) OR flush_seq < :seq")
+                        .value(":seq", items::n(req.id.seq)),
+                ),
+            },
+        ];
+        let tx = self.table.transact("record flush", writes, None).await?;
+        if tx != Tx::Committed {
             // Cancelled: either an earlier attempt of this flush committed (reply lost), or the
             // lease moved on, or a write conflicted (transient).
             let mine = self
-                .get(pk.clone(), items::flush_sk(&req.id))
+                .table
+                .get(items::slot_pk(&self.slot), items::flush_sk(&req.id))
                 .await?
                 .is_some();
             if !mine {
-                match self.lease_now().await? {
-                    Some(l) if l.owner == owner && l.epoch == epoch => {
-                        return Err(LedgerError::Transient(format!(
-                            "record flush cancelled: {}",
-                            cdc_contract::aws::error_text(&e)
-                        )))
-                    }
-                    Some(l) => {
-                        return Err(LedgerError::Fenced(format!(
-                            "slot now leased by {} at epoch {}",
-                            l.owner, l.epoch
-                        )))
-                    }
-                    None => return Err(LedgerError::Fenced("lease item is gone".into())),
-                }
+                return Err(self.cancelled("record flush", owner, epoch, &tx).await);
             }
             tracing::info!(flush = %req.id, "flush found already recorded (an earlier reply was lost)");
         }

@@ -35,7 +35,7 @@ impl Notifier for SqsNotifier {
             .message_body(body)
             .send()
             .await
-            .map_err(|e| cdc_contract::aws::error_text(&e))?;
+            .map_err(|e| cdc_contract::aws::AwsError::sqs("send notification", e).to_string())?;
         Ok(())
     }
 }

@@ -3,27 +3,11 @@
 use std::io::Write;
 
 use async_trait::async_trait;
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 use flate2::write::GzEncoder;
 
-/// Why a batch could not be stored.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    /// Throttling, timeouts, 5xx, lost connections: retry.
-    #[error("batch upload failed, will retry: {0}")]
-    Transient(String),
-    /// Missing bucket, access denied: a person must act.
-    #[error("batch upload refused: {0}")]
-    Definite(String),
-}
-
-impl SinkError {
-    /// True when retrying may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Transient(_))
-    }
-}
+/// Why a batch could not be stored: the shared AWS error (transient or definite).
+pub type SinkError = cdc_contract::aws::AwsError;
 
 /// Stores one micro-batch (uncompressed JSON lines) under its key; returns the stored size.
 #[async_trait]
@@ -61,33 +45,8 @@ impl S3Sink {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| classify(&format!("bucket {}", self.bucket), e))?;
+            .map_err(|e| SinkError::s3(&format!("bucket {}", self.bucket), e))?;
         Ok(())
-    }
-}
-
-fn classify<E: ProvideErrorMetadata + std::fmt::Debug>(
-    what: &str,
-    err: SdkError<E, aws_smithy_runtime_api::http::Response>,
-) -> SinkError {
-    let status = match &err {
-        SdkError::ServiceError(_) => err.raw_response().map(|r| r.status().as_u16()),
-        _ => None,
-    };
-    let text = cdc_contract::aws::error_text(&err);
-    match (&err, status) {
-        (SdkError::ServiceError(_), Some(code))
-            if (400..500).contains(&code) && code != 408 && code != 429 =>
-        {
-            let hint = if code == 404 {
-                " (does the bucket exist?)"
-            } else {
-                ""
-            };
-            SinkError::Definite(format!("{what}: HTTP {code} {text}{hint}"))
-        }
-        (SdkError::ConstructionFailure(_), _) => SinkError::Definite(format!("{what}: {text}")),
-        _ => SinkError::Transient(format!("{what}: {text}")),
     }
 }
 
@@ -108,7 +67,7 @@ impl BatchSink for S3Sink {
             .body(gz.into())
             .send()
             .await
-            .map_err(|e| classify(&format!("put {key}"), e))?;
+            .map_err(|e| SinkError::s3(&format!("put {key}"), e))?;
         Ok(size)
     }
 }

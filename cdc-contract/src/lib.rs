@@ -6,6 +6,7 @@
 //! Each type formats and parses itself here and nowhere else.
 
 pub mod aws;
+pub mod dynamo;
 pub mod event;
 pub mod flags;
 pub mod hour;

@@ -3,40 +3,19 @@
 //! [`DynamoLedger`] is the DynamoDB implementation; tests wrap the trait to inject faults.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 
+use cdc_contract::dynamo::{Expr, Outcome, Table, Tx, TxWrite};
 use cdc_contract::ledger::{
-    self as items, BatchItem, Checkpoint, FlushId, HourRecord, Item, PartItem, PendingHour,
-    SchemaItem, SnapshotState,
+    self as items, BatchItem, Checkpoint, FlushId, HourRecord, PartItem, PendingHour, SchemaItem,
+    SnapshotState,
 };
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, TableName};
 
-/// What a ledger operation can fail with.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum LedgerError {
-    /// Throttling, timeouts, 5xx, lost connections: retrying may succeed.
-    #[error("ledger unavailable: {0}")]
-    Transient(String),
-    /// Missing table, access denied, malformed item: a person must act.
-    #[error("ledger error: {0}")]
-    Definite(String),
-}
-
-impl LedgerError {
-    /// True when retrying may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, LedgerError::Transient(_))
-    }
-}
-
-impl From<items::ItemError> for LedgerError {
-    fn from(e: items::ItemError) -> Self {
-        LedgerError::Definite(e.to_string())
-    }
-}
+/// What a ledger operation can fail with: the shared AWS error (transient or definite).
+pub type LedgerError = cdc_contract::aws::AwsError;
 
 /// The outcome of claiming an hour.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,88 +129,22 @@ pub trait Ledger: Send + Sync {
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError>;
 }
 
-fn classify<E: ProvideErrorMetadata, R>(what: &str, err: SdkError<E, R>) -> LedgerError {
-    let message = format!("{what}: {}", cdc_contract::aws::error_text(&err));
-    match &err {
-        SdkError::ServiceError(_) => match err.code().unwrap_or("") {
-            "ResourceNotFoundException"
-            | "ValidationException"
-            | "AccessDeniedException"
-            | "UnrecognizedClientException" => LedgerError::Definite(message),
-            _ => LedgerError::Transient(message),
-        },
-        SdkError::ConstructionFailure(_) => LedgerError::Definite(message),
-        _ => LedgerError::Transient(message),
-    }
-}
-
-fn conditional_failed<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool {
-    err.code() == Some("ConditionalCheckFailedException")
-}
-
 /// The DynamoDB ledger.
 pub struct DynamoLedger {
-    client: Client,
-    table: String,
+    table: Table,
 }
 
 impl DynamoLedger {
     /// A ledger in `table`.
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         Self {
-            client,
-            table: table.into(),
+            table: Table::new(client, table),
         }
     }
 
     /// Fails with a clear error when the table does not exist or cannot be reached.
     pub async fn check(&self) -> Result<(), LedgerError> {
-        self.client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| classify(&format!("ledger table {}", self.table), e))?;
-        Ok(())
-    }
-
-    async fn get(&self, pk: String, sk: String) -> Result<Option<Item>, LedgerError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(pk, sk)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify("get item", e))?;
-        Ok(out.item)
-    }
-
-    async fn query(&self, pk: String, before: Option<String>) -> Result<Vec<Item>, LedgerError> {
-        let mut request = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .consistent_read(true)
-            .expression_attribute_values(":pk", items::s(pk));
-        request = match before {
-            Some(sk) => request
-                .key_condition_expression("pk = :pk AND sk < :sk")
-                .expression_attribute_values(":sk", items::s(sk)),
-            None => request.key_condition_expression("pk = :pk"),
-        };
-        let mut pages = request.into_paginator().send();
-        let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            out.extend(
-                page.map_err(|e| classify("query", e))?
-                    .items()
-                    .iter()
-                    .cloned(),
-            );
-        }
-        Ok(out)
+        self.table.check().await
     }
 
     /// Every hour record of a table (one query; used by `cdc-verify`), in hour order.
@@ -240,7 +153,7 @@ impl DynamoLedger {
         slot: &str,
         table: &TableName,
     ) -> Result<Vec<HourRecord>, LedgerError> {
-        let items = self.query(items::hour_pk(slot, table), None).await?;
+        let items = self.table.query(items::hour_pk(slot, table), None).await?;
         let mut records = items
             .iter()
             .map(HourRecord::from_item)
@@ -251,6 +164,7 @@ impl DynamoLedger {
 
     async fn part_is(&self, slot: &str, part: &PartItem) -> Result<bool, LedgerError> {
         let item = self
+            .table
             .get(
                 items::part_pk(slot, &part.table, part.hour),
                 items::part_sk(part.part),
@@ -262,16 +176,28 @@ impl DynamoLedger {
             .and_then(|a| a.as_s().ok())
             .is_some_and(|a| *a == part.attempt))
     }
+
+    /// The hour record's key.
+    fn hour_key(slot: &str, record: &HourRecord) -> items::Item {
+        items::key(
+            items::hour_pk(slot, &record.table),
+            items::hour_sk(record.hour),
+        )
+    }
 }
 
-fn built<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, LedgerError> {
-    r.map_err(|e| LedgerError::Definite(format!("request: {e}")))
+/// The condition of every write by the attempt holding an hour: the record is still at the
+/// version it read and names it as the claimant.
+fn held_by(version: u64, attempt: &str) -> Expr {
+    Expr::when("version = :v AND claim_attempt = :me")
+        .value(":v", items::n(version))
+        .value(":me", items::s(attempt))
 }
 
 #[async_trait]
 impl Ledger for DynamoLedger {
     async fn slots(&self) -> Result<Vec<String>, LedgerError> {
-        let items = self.query(items::SLOTS_PK.to_owned(), None).await?;
+        let items = self.table.query(items::SLOTS_PK.to_owned(), None).await?;
         items
             .iter()
             .map(|i| {
@@ -284,6 +210,7 @@ impl Ledger for DynamoLedger {
 
     async fn snapshot(&self, slot: &str) -> Result<Option<SnapshotState>, LedgerError> {
         match self
+            .table
             .get(items::slot_pk(slot), items::SNAPSHOT_SK.to_owned())
             .await?
         {
@@ -294,6 +221,7 @@ impl Ledger for DynamoLedger {
 
     async fn checkpoint(&self, slot: &str) -> Result<Option<Checkpoint>, LedgerError> {
         match self
+            .table
             .get(items::slot_pk(slot), items::CHECKPOINT_SK.to_owned())
             .await?
         {
@@ -308,6 +236,7 @@ impl Ledger for DynamoLedger {
         before: Option<Hour>,
     ) -> Result<Vec<PendingHour>, LedgerError> {
         let items = self
+            .table
             .query(items::pending_pk(slot), before.map(|h| h.to_string()))
             .await?;
         // An unreadable marker (a table name an older capture could not key) stops only its own
@@ -330,7 +259,10 @@ impl Ledger for DynamoLedger {
         table: &TableName,
         hour: Hour,
     ) -> Result<Vec<BatchItem>, LedgerError> {
-        let items = self.query(items::batch_pk(slot, table, hour), None).await?;
+        let items = self
+            .table
+            .query(items::batch_pk(slot, table, hour), None)
+            .await?;
         items
             .iter()
             .map(|i| BatchItem::from_item(i).map_err(Into::into))
@@ -339,6 +271,7 @@ impl Ledger for DynamoLedger {
 
     async fn flush_recorded(&self, slot: &str, id: &FlushId) -> Result<bool, LedgerError> {
         Ok(self
+            .table
             .get(items::slot_pk(slot), items::flush_sk(id))
             .await?
             .is_some())
@@ -351,6 +284,7 @@ impl Ledger for DynamoLedger {
         schema_id: &str,
     ) -> Result<Option<TableSchema>, LedgerError> {
         match self
+            .table
             .get(items::schema_pk(slot, table), schema_id.to_owned())
             .await?
         {
@@ -366,6 +300,7 @@ impl Ledger for DynamoLedger {
         hour: Hour,
     ) -> Result<Option<HourRecord>, LedgerError> {
         match self
+            .table
             .get(items::hour_pk(slot, table), items::hour_sk(hour))
             .await?
         {
@@ -380,7 +315,10 @@ impl Ledger for DynamoLedger {
         table: &TableName,
         hour: Hour,
     ) -> Result<Vec<PartItem>, LedgerError> {
-        let items = self.query(items::part_pk(slot, table, hour), None).await?;
+        let items = self
+            .table
+            .query(items::part_pk(slot, table, hour), None)
+            .await?;
         let mut parts = items
             .iter()
             .map(PartItem::from_item)
@@ -396,29 +334,27 @@ impl Ledger for DynamoLedger {
         claimed: &HourRecord,
         now_ms: i64,
     ) -> Result<Claim, LedgerError> {
-        let mut request = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(claimed.to_item(slot)));
-        request = if seen_version == 0 {
-            request.condition_expression("attribute_not_exists(pk)")
+        let condition = if seen_version == 0 {
+            Expr::when("attribute_not_exists(pk)")
         } else {
-            request
-                .condition_expression("version = :v AND claim_until_ms < :now")
-                .expression_attribute_values(":v", items::n(seen_version))
-                .expression_attribute_values(":now", items::n(now_ms))
+            Expr::when("version = :v AND claim_until_ms < :now")
+                .value(":v", items::n(seen_version))
+                .value(":now", items::n(now_ms))
         };
-        match request.send().await {
-            Ok(_) => Ok(Claim::Claimed(claimed.clone())),
-            Err(e) if conditional_failed(&e) => Ok(Claim::Busy),
+        match self
+            .table
+            .put("claim hour", claimed.to_item(slot), Some(condition))
+            .await
+        {
+            Ok(Outcome::Written(())) => Ok(Claim::Claimed(claimed.clone())),
+            Ok(Outcome::ConditionFailed) => Ok(Claim::Busy),
             Err(e) => {
                 // A lost reply: the claim may have been stored.
                 let stored = self.hour_record(slot, &claimed.table, claimed.hour).await?;
                 if stored.as_ref() == Some(claimed) {
                     Ok(Claim::Claimed(claimed.clone()))
                 } else {
-                    Err(classify("claim hour", e))
+                    Err(e)
                 }
             }
         }
@@ -430,26 +366,14 @@ impl Ledger for DynamoLedger {
         record: &HourRecord,
         until_ms: i64,
     ) -> Result<bool, LedgerError> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::hour_pk(slot, &record.table),
-                items::hour_sk(record.hour),
-            )))
-            .update_expression("SET claim_until_ms = :until")
-            .condition_expression("version = :v AND claim_attempt = :me")
-            .expression_attribute_values(":until", items::n(until_ms))
-            .expression_attribute_values(":v", items::n(record.version))
-            .expression_attribute_values(":me", items::s(record.claim_attempt.clone()))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(classify("renew claim", e)),
-        }
+        let expr = held_by(record.version, &record.claim_attempt)
+            .and_update("SET claim_until_ms = :until")
+            .value(":until", items::n(until_ms));
+        let outcome = self
+            .table
+            .update("renew claim", Self::hour_key(slot, record), expr)
+            .await?;
+        Ok(outcome.written())
     }
 
     async fn record_part(
@@ -459,90 +383,51 @@ impl Ledger for DynamoLedger {
         expected_version: u64,
         next: &HourRecord,
     ) -> Result<Recorded, LedgerError> {
-        let part_put = built(
-            Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(part.to_item(slot)))
-                .condition_expression("attribute_not_exists(pk)")
-                .build(),
-        )?;
-        let hour_put = built(
-            Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(next.to_item(slot)))
-                .condition_expression("version = :v AND claim_attempt = :me")
-                .expression_attribute_values(":v", items::n(expected_version))
-                .expression_attribute_values(":me", items::s(next.claim_attempt.clone()))
-                .build(),
-        )?;
+        let writes = vec![
+            TxWrite::Put {
+                item: part.to_item(slot),
+                expr: Some(Expr::when("attribute_not_exists(pk)")),
+            },
+            TxWrite::Put {
+                item: next.to_item(slot),
+                expr: Some(held_by(expected_version, &next.claim_attempt)),
+            },
+        ];
+        let token = format!("{}-{:03}-{}", part.attempt, part.part, expected_version);
         let res = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(part_put).build())
-            .transact_items(TransactWriteItem::builder().put(hour_put).build())
-            .client_request_token(format!(
-                "{}-{:03}-{}",
-                part.attempt, part.part, expected_version
-            ))
-            .send()
+            .table
+            .transact("record part", writes, Some(token))
             .await;
-        match res {
-            Ok(_) => Ok(Recorded::Yes),
-            Err(e) => {
-                // Recognise our own earlier write whose reply was lost.
-                if self.part_is(slot, part).await? {
-                    return Ok(Recorded::Yes);
-                }
-                let cancelled = e
-                    .as_service_error()
-                    .is_some_and(|s| s.is_transaction_canceled_exception());
-                if cancelled {
-                    let reasons = e
-                        .as_service_error()
-                        .and_then(|s| match s {
-                            aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => Some(
-                                c.cancellation_reasons()
-                                    .iter()
-                                    .map(|r| r.code().unwrap_or("None").to_owned())
-                                    .collect::<Vec<_>>(),
-                            ),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    if reasons.iter().any(|r| r == "ConditionalCheckFailed") || reasons.is_empty() {
-                        return Ok(Recorded::Lost);
-                    }
-                }
-                Err(classify("record part", e))
-            }
+        if matches!(res, Ok(Tx::Committed)) {
+            return Ok(Recorded::Yes);
+        }
+        // Recognise our own earlier write whose reply was lost.
+        if self.part_is(slot, part).await? {
+            return Ok(Recorded::Yes);
+        }
+        match res? {
+            Tx::Committed => Ok(Recorded::Yes),
+            cancelled if cancelled.by_condition() => Ok(Recorded::Lost),
+            Tx::Cancelled(reasons) => Err(LedgerError::Transient(format!(
+                "DynamoDB record part: transaction cancelled ({})",
+                reasons.join(", ")
+            ))),
         }
     }
 
     async fn release_hour(&self, slot: &str, record: &HourRecord) -> Result<(), LedgerError> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::hour_pk(slot, &record.table),
-                items::hour_sk(record.hour),
-            )))
-            .update_expression(
+        let expr = held_by(record.version, &record.claim_attempt)
+            .and_update(
                 "SET claim_until_ms = :zero, updated_ms = :now, recheck_after_ms = :recheck",
             )
-            .condition_expression("version = :v AND claim_attempt = :me")
-            .expression_attribute_values(":zero", items::n(0))
-            .expression_attribute_values(":recheck", items::n(record.recheck_after_ms))
-            .expression_attribute_values(":now", items::n(crate::now_ms()))
-            .expression_attribute_values(":v", items::n(record.version))
-            .expression_attribute_values(":me", items::s(record.claim_attempt.clone()))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if conditional_failed(&e) => Ok(()),
-            Err(e) => Err(classify("release hour", e)),
-        }
+            .value(":zero", items::n(0))
+            .value(":recheck", items::n(record.recheck_after_ms))
+            .value(":now", items::n(crate::now_ms()));
+        // A condition that no longer holds: the hour moved on, nothing to give up.
+        self.table
+            .update("release hour", Self::hour_key(slot, record), expr)
+            .await?;
+        Ok(())
     }
 
     async fn mark_compacted(
@@ -551,24 +436,20 @@ impl Ledger for DynamoLedger {
         batch: &BatchItem,
         expires_at: i64,
     ) -> Result<(), LedgerError> {
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(batch.pk(slot), batch.sk())))
-            .update_expression("SET compacted = :t, #ttl = :exp")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_names("#ttl", items::TTL_ATTRIBUTE)
-            .expression_attribute_values(":t", AttributeValue::Bool(true))
-            .expression_attribute_values(":exp", items::n(expires_at))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            // Already expired: nothing to mark.
-            Err(e) if conditional_failed(&e) => Ok(()),
-            Err(e) => Err(classify("mark batch compacted", e)),
-        }
+        let expr = Expr::update("SET compacted = :t, #ttl = :exp")
+            .and_when("attribute_exists(pk)")
+            .name("#ttl", items::TTL_ATTRIBUTE)
+            .value(":t", AttributeValue::Bool(true))
+            .value(":exp", items::n(expires_at));
+        // A condition failure: the item already expired, nothing to mark.
+        self.table
+            .update(
+                "mark batch compacted",
+                items::key(batch.pk(slot), batch.sk()),
+                expr,
+            )
+            .await?;
+        Ok(())
     }
 
     async fn flush_hour_done(
@@ -579,24 +460,19 @@ impl Ledger for DynamoLedger {
     ) -> Result<(), LedgerError> {
         let key = items::key(items::slot_pk(slot), items::flush_sk(&batch.flush_id));
         // A string set: adding the same table-hour again (a retried compaction) changes nothing.
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key.clone()))
-            .update_expression("ADD done_hours :h")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(
+        let expr = Expr::update("ADD done_hours :h")
+            .and_when("attribute_exists(pk)")
+            .value(
                 ":h",
                 AttributeValue::Ss(vec![items::pending_sk(batch.hour, &batch.table)]),
-            )
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
-            .send()
-            .await;
-        let record = match res {
-            Ok(out) => out.attributes.unwrap_or_default(),
-            Err(e) if conditional_failed(&e) => return Ok(()),
-            Err(e) => return Err(classify("note flush hour compacted", e)),
+            );
+        let record = match self
+            .table
+            .update("note flush hour compacted", key.clone(), expr)
+            .await?
+        {
+            Outcome::Written(record) => record,
+            Outcome::ConditionFailed => return Ok(()),
         };
         let done: std::collections::HashSet<&String> = match record.get("done_hours") {
             Some(AttributeValue::Ss(s)) => s.iter().collect(),
@@ -611,52 +487,38 @@ impl Ledger for DynamoLedger {
         if !all_done || record.contains_key(items::TTL_ATTRIBUTE) {
             return Ok(());
         }
-        let res = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(key))
-            .update_expression("SET #ttl = :exp")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_names("#ttl", items::TTL_ATTRIBUTE)
-            .expression_attribute_values(":exp", items::n(expires_at))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if conditional_failed(&e) => Ok(()),
-            Err(e) => Err(classify("expire flush record", e)),
-        }
+        let expr = Expr::update("SET #ttl = :exp")
+            .and_when("attribute_exists(pk)")
+            .name("#ttl", items::TTL_ATTRIBUTE)
+            .value(":exp", items::n(expires_at));
+        self.table.update("expire flush record", key, expr).await?;
+        Ok(())
     }
 
     async fn delete_batch(&self, slot: &str, batch: &BatchItem) -> Result<(), LedgerError> {
-        self.client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(batch.pk(slot), batch.sk())))
-            .send()
-            .await
-            .map_err(|e| classify("delete batch item", e))?;
+        self.table
+            .delete(
+                "delete batch item",
+                items::key(batch.pk(slot), batch.sk()),
+                None,
+            )
+            .await?;
         Ok(())
     }
 
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError> {
-        let res = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(items::key(
-                items::pending_pk(slot),
-                items::pending_sk(marker.hour, &marker.table),
-            )))
-            .condition_expression("flush_seq = :seen")
-            .expression_attribute_values(":seen", items::n(marker.flush_seq))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if conditional_failed(&e) => Ok(false),
-            Err(e) => Err(classify("clear pending hour", e)),
-        }
+        let expr = Expr::when("flush_seq = :seen").value(":seen", items::n(marker.flush_seq));
+        let outcome = self
+            .table
+            .delete(
+                "clear pending hour",
+                items::key(
+                    items::pending_pk(slot),
+                    items::pending_sk(marker.hour, &marker.table),
+                ),
+                Some(expr),
+            )
+            .await?;
+        Ok(outcome.written())
     }
 }

@@ -25,8 +25,7 @@ pub mod retry;
 pub mod store;
 pub mod upload;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -38,9 +37,9 @@ use cdc_contract::{Hour, TableName};
 pub use compact::{HourError, HourJob, HourReport, HourState};
 pub use config::Settings;
 
+use crate::compact::SchemaCache;
 use crate::dead_letter::DeadLetterNotifier;
 use crate::ledger::{Ledger, LedgerError};
-use crate::parquet_schema::PartSchema;
 use crate::plan::SlotRun;
 
 /// Milliseconds since the Unix epoch.
@@ -59,8 +58,7 @@ pub struct Compactor {
     pub(crate) ledger: Arc<dyn Ledger>,
     pub(crate) notifier: Option<Arc<dyn DeadLetterNotifier>>,
     pub(crate) batch_ttl_seconds: i64,
-    #[allow(clippy::type_complexity)]
-    pub(crate) schemas: Mutex<HashMap<(String, TableName, String), Arc<PartSchema>>>,
+    pub(crate) schemas: SchemaCache,
 }
 
 /// What a sweep is asked to do.
@@ -128,7 +126,7 @@ impl Compactor {
             ledger,
             notifier,
             batch_ttl_seconds: BATCH_TTL_SECONDS,
-            schemas: Mutex::new(HashMap::new()),
+            schemas: SchemaCache::default(),
         }
     }
 

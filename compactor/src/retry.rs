@@ -3,24 +3,15 @@
 
 use std::future::Future;
 
-use crate::ledger::LedgerError;
-use crate::store::StoreError;
-
 /// Errors that say whether retrying may succeed.
 pub trait Transient: std::fmt::Display {
     /// True when retrying may succeed.
     fn is_transient(&self) -> bool;
 }
 
-impl Transient for StoreError {
+impl Transient for cdc_contract::aws::AwsError {
     fn is_transient(&self) -> bool {
-        StoreError::is_transient(self)
-    }
-}
-
-impl Transient for LedgerError {
-    fn is_transient(&self) -> bool {
-        LedgerError::is_transient(self)
+        cdc_contract::aws::AwsError::is_transient(self)
     }
 }
 
@@ -50,6 +41,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreError;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[tokio::test]

@@ -8,23 +8,8 @@ use aws_sdk_s3::types::{
 };
 use bytes::Bytes;
 
-/// Why an object operation failed.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum StoreError {
-    /// Throttling, timeouts, 5xx, lost connections: retrying may succeed.
-    #[error("object store unavailable: {0}")]
-    Transient(String),
-    /// Missing bucket, access denied, malformed request: a person must act.
-    #[error("object store refused: {0}")]
-    Definite(String),
-}
-
-impl StoreError {
-    /// True when retrying may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
-    }
-}
+/// Why an object operation failed: the shared AWS error (transient or definite).
+pub type StoreError = cdc_contract::aws::AwsError;
 
 /// What the compactor needs from S3.
 #[async_trait]
@@ -80,27 +65,11 @@ impl S3Store {
     }
 }
 
-fn status<E>(err: &SdkError<E, aws_smithy_runtime_api::http::Response>) -> Option<u16> {
-    match err {
-        SdkError::ServiceError(_) => err.raw_response().map(|r| r.status().as_u16()),
-        _ => None,
-    }
-}
-
 fn classify<E: ProvideErrorMetadata>(
     what: &str,
     err: SdkError<E, aws_smithy_runtime_api::http::Response>,
 ) -> StoreError {
-    let text = cdc_contract::aws::error_text(&err);
-    match (&err, status(&err)) {
-        (SdkError::ServiceError(_), Some(code))
-            if (400..500).contains(&code) && code != 408 && code != 429 =>
-        {
-            StoreError::Definite(format!("{what}: HTTP {code} {text}"))
-        }
-        (SdkError::ConstructionFailure(_), _) => StoreError::Definite(format!("{what}: {text}")),
-        _ => StoreError::Transient(format!("{what}: {text}")),
-    }
+    StoreError::s3(what, err)
 }
 
 #[async_trait]
@@ -126,7 +95,7 @@ impl ObjectStore for S3Store {
         let out = match res {
             Ok(out) => out,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
-            Err(e) if status(&e) == Some(404) => return Ok(None),
+            Err(e) if cdc_contract::aws::http_status(&e) == Some(404) => return Ok(None),
             Err(e) => return Err(classify(&format!("get {key}"), e)),
         };
         let body = out
@@ -296,7 +265,7 @@ impl ObjectStore for S3Store {
         match res {
             Ok(_) => Ok(()),
             // Already expired or deleted: nothing left to tag.
-            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) if cdc_contract::aws::http_status(&e) == Some(404) => Ok(()),
             Err(e) => Err(classify(&format!("tag {key}"), e)),
         }
     }

@@ -19,12 +19,15 @@ use cdc_contract::ledger;
 struct MotoServer {
     child: Child,
     endpoint: String,
+    /// Its request log: a file, because a pipe nobody reads fills up and blocks the server.
+    log: std::path::PathBuf,
 }
 
 impl Drop for MotoServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -47,26 +50,27 @@ fn start_moto() -> anyhow::Result<MotoServer> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    let log = std::env::temp_dir().join(format!("cdc-test-moto-{port}.log"));
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = Command::new(&exe)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log_file)
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
     let mut server = MotoServer {
         child,
         endpoint: format!("http://127.0.0.1:{port}"),
+        log,
     };
     for _ in 0..150 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(server);
         }
         if let Ok(Some(status)) = server.child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = server.child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
+            let err = std::fs::read_to_string(&server.log).unwrap_or_default();
             bail!("moto server exited at start ({status}): {err}");
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -217,22 +221,17 @@ impl AwsFixture {
             .collect()
     }
 
+    /// The ledger table through the helper the deployables use.
+    pub fn ledger_table(&self) -> cdc_contract::dynamo::Table {
+        cdc_contract::dynamo::Table::new(self.dynamodb.clone(), &self.table)
+    }
+
     /// Every ledger item under a partition key, in sort-key order.
     pub async fn query_ledger(&self, pk: &str) -> anyhow::Result<Vec<ledger::Item>> {
-        let mut items = Vec::new();
-        let mut pages = self
-            .dynamodb
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", ledger::s(pk))
-            .consistent_read(true)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            items.extend(page.context("querying the ledger")?.items().iter().cloned());
-        }
-        Ok(items)
+        self.ledger_table()
+            .query(pk.to_owned(), None)
+            .await
+            .context("querying the ledger")
     }
 
     /// One ledger item.
@@ -241,16 +240,10 @@ impl AwsFixture {
         pk: &str,
         sk: &str,
     ) -> anyhow::Result<Option<ledger::Item>> {
-        let out = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(ledger::key(pk.into(), sk.into())))
-            .consistent_read(true)
-            .send()
+        self.ledger_table()
+            .get(pk.to_owned(), sk.to_owned())
             .await
-            .context("getting a ledger item")?;
-        Ok(out.item)
+            .context("getting a ledger item")
     }
 
     /// Receives (and deletes) every message currently in the notification queue.

@@ -105,10 +105,27 @@ impl<'a> CaptureSetup<'a> {
         cmd.arg("--exit-when-caught-up")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = cmd.spawn().context("starting capture")?;
-        let out = tokio::time::timeout(timeout, child.wait_with_output())
-            .await
-            .context("capture --exit-when-caught-up did not finish in time")??;
+        let mut child = cmd.spawn().context("starting capture")?;
+        let stdout = read_to_end(child.stdout.take());
+        let stderr = read_to_end(child.stderr.take());
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => {
+                let _ = child.kill().await;
+                let log = stderr.await.unwrap_or_default();
+                let log = String::from_utf8_lossy(&log);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                bail!(
+                    "capture --exit-when-caught-up did not finish within {timeout:?}; the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        };
+        let out = std::process::Output {
+            status,
+            stdout: stdout.await?,
+            stderr: stderr.await?,
+        };
         if !out.status.success() {
             bail!(
                 "capture exited with {}: {}",
@@ -414,4 +431,18 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+/// Reads a child's pipe to its end in the background (an unread pipe would fill and block it).
+fn read_to_end<R>(pipe: Option<R>) -> tokio::task::JoinHandle<Vec<u8>>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut bytes).await;
+        }
+        bytes
+    })
 }

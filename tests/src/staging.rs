@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::Context;
-use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
+use cdc_contract::dynamo::{Expr, Tx, TxWrite};
 use serde_json::Value;
 
 use cdc_contract::event::Op;
@@ -232,11 +232,8 @@ impl<'a> Stager<'a> {
             created_ms: now_ms(),
         }
         .to_item();
-        aws.dynamodb
-            .put_item()
-            .table_name(&aws.table)
-            .set_item(Some(reg))
-            .send()
+        aws.ledger_table()
+            .put("register slot", reg, None)
             .await
             .context("registering the slot")?;
         let stager = Stager {
@@ -264,11 +261,8 @@ impl<'a> Stager<'a> {
         }
         .to_item(&self.slot);
         self.aws
-            .dynamodb
-            .put_item()
-            .table_name(&self.aws.table)
-            .set_item(Some(lease))
-            .send()
+            .ledger_table()
+            .put("write lease", lease, None)
             .await
             .context("writing the lease")?;
         Ok(())
@@ -422,30 +416,21 @@ impl<'a> Stager<'a> {
         batches: &[StagedBatch],
         schemas: &[TableSchema],
     ) -> anyhow::Result<()> {
-        for schema in schemas {
-            let item = SchemaItem {
+        let table = self.aws.ledger_table();
+        let schema_items = schemas.iter().map(|schema| {
+            SchemaItem {
                 schema: schema.clone(),
             }
-            .to_item(&self.slot);
-            self.aws
-                .dynamodb
-                .put_item()
-                .table_name(&self.aws.table)
-                .set_item(Some(item))
-                .send()
-                .await
-                .context("writing a schema item")?;
-        }
-        for b in batches {
-            self.aws
-                .dynamodb
-                .put_item()
-                .table_name(&self.aws.table)
-                .set_item(Some(b.item.to_item(&self.slot)))
-                .send()
-                .await
-                .context("writing a batch item")?;
-        }
+            .to_item(&self.slot)
+        });
+        let batch_items = batches.iter().map(|b| b.item.to_item(&self.slot));
+        table
+            .put_all(
+                "write schema and batch items",
+                schema_items.chain(batch_items).collect(),
+            )
+            .await
+            .context("writing schema and batch items")?;
         Ok(())
     }
 
@@ -501,33 +486,26 @@ impl<'a> Stager<'a> {
         }
         .to_item(&self.slot);
         let cp_item = checkpoint.to_item(&self.slot, self.epoch, now_ms());
-        self.aws
-            .dynamodb
-            .transact_write_items()
-            .transact_items(
-                TransactWriteItem::builder()
-                    .put(
-                        Put::builder()
-                            .table_name(&self.aws.table)
-                            .set_item(Some(flush_item))
-                            .condition_expression("attribute_not_exists(pk)")
-                            .build()?,
-                    )
-                    .build(),
+        let tx = self
+            .aws
+            .ledger_table()
+            .transact(
+                "record flush",
+                vec![
+                    TxWrite::Put {
+                        item: flush_item,
+                        expr: Some(Expr::when("attribute_not_exists(pk)")),
+                    },
+                    TxWrite::Put {
+                        item: cp_item,
+                        expr: None,
+                    },
+                ],
+                None,
             )
-            .transact_items(
-                TransactWriteItem::builder()
-                    .put(
-                        Put::builder()
-                            .table_name(&self.aws.table)
-                            .set_item(Some(cp_item))
-                            .build()?,
-                    )
-                    .build(),
-            )
-            .send()
             .await
             .context("recording the flush")?;
+        anyhow::ensure!(tx == Tx::Committed, "recording the flush: {tx:?}");
         self.seq = id.seq;
         self.checkpoint = checkpoint;
         for (table, hour) in hours {
@@ -537,11 +515,8 @@ impl<'a> Stager<'a> {
                 flush_seq: id.seq,
             };
             self.aws
-                .dynamodb
-                .put_item()
-                .table_name(&self.aws.table)
-                .set_item(Some(marker.to_item(&self.slot)))
-                .send()
+                .ledger_table()
+                .put("mark hour pending", marker.to_item(&self.slot), None)
                 .await
                 .context("marking an hour pending")?;
         }

@@ -42,6 +42,26 @@ async fn throwaway_cluster_streams_a_change_through_a_logical_slot() -> anyhow::
     Ok(())
 }
 
+/// Without `AWS_ENDPOINT_URL` each fixture starts its own moto. Its request log must not go to
+/// a pipe nobody reads: once the pipe's 64 KiB fill up, the server blocks and every call times
+/// out (a long test stalled this way).
+#[tokio::test]
+async fn a_fixtures_own_emulator_keeps_serving_past_a_full_pipe_of_log() -> anyhow::Result<()> {
+    // Each test runs in its own process under nextest, so this changes no other test.
+    std::env::remove_var("AWS_ENDPOINT_URL");
+    let aws = AwsFixture::new().await?;
+    let calls = async {
+        for i in 0..1500 {
+            aws.get_ledger_item(&format!("slot#{i}"), "lease").await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), calls)
+        .await
+        .map_err(|_| anyhow::anyhow!("the emulator stopped answering"))??;
+    Ok(())
+}
+
 #[tokio::test]
 async fn emulator_serves_s3_conditional_dynamodb_and_sqs() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;

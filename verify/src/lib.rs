@@ -19,12 +19,9 @@ pub use report::{FindingKind, Report};
 /// Why a table could not be verified at all (as opposed to a finding: something verified wrong).
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    /// The ledger could not be read.
+    /// The ledger or S3 could not be read.
     #[error(transparent)]
-    Ledger(#[from] compactor::ledger::LedgerError),
-    /// S3 could not be read.
-    #[error(transparent)]
-    Store(#[from] compactor::store::StoreError),
+    Aws(#[from] cdc_contract::aws::AwsError),
     /// The ledger knows no such slot.
     #[error("slot {0:?} has no checkpoint in the ledger: check CDC_SLOT_NAME and LEDGER_TABLE")]
     UnknownSlot(String),

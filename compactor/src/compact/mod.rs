@@ -7,46 +7,48 @@
 //!    condition that nobody changed it since it was read and no live claim holds it. A claim that
 //!    lapsed without a clean release means a previous attempt died: list the hour's prefixes and
 //!    delete every part file no recorded part names (safe now: the dead attempt can no longer
-//!    record, its version is gone).
+//!    record, its version is gone), and list them again once the straggler window has passed
+//!    (by then the dead attempt cannot finish an upload either).
 //! 3. Stream the batches to do, one at a time (download ahead, gunzip and parse line by line,
 //!    skipping changes at or below the watermark), into parts; each finished part's files are
 //!    uploaded, then recorded with the record's new state in one conditional transaction, then
 //!    the manifests are rewritten. A lost claim stops the attempt, which deletes its own files.
+//!    Then the claim is released; after a failure it is given up unreleased, so the next run
+//!    cleans up.
 //! 4. Tag the consumed batches' staging objects, mark their items compacted (with a TTL), delete
-//!    orphan items, and clear the pending marker unless a flush touched it meanwhile.
+//!    orphan items, and clear the pending marker unless a batch is undecided or not consumed, a
+//!    recheck is to come, or a flush touched it meanwhile.
 //!
-//! `compact_hour` below runs the steps in order; step 2's claim renewal and cleanup are in
-//! `claim.rs`, step 3 in `parts.rs`, step 4's per-batch work in `finish.rs`.
+//! `compact_hour` below runs the steps in order, one call each: step 1 here, step 2 (the
+//! claim, its renewal, the cleanup after a lapsed claim and the release) in `claim.rs`, step 3
+//! in `parts.rs`, step 4 in `finish.rs`. The steps take a `Deps`, the few things of the
+//! [`Compactor`] they use, not the compactor.
 
 mod claim;
 mod finish;
 mod parts;
 
-use std::collections::HashSet;
-use std::io::BufRead;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use futures::StreamExt;
 use serde::Serialize;
 
-use cdc_contract::layout::Format;
-use cdc_contract::ledger::{BatchItem, HourRecord, PartFile, PartItem, PendingHour};
+use cdc_contract::layout::{Format, Layout};
+use cdc_contract::ledger::{BatchItem, HourRecord, PendingHour};
 use cdc_contract::metrics as names;
 use cdc_contract::{Hour, Position, TableName};
 
-use crate::dead_letter::{record_name, DeadLetter};
-use crate::envelope::Envelope;
-use crate::ledger::{Claim, LedgerError, Recorded};
-use crate::manifest::{attempt_of, Manifest};
-use crate::parquet_schema::PartSchema;
-use crate::part::{FinishedPart, Limits, PartError, PartStats, PartWriter};
+use crate::dead_letter::DeadLetterNotifier;
+use crate::ledger::{Ledger, LedgerError};
+use crate::part::{Limits, PartError};
 use crate::plan::{HourBatches, SlotRun};
 use crate::retry::retry;
-use crate::store::StoreError;
-use crate::upload::FileUpload;
+use crate::store::{ObjectStore, StoreError};
 use crate::{now_ms, Compactor};
+
+use claim::{claim, Cleanup};
+use finish::finish;
+pub(crate) use parts::SchemaCache;
 
 /// Why compacting an hour stopped.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +56,10 @@ pub enum HourError {
     /// The ledger failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    /// S3 failed.
+    /// S3 failed. Not converted with `?`: the ledger's and the store's errors may be one type,
+    /// so each S3 call names this variant itself.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     /// Another attempt took the hour over; this one stopped and removed its own files.
     #[error("another compaction took the hour over")]
     ClaimLost,
@@ -135,17 +138,45 @@ pub struct HourReport {
     pub stale_files_removed: usize,
 }
 
-/// The state of a claimed hour.
-struct Claimed<'a> {
-    c: &'a Compactor,
-    slot: &'a SlotRun,
-    table: TableName,
-    hour: Hour,
-    record: HourRecord,
-    parts: Vec<PartItem>,
-    attempt: String,
-    last_renew_ms: i64,
-    report: HourReport,
+impl HourReport {
+    /// A report of `job` that did nothing yet.
+    fn new(slot: &str, job: &HourJob, state: HourState) -> Self {
+        HourReport {
+            slot: slot.to_owned(),
+            table: job.table.to_string(),
+            hour: job.hour.to_string(),
+            state,
+            parts: 0,
+            rows: 0,
+            bytes: 0,
+            dead_letters: 0,
+            consumed_batches: 0,
+            orphans_removed: 0,
+            stale_files_removed: 0,
+        }
+    }
+}
+
+/// What an hour's steps use of the [`Compactor`]: its seams, where files go, the few settings
+/// they read and the schema cache. Built once per hour.
+#[derive(Clone, Copy)]
+struct Deps<'a> {
+    ledger: &'a dyn Ledger,
+    /// An `Arc`, shared with the task that downloads staging objects ahead.
+    store: &'a Arc<dyn ObjectStore>,
+    notifier: Option<&'a dyn DeadLetterNotifier>,
+    layout: &'a Layout,
+    schemas: &'a SchemaCache,
+    /// The final formats.
+    formats: &'a [Format],
+    /// How long a claim holds the hour, in ms.
+    claim_ms: i64,
+    /// How long after a lapsed attempt the hour's files are listed again, in ms.
+    straggler_window_ms: i64,
+    /// The size limits of a part.
+    limits: Limits,
+    /// How long consumed batch items live on, in seconds.
+    batch_ttl_seconds: i64,
 }
 
 impl Compactor {
@@ -156,195 +187,110 @@ impl Compactor {
         job: &HourJob,
     ) -> Result<HourReport, HourError> {
         let started = Instant::now();
-        let ledger = &*self.ledger;
-        let HourBatches {
-            valid,
-            orphans,
-            undecided,
-        } = slot.hour_batches(ledger, &job.table, job.hour).await?;
-        let record = retry("get hour record", || {
-            ledger.hour_record(&slot.slot, &job.table, job.hour)
-        })
-        .await?
-        .unwrap_or_else(|| HourRecord::new(job.table.clone(), job.hour));
-        let mut report = HourReport {
-            slot: slot.slot.clone(),
-            table: job.table.to_string(),
-            hour: job.hour.to_string(),
-            state: HourState::Done,
-            parts: 0,
-            rows: 0,
-            bytes: 0,
-            dead_letters: 0,
-            consumed_batches: 0,
-            orphans_removed: 0,
-            stale_files_removed: 0,
-        };
-        let watermark = record.compacted_through;
-        let todo: Vec<BatchItem> = valid
-            .iter()
-            .filter(|b| watermark.is_none_or(|w| b.last > w))
-            .cloned()
-            .collect();
+        let deps = self.deps();
+
+        // 1. Sort the batches out and read the record: what is to do, what to clean up.
+        let (batches, record) = sort_out(deps.ledger, slot, job).await?;
+        let todo = to_do(&batches.valid, record.compacted_through);
         let now = now_ms();
-        let unreleased = record.version > 0 && record.claim_until_ms != 0;
-        // A cleanup after a lapsed attempt is checked again once that attempt can no longer
-        // complete an upload (issue 15, item 11).
-        let recheck_due = record.recheck_after_ms != 0 && now >= record.recheck_after_ms;
-        let mut record = record;
-        if !todo.is_empty() || unreleased || recheck_due {
-            if record.claim_until_ms >= now {
-                tracing::info!(slot = %slot.slot, table = %job.table, hour = %job.hour, attempt = %record.claim_attempt, "hour is being compacted by another attempt");
-                report.state = HourState::Busy;
-                return Ok(report);
-            }
-            let attempt = new_attempt_id();
-            let claimed = HourRecord {
-                version: record.version + 1,
-                claim_attempt: attempt.clone(),
-                claim_until_ms: now + self.config.hour_claim.as_millis() as i64,
-                updated_ms: now,
-                ..record.clone()
+        let cleanup = Cleanup::of(&record, now);
+
+        let (record, mut report) = if todo.is_empty() && !cleanup.is_due() {
+            (record, HourReport::new(&slot.slot, job, HourState::Done))
+        } else {
+            // 2. Claim the hour; after a lapsed claim, remove the files no part names.
+            let Some(mut run) = claim(deps, &slot.slot, job, &record, now).await? else {
+                return Ok(HourReport::new(&slot.slot, job, HourState::Busy));
             };
-            let claim = retry("claim hour", || {
-                ledger.claim_hour(&slot.slot, record.version, &claimed, now)
-            })
-            .await?;
-            let Claim::Claimed(claimed) = claim else {
-                report.state = HourState::Busy;
-                return Ok(report);
-            };
-            let parts = retry("get parts", || {
-                ledger.parts(&slot.slot, &job.table, job.hour)
-            })
-            .await?;
-            let mut run = Claimed {
-                c: self,
-                slot,
-                table: job.table.clone(),
-                hour: job.hour,
-                record: claimed,
-                parts,
-                attempt,
-                last_renew_ms: now,
-                report,
-            };
-            let straggler_window = self.config.straggler_window.as_millis() as i64;
             let result = async {
-                if unreleased || recheck_due {
-                    run.remove_unrecorded_files().await?;
-                    run.write_manifests().await?;
-                    // After a lapsed attempt, list again once it can no longer upload; a
-                    // recheck that found the hour clean ends it.
-                    run.record.recheck_after_ms = if unreleased && straggler_window > 0 {
-                        now_ms() + straggler_window
-                    } else {
-                        0
-                    };
+                if cleanup.is_due() {
+                    run.clean_up(cleanup).await?;
                 }
+                // 3. Write the batches to do into recorded parts.
                 if !todo.is_empty() {
                     run.write_parts(todo).await?;
                 }
-                Ok::<(), HourError>(())
+                Ok(())
             }
             .await;
-            match result {
-                Ok(()) => {
-                    retry("release hour", || {
-                        ledger.release_hour(&slot.slot, &run.record)
-                    })
-                    .await?;
-                }
-                Err(e) => {
-                    // Leave the claim lapsed but not released: the next run then removes any
-                    // file this attempt left unrecorded.
-                    if !matches!(e, HourError::ClaimLost) {
-                        if let Err(error) = ledger.renew_claim(&slot.slot, &run.record, 1).await {
-                            tracing::warn!(error = %error, "could not give the hour's claim up; it lapses by itself");
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-            record = run.record;
-            report = run.report;
-        }
-
-        // Consumed batches: tag their staging objects for expiry, then mark their items.
-        let through = record.compacted_through;
-        let consumed: Vec<&BatchItem> = valid
-            .iter()
-            .filter(|b| !b.compacted && through.is_some_and(|w| b.last <= w))
-            .collect();
-        let expires_at = now_ms() / 1000 + self.batch_ttl_seconds;
-        // Futures collected first: a stream holding the closure would make the compaction's
-        // future lose `Send` (the closure's borrow is not general enough).
-        let pending: Vec<_> = consumed
-            .iter()
-            .map(|b| self.consume(&slot.slot, b, expires_at))
-            .collect();
-        let results = futures::stream::iter(pending)
-            .buffer_unordered(8)
-            .collect::<Vec<_>>()
-            .await;
-        for r in results {
-            r?;
-        }
-        report.consumed_batches = consumed.len();
-        for orphan in &orphans {
-            retry("delete orphan batch item", || {
-                ledger.delete_batch(&slot.slot, orphan)
-            })
-            .await?;
-        }
-        report.orphans_removed = orphans.len();
-        if !orphans.is_empty() {
-            tracing::info!(slot = %slot.slot, table = %job.table, hour = %job.hour, items = orphans.len(), "removed orphan batch items (their flush never committed)");
-        }
-
-        let all_consumed = valid.iter().all(|b| through.is_some_and(|w| b.last <= w));
-        // A recheck still to come keeps the pending marker, so a sweep returns to the hour.
-        let recheck_waiting = record.recheck_after_ms != 0;
-        report.state = if undecided || !all_consumed || recheck_waiting {
-            HourState::Pending
-        } else {
-            match &job.marker {
-                Some(marker) => {
-                    if retry("clear pending hour", || {
-                        ledger.clear_pending(&slot.slot, marker)
-                    })
-                    .await?
-                    {
-                        HourState::Done
-                    } else {
-                        HourState::Pending
-                    }
-                }
-                None => HourState::Done,
-            }
+            run.end(result).await?
         };
-        if report.parts > 0 || report.dead_letters > 0 {
-            let mut values = vec![
-                (
-                    names::COMPACTION_DURATION,
-                    started.elapsed().as_secs_f64() * 1000.0,
-                ),
-                (names::COMPACTION_ROWS, report.rows as f64),
-                (names::COMPACTION_BYTES, report.bytes as f64),
-            ];
-            if report.dead_letters > 0 {
-                values.push((names::DEAD_LETTER_RECORDS, report.dead_letters as f64));
-            }
-            crate::metrics::emit(&slot.slot, &values);
-        }
-        tracing::info!(
-            slot = %slot.slot, table = %job.table, hour = %job.hour, state = ?report.state,
-            parts = report.parts, rows = report.rows, bytes = report.bytes,
-            consumed = report.consumed_batches, ms = started.elapsed().as_millis() as u64,
-            "hour compacted"
-        );
+
+        // 4. Consume the batches the record covers, remove orphans, clear the marker.
+        finish(deps, &slot.slot, job, &batches, &record, &mut report).await?;
+        summarize(&slot.slot, job, &report, started);
         Ok(report)
     }
+
+    /// What an hour's steps use of the compactor.
+    fn deps(&self) -> Deps<'_> {
+        let config = &self.config;
+        Deps {
+            ledger: &*self.ledger,
+            store: &self.store,
+            notifier: self.notifier.as_deref(),
+            layout: &self.layout,
+            schemas: &self.schemas,
+            formats: &config.formats,
+            claim_ms: config.hour_claim.as_millis() as i64,
+            straggler_window_ms: config.straggler_window.as_millis() as i64,
+            limits: Limits {
+                part_max_bytes: config.part_max_bytes,
+                row_group_bytes: config.row_group_bytes,
+                compression: config.compression,
+                gzip_level: config.jsonl_gzip_level,
+            },
+            batch_ttl_seconds: self.batch_ttl_seconds,
+        }
+    }
+}
+
+/// Step 1: the hour's batch items sorted out, and its record (a new one when it has none).
+async fn sort_out(
+    ledger: &dyn Ledger,
+    slot: &SlotRun,
+    job: &HourJob,
+) -> Result<(HourBatches, HourRecord), HourError> {
+    let batches = slot.hour_batches(ledger, &job.table, job.hour).await?;
+    let record = retry("get hour record", || {
+        ledger.hour_record(&slot.slot, &job.table, job.hour)
+    })
+    .await?
+    .unwrap_or_else(|| HourRecord::new(job.table.clone(), job.hour));
+    Ok((batches, record))
+}
+
+/// The valid batches with changes past the watermark (late batches too).
+fn to_do(valid: &[BatchItem], watermark: Option<Position>) -> Vec<BatchItem> {
+    valid
+        .iter()
+        .filter(|b| watermark.is_none_or(|w| b.last > w))
+        .cloned()
+        .collect()
+}
+
+/// The hour's metrics, when it wrote anything, and its closing log line.
+fn summarize(slot: &str, job: &HourJob, report: &HourReport, started: Instant) {
+    if report.parts > 0 || report.dead_letters > 0 {
+        let mut values = vec![
+            (
+                names::COMPACTION_DURATION,
+                started.elapsed().as_secs_f64() * 1000.0,
+            ),
+            (names::COMPACTION_ROWS, report.rows as f64),
+            (names::COMPACTION_BYTES, report.bytes as f64),
+        ];
+        if report.dead_letters > 0 {
+            values.push((names::DEAD_LETTER_RECORDS, report.dead_letters as f64));
+        }
+        crate::metrics::emit(slot, &values);
+    }
+    tracing::info!(
+        slot = %slot, table = %job.table, hour = %job.hour, state = ?report.state,
+        parts = report.parts, rows = report.rows, bytes = report.bytes,
+        consumed = report.consumed_batches, ms = started.elapsed().as_millis() as u64,
+        "hour compacted"
+    );
 }
 
 /// A short id unique to one compaction attempt (8 hex digits; never contains `-`).

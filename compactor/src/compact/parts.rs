@@ -1,7 +1,28 @@
 //! Step 3 of an hour: the batches to do streamed into parts; each part's files uploaded,
 //! recorded with the hour record in one conditional transaction, then the manifests rewritten.
 
-use super::*;
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use cdc_contract::layout::Format;
+use cdc_contract::ledger::{BatchItem, HourRecord, PartFile, PartItem};
+use cdc_contract::{Position, TableName};
+
+use super::claim::Claimed;
+use super::HourError;
+use crate::dead_letter::{record_name, DeadLetter};
+use crate::envelope::Envelope;
+use crate::ledger::{Ledger, Recorded};
+use crate::manifest::Manifest;
+use crate::now_ms;
+use crate::parquet_schema::PartSchema;
+use crate::part::{FinishedPart, Limits, PartError, PartStats, PartWriter};
+use crate::retry::retry;
+use crate::store::StoreError;
+use crate::upload::FileUpload;
 
 /// The output of one batch's CPU work.
 struct BatchWork {
@@ -128,15 +149,14 @@ fn content_type(format: Format) -> &'static str {
 
 impl Claimed<'_> {
     pub(super) fn part_key(&self, format: Format, part: u32) -> String {
-        self.c
+        self.deps
             .layout
             .part_key(&self.table, format, self.hour, part, &self.attempt)
     }
 
     pub(super) fn new_uploads(&self, part: u32) -> PartUploads {
         let files = self
-            .c
-            .config
+            .deps
             .formats
             .iter()
             .map(|f| {
@@ -150,14 +170,18 @@ impl Claimed<'_> {
     }
 
     pub(super) async fn write_manifests(&self) -> Result<(), HourError> {
-        for format in &self.c.config.formats {
+        for format in self.deps.formats {
             let manifest = Manifest::new(&self.table, self.hour, *format, &self.parts);
-            let key = self.c.layout.manifest_key(&self.table, *format, self.hour);
+            let key = self
+                .deps
+                .layout
+                .manifest_key(&self.table, *format, self.hour);
             let body = Bytes::from(manifest.to_json());
             retry("put manifest", || {
-                self.c.store.put(&key, body.clone(), "application/json")
+                self.deps.store.put(&key, body.clone(), "application/json")
             })
-            .await?;
+            .await
+            .map_err(HourError::Store)?;
         }
         Ok(())
     }
@@ -180,7 +204,10 @@ impl Claimed<'_> {
             };
             let (_, upload) = uploads.swap_remove(i);
             let key = upload.key().to_owned();
-            upload.finish(&*self.c.store, tail).await?;
+            upload
+                .finish(&**self.deps.store, tail)
+                .await
+                .map_err(HourError::Store)?;
             files.push(PartFile {
                 format,
                 key,
@@ -210,20 +237,20 @@ impl Claimed<'_> {
             next_part: stats.part + 1,
             rows: self.record.rows + stats.rows,
             bytes: self.record.bytes + bytes,
-            claim_until_ms: now + self.c.config.hour_claim.as_millis() as i64,
+            claim_until_ms: now + self.deps.claim_ms,
             updated_ms: now,
             ..self.record.clone()
         };
         let outcome = retry("record part", || {
-            self.c
+            self.deps
                 .ledger
-                .record_part(&self.slot.slot, &part, self.record.version, &next)
+                .record_part(self.slot, &part, self.record.version, &next)
         })
         .await?;
         match outcome {
             Recorded::Yes => {
                 tracing::info!(
-                    slot = %self.slot.slot, table = %self.table, hour = %self.hour,
+                    slot = %self.slot, table = %self.table, hour = %self.hour,
                     part = stats.part, rows = stats.rows, bytes, attempt = %self.attempt,
                     "part recorded"
                 );
@@ -237,7 +264,7 @@ impl Claimed<'_> {
             }
             Recorded::Lost => {
                 let keys: Vec<String> = files.into_iter().map(|f| f.key).collect();
-                if let Err(error) = self.c.store.delete(&keys).await {
+                if let Err(error) = self.deps.store.delete(&keys).await {
                     tracing::warn!(error = %error, "could not delete the files of a lost part; the next run will");
                 }
                 Err(HourError::ClaimLost)
@@ -248,18 +275,13 @@ impl Claimed<'_> {
     /// Streams the batches to do into recorded parts.
     pub(super) async fn write_parts(&mut self, todo: Vec<BatchItem>) -> Result<(), HourError> {
         let watermark = self.record.compacted_through;
-        let limits = Limits {
-            part_max_bytes: self.c.config.part_max_bytes,
-            row_group_bytes: self.c.config.row_group_bytes,
-            compression: self.c.config.compression,
-            gzip_level: self.c.config.jsonl_gzip_level,
-        };
+        let limits = self.deps.limits;
         let table_text = self.table.to_string();
 
         // Downloads run ahead of the CPU work, two batches at most.
         let (tx, mut rx) =
             tokio::sync::mpsc::channel::<(BatchItem, Result<Option<Bytes>, StoreError>)>(1);
-        let store = self.c.store.clone();
+        let store = self.deps.store.clone();
         let downloader = tokio::spawn(async move {
             for batch in todo {
                 let got = retry("get staging object", || store.get(&batch.key)).await;
@@ -311,13 +333,13 @@ impl Claimed<'_> {
         let mut last: Option<Position> = watermark;
         let result: Result<(), HourError> = async {
             while let Some((batch, got)) = rx.recv().await {
-                let data = got?.ok_or_else(|| {
+                let data = got.map_err(HourError::Store)?.ok_or_else(|| {
                     HourError::Definite(format!(
                         "staging object {} named by the ledger is missing",
                         batch.key
                     ))
                 })?;
-                let schema = self.c.part_schema(&self.slot.slot, &self.table, &batch.schema_id).await?;
+                let schema = self.deps.schemas.get(self.deps.ledger, self.slot, &self.table, &batch.schema_id).await?;
 
                 // A new schema version starts a new part, unless its layout is the same.
                 if let Some(w) = writer.as_ref() {
@@ -339,7 +361,7 @@ impl Claimed<'_> {
                         self.record.next_part,
                         batch.schema_id.clone(),
                         schema.clone(),
-                        &self.c.config.formats,
+                        self.deps.formats,
                         limits,
                         table_text,
                     )?,
@@ -376,7 +398,7 @@ impl Claimed<'_> {
                     self.complete_part(done, files).await?;
                 }
                 let mut w = work.writer;
-                for format in &self.c.config.formats {
+                for format in self.deps.formats {
                     let out = w.take_output(*format)?;
                     if !out.is_empty() {
                         pending_output.push((w.part(), *format, out));
@@ -395,7 +417,7 @@ impl Claimed<'_> {
         if result.is_err() {
             if let Some(PartUploads { files, .. }) = uploads.take() {
                 for (_, f) in files {
-                    f.abort(&*self.c.store).await;
+                    f.abort(&**self.deps.store).await;
                 }
             }
         }
@@ -410,34 +432,41 @@ impl Claimed<'_> {
     ) -> Result<(), HourError> {
         let mut keys = Vec::with_capacity(dead.len());
         for d in dead {
-            let key = self.c.layout.dead_letter_key(
+            let key = self.deps.layout.dead_letter_key(
                 &self.table,
                 self.hour,
                 &record_name(&batch.key, d.line),
             );
             let body = Bytes::from(serde_json::to_vec(d).unwrap_or_default());
             retry("put dead letter", || {
-                self.c.store.put(&key, body.clone(), "application/json")
+                self.deps.store.put(&key, body.clone(), "application/json")
             })
-            .await?;
+            .await
+            .map_err(HourError::Store)?;
             keys.push(key);
         }
         if let Some(object) = object {
             let name = batch.key.rsplit('/').next().unwrap_or(&batch.key);
-            let key = self.c.layout.dead_letter_key(&self.table, self.hour, name);
+            let key = self
+                .deps
+                .layout
+                .dead_letter_key(&self.table, self.hour, name);
             retry("copy unreadable staging object", || {
-                self.c.store.put(&key, object.clone(), "application/gzip")
+                self.deps
+                    .store
+                    .put(&key, object.clone(), "application/gzip")
             })
-            .await?;
+            .await
+            .map_err(HourError::Store)?;
         }
         tracing::warn!(
-            slot = %self.slot.slot, table = %self.table, hour = %self.hour, key = %batch.key,
+            slot = %self.slot, table = %self.table, hour = %self.hour, key = %batch.key,
             lines = dead.len(), "unreadable staged lines sent to the dead-letter prefix"
         );
         self.report.dead_letters += dead.len() as u64;
-        if let Some(notifier) = &self.c.notifier {
+        if let Some(notifier) = self.deps.notifier {
             let body = serde_json::json!({
-                "slot": self.slot.slot,
+                "slot": self.slot,
                 "table": self.table.to_string(),
                 "hour": self.hour.to_string(),
                 "staging_key": batch.key,
@@ -470,7 +499,9 @@ async fn upload_to(
     }
     let entry = uploads.get_or_insert_with(|| claimed.new_uploads(part));
     if let Some((_, f)) = entry.files.iter_mut().find(|(f, _)| *f == format) {
-        f.write(&*claimed.c.store, bytes).await?;
+        f.write(&**claimed.deps.store, bytes)
+            .await
+            .map_err(HourError::Store)?;
     }
     Ok(())
 }
@@ -483,19 +514,25 @@ fn take_uploads(uploads: &mut Option<PartUploads>, part: u32) -> Option<Vec<(For
     }
 }
 
-impl Compactor {
-    /// The Parquet layout of a schema version (cached for the compactor's life).
-    pub(crate) async fn part_schema(
+/// The Parquet layouts of schema versions by slot, table and schema id, kept for the
+/// compactor's life.
+#[derive(Default)]
+pub(crate) struct SchemaCache(Mutex<HashMap<(String, TableName, String), Arc<PartSchema>>>);
+
+impl SchemaCache {
+    /// The Parquet layout of a schema version, read from `ledger` the first time.
+    async fn get(
         &self,
+        ledger: &dyn Ledger,
         slot: &str,
         table: &TableName,
         schema_id: &str,
     ) -> Result<Arc<PartSchema>, HourError> {
         let key = (slot.to_owned(), table.clone(), schema_id.to_owned());
-        if let Some(s) = self.schemas.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(s) = self.0.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(s);
         }
-        let schema = retry("get schema", || self.ledger.schema(slot, table, schema_id))
+        let schema = retry("get schema", || ledger.schema(slot, table, schema_id))
             .await?
             .ok_or_else(|| {
                 HourError::Definite(format!(
@@ -503,7 +540,7 @@ impl Compactor {
                 ))
             })?;
         let part = Arc::new(PartSchema::new(&schema));
-        if let Ok(mut m) = self.schemas.lock() {
+        if let Ok(mut m) = self.0.lock() {
             m.insert(key, part.clone());
         }
         Ok(part)
