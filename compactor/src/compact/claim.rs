@@ -131,9 +131,7 @@ impl Claimed<'_> {
                     .layout
                     .hour_prefix(&self.table, *format, self.hour)
             );
-            let keys = retry("list hour prefix", || self.deps.store.list(&prefix))
-                .await
-                .map_err(HourError::Store)?;
+            let keys = retry("list hour prefix", || self.deps.store.list(&prefix)).await?;
             stale.extend(keys.into_iter().filter(|k| {
                 attempt_of(k).is_some_and(|a| a != self.attempt) && !recorded.contains(k.as_str())
             }));
@@ -143,9 +141,7 @@ impl Claimed<'_> {
                 slot = %self.slot, table = %self.table, hour = %self.hour,
                 files = stale.len(), "removing files of an attempt that recorded nothing"
             );
-            retry("delete stale files", || self.deps.store.delete(&stale))
-                .await
-                .map_err(HourError::Store)?;
+            retry("delete stale files", || self.deps.store.delete(&stale)).await?;
             self.report.stale_files_removed += stale.len();
         }
         Ok(())

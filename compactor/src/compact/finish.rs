@@ -91,8 +91,7 @@ async fn consume(
     retry("tag staging object", || {
         store.tag(&batch.key, &[("compacted", "true")])
     })
-    .await
-    .map_err(HourError::Store)?;
+    .await?;
     retry("mark batch compacted", || {
         ledger.mark_compacted(slot, batch, expires_at)
     })

@@ -39,11 +39,11 @@ use cdc_contract::metrics as names;
 use cdc_contract::{Hour, Position, TableName};
 
 use crate::dead_letter::DeadLetterNotifier;
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::Ledger;
 use crate::part::{Limits, PartError};
 use crate::plan::{HourBatches, SlotRun};
 use crate::retry::retry;
-use crate::store::{ObjectStore, StoreError};
+use crate::store::ObjectStore;
 use crate::{now_ms, Compactor};
 
 use claim::{claim, Cleanup};
@@ -53,13 +53,9 @@ pub(crate) use parts::SchemaCache;
 /// Why compacting an hour stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum HourError {
-    /// The ledger failed.
+    /// The ledger or S3 failed.
     #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    /// S3 failed. Not converted with `?`: the ledger's and the store's errors may be one type,
-    /// so each S3 call names this variant itself.
-    #[error(transparent)]
-    Store(StoreError),
+    Aws(#[from] cdc_contract::aws::AwsError),
     /// Another attempt took the hour over; this one stopped and removed its own files.
     #[error("another compaction took the hour over")]
     ClaimLost,
@@ -73,8 +69,7 @@ impl HourError {
     /// True when a later run may succeed without anyone acting.
     pub fn is_transient(&self) -> bool {
         match self {
-            HourError::Ledger(e) => e.is_transient(),
-            HourError::Store(e) => e.is_transient(),
+            HourError::Aws(e) => e.is_transient(),
             HourError::ClaimLost => true,
             HourError::Definite(_) => false,
         }

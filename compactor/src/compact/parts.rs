@@ -180,8 +180,7 @@ impl Claimed<'_> {
             retry("put manifest", || {
                 self.deps.store.put(&key, body.clone(), "application/json")
             })
-            .await
-            .map_err(HourError::Store)?;
+            .await?;
         }
         Ok(())
     }
@@ -204,10 +203,7 @@ impl Claimed<'_> {
             };
             let (_, upload) = uploads.swap_remove(i);
             let key = upload.key().to_owned();
-            upload
-                .finish(&**self.deps.store, tail)
-                .await
-                .map_err(HourError::Store)?;
+            upload.finish(&**self.deps.store, tail).await?;
             files.push(PartFile {
                 format,
                 key,
@@ -333,7 +329,7 @@ impl Claimed<'_> {
         let mut last: Option<Position> = watermark;
         let result: Result<(), HourError> = async {
             while let Some((batch, got)) = rx.recv().await {
-                let data = got.map_err(HourError::Store)?.ok_or_else(|| {
+                let data = got?.ok_or_else(|| {
                     HourError::Definite(format!(
                         "staging object {} named by the ledger is missing",
                         batch.key
@@ -441,8 +437,7 @@ impl Claimed<'_> {
             retry("put dead letter", || {
                 self.deps.store.put(&key, body.clone(), "application/json")
             })
-            .await
-            .map_err(HourError::Store)?;
+            .await?;
             keys.push(key);
         }
         if let Some(object) = object {
@@ -456,8 +451,7 @@ impl Claimed<'_> {
                     .store
                     .put(&key, object.clone(), "application/gzip")
             })
-            .await
-            .map_err(HourError::Store)?;
+            .await?;
         }
         tracing::warn!(
             slot = %self.slot, table = %self.table, hour = %self.hour, key = %batch.key,
@@ -499,9 +493,7 @@ async fn upload_to(
     }
     let entry = uploads.get_or_insert_with(|| claimed.new_uploads(part));
     if let Some((_, f)) = entry.files.iter_mut().find(|(f, _)| *f == format) {
-        f.write(&**claimed.deps.store, bytes)
-            .await
-            .map_err(HourError::Store)?;
+        f.write(&**claimed.deps.store, bytes).await?;
     }
     Ok(())
 }
