@@ -107,6 +107,12 @@ pub struct World {
     pub kill_at: Option<(u64, bool)>,
     /// The current incarnation was killed.
     pub killed: bool,
+    /// A paused writer: an earlier incarnation that was frozen (not killed) while its successor
+    /// started. Its connection to the server is gone when it wakes; its ledger and store calls
+    /// still go through.
+    pub zombie: Option<u64>,
+    /// The paused writer has not woken yet: its operations wait.
+    pub zombie_paused: bool,
     /// Probability of a fault per fallible operation.
     pub fault_rate: f64,
     /// Probability of a stream break per message.
@@ -146,6 +152,9 @@ enum Gate {
     Fault(Fault),
     /// Take effect, then die.
     DieAfter,
+    /// An operation of the paused writer, woken: ledger and store calls go through without
+    /// faults; the server's connections are gone.
+    Zombie,
 }
 
 impl World {
@@ -157,6 +166,8 @@ impl World {
             ops: 0,
             kill_at: None,
             killed: false,
+            zombie: None,
+            zombie_paused: false,
             fault_rate: 0.0,
             break_rate: 0.0,
             ledger: LedgerState::default(),
@@ -212,44 +223,56 @@ impl Handle {
         }
     }
 
-    /// Counts an operation; decides faults and kills. A dead incarnation waits forever here.
+    /// Counts an operation; decides faults and kills. A dead incarnation waits forever here, a
+    /// paused one until it wakes.
     async fn gate(&self, what: &str, fallible: bool) -> Gate {
-        let decision = {
-            let mut w = self.lock();
-            if w.generation != self.generation || w.killed {
-                None
-            } else {
-                w.ops += 1;
-                let ops = w.ops;
-                w.mix(what, ops);
-                match w.kill_at {
-                    Some((at, after)) if at == ops => {
-                        if after {
-                            Some(Gate::DieAfter)
-                        } else {
-                            w.killed = true;
-                            w.kill_notice.notify_one();
-                            None
-                        }
+        loop {
+            let decision = {
+                let mut w = self.lock();
+                if w.zombie == Some(self.generation) {
+                    if w.zombie_paused {
+                        Some(None)
+                    } else {
+                        w.mix(what, u64::MAX);
+                        Some(Some(Gate::Zombie))
                     }
-                    _ => {
-                        let rate = w.fault_rate;
-                        if fallible && rate > 0.0 && w.rng.random_bool(rate) {
-                            Some(Gate::Fault(if w.rng.random_bool(0.5) {
-                                Fault::Fail
+                } else if w.generation != self.generation || w.killed {
+                    None
+                } else {
+                    w.ops += 1;
+                    let ops = w.ops;
+                    w.mix(what, ops);
+                    match w.kill_at {
+                        Some((at, after)) if at == ops => {
+                            if after {
+                                Some(Some(Gate::DieAfter))
                             } else {
-                                Fault::LoseReply
-                            }))
-                        } else {
-                            Some(Gate::Go)
+                                w.killed = true;
+                                w.kill_notice.notify_one();
+                                None
+                            }
+                        }
+                        _ => {
+                            let rate = w.fault_rate;
+                            if fallible && rate > 0.0 && w.rng.random_bool(rate) {
+                                Some(Some(Gate::Fault(if w.rng.random_bool(0.5) {
+                                    Fault::Fail
+                                } else {
+                                    Fault::LoseReply
+                                })))
+                            } else {
+                                Some(Some(Gate::Go))
+                            }
                         }
                     }
                 }
+            };
+            match decision {
+                Some(Some(gate)) => return gate,
+                // Paused: look again later (simulated time).
+                Some(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                None => std::future::pending().await,
             }
-        };
-        match decision {
-            Some(gate) => gate,
-            None => std::future::pending().await,
         }
     }
 
@@ -540,13 +563,16 @@ fn relation_columns(n: usize) -> Vec<RelationColumn> {
 impl Upstream for SimUpstream {
     async fn reconnect_sql(&mut self) -> Result<(), CaptureError> {
         match self.0.gate("reconnect_sql", true).await {
-            Gate::Fault(_) => Err(disconnected("sql connection")),
+            Gate::Fault(_) | Gate::Zombie => Err(disconnected("sql connection")),
             gate => self.0.after(&gate, (), || disconnected("sql")).await,
         }
     }
 
     async fn slot_confirmed(&mut self) -> Result<Option<Lsn>, CaptureError> {
         let gate = self.0.gate("slot_confirmed", false).await;
+        if matches!(gate, Gate::Zombie) {
+            return Err(disconnected("sql"));
+        }
         let confirmed = self.0.lock().confirmed;
         self.0
             .after(&gate, Some(confirmed).filter(|c| *c > Lsn::ZERO), || {
@@ -557,7 +583,7 @@ impl Upstream for SimUpstream {
 
     async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError> {
         let gate = self.0.gate("start_replication", true).await;
-        if matches!(gate, Gate::Fault(_)) {
+        if matches!(gate, Gate::Fault(_) | Gate::Zombie) {
             return Err(disconnected("start replication"));
         }
         let (start, next) = {
@@ -590,7 +616,7 @@ impl Upstream for SimUpstream {
         _refresh: bool,
     ) -> Result<TableSchema, CaptureError> {
         let gate = self.0.gate("table_schema", true).await;
-        if matches!(gate, Gate::Fault(_)) {
+        if matches!(gate, Gate::Fault(_) | Gate::Zombie) {
             return Err(disconnected("schema query"));
         }
         let schema = TableSchema {
@@ -616,13 +642,16 @@ impl Upstream for SimUpstream {
 
     async fn emit_heartbeat(&mut self) -> Result<(), CaptureError> {
         match self.0.gate("emit_heartbeat", true).await {
-            Gate::Fault(_) => Err(disconnected("heartbeat")),
+            Gate::Fault(_) | Gate::Zombie => Err(disconnected("heartbeat")),
             gate => self.0.after(&gate, (), || disconnected("heartbeat")).await,
         }
     }
 
     async fn slot_status(&mut self, _slot: &str) -> Result<SlotStatus, CaptureError> {
         let gate = self.0.gate("slot_status", false).await;
+        if matches!(gate, Gate::Zombie) {
+            return Err(disconnected("slot status"));
+        }
         let current = self.0.lock().current_lsn();
         self.0
             .after(
@@ -736,6 +765,11 @@ impl SimSource {
 impl ReplicationSource for SimSource {
     async fn next(&mut self) -> Result<Incoming, CaptureError> {
         let gate = self.handle.gate("next", false).await;
+        if matches!(gate, Gate::Zombie) {
+            return Err(disconnected(
+                "replication stream (the paused task's connection is gone)",
+            ));
+        }
         let handle = self.handle.clone();
         let (delay, broken) = {
             let mut w = handle.lock();
@@ -801,6 +835,11 @@ impl ReplicationSource for SimSource {
 
     async fn confirm(&mut self, lsn: Lsn) -> Result<(), CaptureError> {
         let gate = self.handle.gate("confirm", false).await;
+        if matches!(gate, Gate::Zombie) {
+            return Err(disconnected(
+                "replication stream (the paused task's connection is gone)",
+            ));
+        }
         {
             let mut w = self.handle.lock();
             let recorded = w

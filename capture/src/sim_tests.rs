@@ -1,8 +1,10 @@
 //! The deterministic simulation test: a seeded, randomized WAL (transactions of any size,
 //! schema changes, truncates) streamed to the real capture code through the in-memory seams of
 //! [`crate::sim`], under injected faults (stream breaks, late bytes, keepalives anywhere, failed
-//! and lost ledger and store replies, a cancelled ledger transaction among them) and kills at any operation,
-//! before or after it takes effect. After every incarnation the ledger and the store are
+//! and lost ledger and store replies, a cancelled ledger transaction among them), kills at any
+//! operation, before or after it takes effect, and paused writers: an incarnation frozen mid-run
+//! that wakes after its successor took the lease, its connections to the server gone, its
+//! uploads and ledger writes landing late. After every incarnation the ledger and the store are
 //! checked against the WAL; the last incarnation runs without faults until caught up, and then
 //! the recorded changes must equal the WAL's exactly.
 //!
@@ -190,12 +192,27 @@ fn check(world: &mut World, expected: &BTreeMap<Position, Replayed>, complete: b
     world.violations.extend(problems);
 }
 
+/// One incarnation's run of the capture.
+type Run = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Stopped, CaptureError>>>>;
+
+/// How an incarnation ended.
+enum Ended {
+    /// Killed at an operation.
+    Killed,
+    /// Frozen: it becomes the paused writer of the next incarnation.
+    Paused,
+    /// The run returned.
+    Returned(Result<Stopped, CaptureError>),
+}
+
 /// What one seed did.
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
     trace: u64,
     incarnations: u32,
     kills: u32,
+    /// Paused writers that woke after a successor took the lease.
+    zombies: u32,
     flushes: usize,
     changes: usize,
 }
@@ -213,7 +230,7 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
         let (tables, wal) = generate(seed);
         let changes = wal.iter().map(|t| t.changes.len()).sum();
         let last_end = wal.last().map(|t| t.end_lsn).unwrap_or_default();
-        let settings = settings(&mut rng);
+        let settings = Arc::new(settings(&mut rng));
         let world = Arc::new(Mutex::new(World::new(seed, tables, wal)));
         let (notice, expected) = {
             let w = world.lock().map_err(|e| e.to_string())?;
@@ -223,6 +240,12 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
         };
         let incarnations = rng.random_range(1..10u32);
         let mut kills = 0;
+        let mut zombies = 0;
+        // A paused writer from the previous incarnation: its run, the epoch the ledger had
+        // handed out when it froze, and when it may wake (once a successor took the lease).
+        let mut zombie: Option<Run> = None;
+        let mut zombie_epoch = 0;
+        let mut zombie_wake = tokio::time::Instant::now();
         for n in 0..=incarnations {
             let last = n == incarnations;
             let generation = {
@@ -243,7 +266,6 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
                 metrics: None,
                 health: crate::health::Health::new(),
             };
-            let mut upstream = SimUpstream(handle);
             let shutdown = CancellationToken::new();
             let target = last.then_some(last_end);
             let limit = if last {
@@ -251,22 +273,50 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
             } else {
                 Duration::from_millis(rng.random_range(100..60_000))
             };
-            let run = run_upstream(&settings, &deps, &mut upstream, target, &shutdown);
-            tokio::pin!(run);
+            let mut run: Run = {
+                let settings = settings.clone();
+                let shutdown = shutdown.clone();
+                let mut upstream = SimUpstream(handle);
+                Box::pin(async move {
+                    run_upstream(&settings, &deps, &mut upstream, target, &shutdown).await
+                })
+            };
             let deadline = tokio::time::sleep(limit);
             tokio::pin!(deadline);
             let mut stopping = false;
-            let ended: Option<Result<Stopped, CaptureError>> = loop {
+            let ended = loop {
+                let zombie_asleep = zombie.is_some()
+                    && world.lock().map_err(|e| e.to_string())?.zombie_paused;
                 tokio::select! {
                     biased;
-                    _ = notice.notified() => break None,
-                    result = &mut run => break Some(result),
+                    _ = notice.notified() => break Ended::Killed,
+                    result = run.as_mut() => break Ended::Returned(result),
+                    // The paused writer wakes once a successor holds the lease: its in-flight
+                    // uploads and ledger writes land late.
+                    _ = tokio::time::sleep_until(zombie_wake), if zombie_asleep => {
+                        let mut w = world.lock().map_err(|e| e.to_string())?;
+                        if w.ledger.epoch > zombie_epoch {
+                            w.zombie_paused = false;
+                            zombies += 1;
+                        } else {
+                            zombie_wake = tokio::time::Instant::now() + Duration::from_millis(500);
+                        }
+                    }
+                    // Whatever it ends with (fenced, or stopped by its lost connections), the
+                    // invariants below judge what it left.
+                    _ = async { match zombie.as_mut() { Some(z) => z.as_mut().await, None => std::future::pending().await } }, if zombie.is_some() && !zombie_asleep => {
+                        zombie = None;
+                    }
                     _ = &mut deadline => {
                         if last {
                             return Err("the last incarnation did not catch up within 4 simulated hours".into());
                         }
                         if stopping {
                             return Err(format!("incarnation {n} did not stop within 10 simulated minutes of SIGTERM"));
+                        }
+                        if zombie.is_none() && rng.random_bool(0.25) {
+                            // Frozen (a paused VM, a stalled host) instead of stopped.
+                            break Ended::Paused;
                         }
                         // A graceful stop (SIGTERM): buffered changes are recorded.
                         shutdown.cancel();
@@ -276,13 +326,26 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
                 }
             };
             let mut w = world.lock().map_err(|e| e.to_string())?;
+            // The previous paused writer lives through one successor only.
+            if w.zombie != Some(generation) {
+                w.zombie = None;
+                zombie = None;
+            }
             match ended {
-                None => kills += 1,
-                Some(Ok(Stopped::CaughtUp)) if last => {}
-                Some(Ok(Stopped::Shutdown)) if stopping => {}
+                Ended::Killed => kills += 1,
+                Ended::Paused => {
+                    w.zombie = Some(generation);
+                    w.zombie_paused = true;
+                    zombie_epoch = w.ledger.epoch;
+                    zombie_wake = tokio::time::Instant::now()
+                        + Duration::from_millis(rng.random_range(0..10_000));
+                    zombie = Some(run);
+                }
+                Ended::Returned(Ok(Stopped::CaughtUp)) if last => {}
+                Ended::Returned(Ok(Stopped::Shutdown)) if stopping => {}
                 // The lease can lapse while renewals fail: the run stops, a successor goes on.
-                Some(Err(CaptureError::LeaseLost(_))) if !last => {}
-                Some(other) => w
+                Ended::Returned(Err(CaptureError::LeaseLost(_))) if !last => {}
+                Ended::Returned(other) => w
                     .violations
                     .push(format!("incarnation {n} ended with {other:?}")),
             }
@@ -298,6 +361,7 @@ fn simulate(seed: u64) -> Result<Outcome, String> {
                     trace: w.trace,
                     incarnations: incarnations + 1,
                     kills,
+                    zombies,
                     flushes: w.ledger.flushes.len(),
                     changes,
                 });
@@ -347,11 +411,12 @@ fn simulated_captures_record_every_committed_change_exactly_once() {
             .collect()
     });
     let mut failures = Vec::new();
-    let (mut kills, mut flushes, mut changes) = (0, 0, 0);
+    let (mut kills, mut zombies, mut flushes, mut changes) = (0, 0, 0, 0);
     for (seed, result) in results {
         match result {
             Ok(outcome) => {
                 kills += outcome.kills;
+                zombies += outcome.zombies;
                 flushes += outcome.flushes;
                 changes += outcome.changes;
             }
@@ -369,6 +434,10 @@ fn simulated_captures_record_every_committed_change_exactly_once() {
     // The simulation exercised what it claims to.
     if seeds.len() >= 100 {
         assert!(kills as usize > seeds.len(), "kills: {kills}");
+        assert!(
+            zombies as usize > seeds.len() / 10,
+            "paused writers woken: {zombies}"
+        );
         assert!(flushes > seeds.len() * 3, "flushes: {flushes}");
         assert!(changes > seeds.len() * 50, "changes: {changes}");
     }
