@@ -471,6 +471,22 @@ impl Ledger for SimLedger {
                         ));
                     }
                 }
+                // After every recorded flush: the checkpoint never covers less than before.
+                let backwards = w.ledger.checkpoint.as_ref().and_then(|old| {
+                    let new = &req.checkpoint;
+                    let behind = new.lsn < old.lsn || old.partial.is_some_and(|p| !new.covers(p));
+                    behind.then(|| {
+                        format!(
+                            "flush {} moved the checkpoint back from {} {:?} to {} {:?}",
+                            req.id,
+                            old.lsn,
+                            old.partial.map(|p| p.key()),
+                            new.lsn,
+                            new.partial.map(|p| p.key())
+                        )
+                    })
+                });
+                w.violations.extend(backwards);
                 w.ledger.flushes.insert(key, req.clone());
                 w.ledger.checkpoint = Some(req.checkpoint.clone());
             } else if !fresh {

@@ -4,8 +4,11 @@
 //! and lost ledger and store replies, a cancelled ledger transaction among them), kills at any
 //! operation, before or after it takes effect, and paused writers: an incarnation frozen mid-run
 //! that wakes after its successor took the lease, its connections to the server gone, its
-//! uploads and ledger writes landing late. After every incarnation the ledger and the store are
-//! checked against the WAL; the last incarnation runs without faults until caught up, and then
+//! uploads and ledger writes landing late. At every step the in-memory server and ledger check
+//! what they are asked (no position confirmed past the ledger's checkpoint, flush numbers only
+//! rising and never reused for another flush, the checkpoint never moving back, every schema a
+//! flush names already stored); after every incarnation the ledger and the store are checked
+//! against the WAL (no change twice, none that was not committed, none lost below the checkpoint); the last incarnation runs without faults until caught up, and then
 //! the recorded changes must equal the WAL's exactly.
 //!
 //! `CDC_SIM_SEEDS` (default 2000) sets how many seeds a run takes, from `CDC_SIM_FIRST_SEED`
