@@ -45,9 +45,9 @@ export interface SourceConfig {
   publication: string;
   /** CDC_TABLES: `schema.table` names; empty means every table of the publication. */
   tables: string[];
-  /** PGSSLMODE (default require; verify-full with sslRootCert recommended). */
+  /** PGSSLMODE (default verify-full, against sslRootCert). */
   sslMode: SslMode;
-  /** PGSSLROOTCERT: a path inside the image, e.g. /etc/ssl/rds/global-bundle.pem for RDS. */
+  /** PGSSLROOTCERT: a path inside the image (default for verify-ca and verify-full: the RDS bundle, /etc/ssl/rds/global-bundle.pem). */
   sslRootCert?: string;
   /** Fargate CPU units (default 256 = 0.25 vCPU). */
   cpu: number;
@@ -87,6 +87,13 @@ export interface PipelineConfig {
   versioned: boolean;
   /** Days after which a staging object tagged compacted=true expires (default 1). */
   stagingExpirationDays: number;
+  /**
+   * Days after which every staging object expires, compacted or not (default 30): orphans of
+   * flushes that never committed and batches of retired snapshots are never tagged. A pending
+   * hour's batches must be compacted before then: the OldestPendingHourAge alarm must fire at most
+   * a quarter of this age.
+   */
+  stagingMaxAgeDays: number;
   /** What `cdk destroy` does with the bucket and the ledger: retain (default) or destroy. */
   removalPolicy: 'retain' | 'destroy';
   /** CloudWatch Logs retention in days for the capture and compactor logs (default 30). */
@@ -101,6 +108,8 @@ export interface PipelineConfig {
     memoryMiB: number;
     flushMaxBytes: number;
     flushIntervalMs: number;
+    /** Run the capture tasks on Fargate Spot (default false): about 70% cheaper, interrupted at two minutes' notice. */
+    spot: boolean;
   };
   compactor: {
     /** The cargo-lambda zip (relative paths are relative to infra/). */
@@ -144,6 +153,7 @@ export const DEFAULTS = {
   basePath: 'cdc',
   versioned: false,
   stagingExpirationDays: 1,
+  stagingMaxAgeDays: 30,
   removalPolicy: 'retain' as const,
   logRetentionDays: 30,
   maxAzs: 2,
@@ -152,6 +162,7 @@ export const DEFAULTS = {
     memoryMiB: 512,
     flushMaxBytes: 16 * 1024 * 1024,
     flushIntervalMs: 10_000,
+    spot: false,
   },
   compactor: {
     asset: '../target/lambda/compactor/bootstrap.zip',
@@ -168,7 +179,14 @@ export const DEFAULTS = {
   },
   queue: { maxReceiveCount: 5 },
   alarms: { replicationLagSeconds: 900, captureDownMinutes: 15, pendingHourAgeSeconds: 7200 },
-  source: { port: 5432, publication: 'cdc_publication', sslMode: 'require' as SslMode, metricsPerTable: false },
+  source: {
+    port: 5432,
+    publication: 'cdc_publication',
+    sslMode: 'verify-full' as SslMode,
+    /** The Amazon RDS and Aurora CA bundle, in the capture's image. */
+    sslRootCert: '/etc/ssl/rds/global-bundle.pem',
+    metricsPerTable: false,
+  },
 };
 
 /** The infra/ directory: relative paths in the configuration are resolved against it. */
@@ -303,7 +321,10 @@ function parseSource(i: number, raw: unknown, defaults: PipelineConfig['capture'
     publication: str(`${where}publication`, s.publication, DEFAULTS.source.publication),
     tables,
     sslMode,
-    sslRootCert: optStr(`${where}sslRootCert`, s.sslRootCert),
+    // verify-ca and verify-full check the server against the RDS bundle unless told otherwise.
+    sslRootCert:
+      optStr(`${where}sslRootCert`, s.sslRootCert) ??
+      (sslMode.startsWith('verify-') ? DEFAULTS.source.sslRootCert : undefined),
     cpu,
     memoryMiB,
     flushMaxBytes: int(`${where}flushMaxBytes`, s.flushMaxBytes, defaults.flushMaxBytes, 65536, 1 << 30),
@@ -347,7 +368,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
   const c = obj('(top level)', raw ?? {});
   onlyKeys('', c, [
     '$schema', 'comment', 'stackName', 'account', 'region', 'basePath', 'bucketName', 'versioned',
-    'stagingExpirationDays', 'removalPolicy', 'logRetentionDays', 'vpc', 'maxAzs', 'capture',
+    'stagingExpirationDays', 'stagingMaxAgeDays', 'removalPolicy', 'logRetentionDays', 'vpc', 'maxAzs', 'capture',
     'compactor', 'queue', 'alarms', 'sources',
   ]);
 
@@ -365,12 +386,13 @@ export function parseConfig(raw: unknown): PipelineConfig {
   }
 
   const cap = obj('capture', c.capture);
-  onlyKeys('capture.', cap, ['cpu', 'memoryMiB', 'flushMaxBytes', 'flushIntervalMs']);
+  onlyKeys('capture.', cap, ['cpu', 'memoryMiB', 'flushMaxBytes', 'flushIntervalMs', 'spot']);
   const capture = {
     cpu: int('capture.cpu', cap.cpu, DEFAULTS.capture.cpu, 256, 4096),
     memoryMiB: int('capture.memoryMiB', cap.memoryMiB, DEFAULTS.capture.memoryMiB, 512, 30720),
     flushMaxBytes: int('capture.flushMaxBytes', cap.flushMaxBytes, DEFAULTS.capture.flushMaxBytes, 65536, 1 << 30),
     flushIntervalMs: int('capture.flushIntervalMs', cap.flushIntervalMs, DEFAULTS.capture.flushIntervalMs, 100, 3_600_000),
+    spot: bool('capture.spot', cap.spot, DEFAULTS.capture.spot),
   };
 
   const cmp = obj('compactor', c.compactor);
@@ -441,6 +463,19 @@ export function parseConfig(raw: unknown): PipelineConfig {
     throw new ConfigError('alarms.captureDownMinutes', 'must be a multiple of 5 (the alarm period)');
   }
 
+  const stagingExpirationDays = int('stagingExpirationDays', c.stagingExpirationDays, DEFAULTS.stagingExpirationDays, 1, 3650);
+  const stagingMaxAgeDays = int('stagingMaxAgeDays', c.stagingMaxAgeDays, DEFAULTS.stagingMaxAgeDays, 2, 3650);
+  if (stagingMaxAgeDays <= stagingExpirationDays) {
+    throw new ConfigError('stagingMaxAgeDays', `must be more than stagingExpirationDays (${stagingExpirationDays})`);
+  }
+  if (alarms.pendingHourAgeSeconds * 4 > stagingMaxAgeDays * 86400) {
+    throw new ConfigError(
+      'stagingMaxAgeDays',
+      `staging objects would expire less than four times alarms.pendingHourAgeSeconds (${alarms.pendingHourAgeSeconds} s) ` +
+        'after they were written: a pending hour must alarm well before its batches expire',
+    );
+  }
+
   if (c.sources !== undefined && !Array.isArray(c.sources)) throw new ConfigError('sources', 'must be a list');
   const rawSources = (c.sources as unknown[] | undefined) ?? [];
   if (rawSources.length === 0) {
@@ -475,7 +510,8 @@ export function parseConfig(raw: unknown): PipelineConfig {
     basePath,
     bucketName,
     versioned: bool('versioned', c.versioned, DEFAULTS.versioned),
-    stagingExpirationDays: int('stagingExpirationDays', c.stagingExpirationDays, DEFAULTS.stagingExpirationDays, 1, 3650),
+    stagingExpirationDays,
+    stagingMaxAgeDays,
     removalPolicy,
     logRetentionDays: int('logRetentionDays', c.logRetentionDays, DEFAULTS.logRetentionDays, 1, 3653),
     vpc: parseVpc(c.vpc),

@@ -86,6 +86,9 @@ export class PipelineStack extends Stack {
       minimumTLSVersion: 1.2,
       versioned: config.versioned,
       removalPolicy,
+      // `cdk destroy` with removalPolicy destroy empties the bucket first (a non-empty bucket
+      // cannot be deleted, and the stack would fail to delete).
+      autoDeleteObjects: removalPolicy === RemovalPolicy.DESTROY ? true : undefined,
       lifecycleRules: [
         {
           // Only what the compactor marked: a staging object is tagged compacted=true once the
@@ -94,6 +97,16 @@ export class PipelineStack extends Stack {
           prefix: stagingPrefix,
           tagFilters: { compacted: 'true' },
           expiration: Duration.days(config.stagingExpirationDays),
+          noncurrentVersionExpiration: config.versioned ? Duration.days(1) : undefined,
+        },
+        {
+          // Everything else under staging, after a safe age: orphans of flushes that never
+          // committed and batches of retired snapshots are never tagged. The pending-hour alarm
+          // fires long before (checked in the configuration), while a pending hour's batches are
+          // still there to compact.
+          id: 'ExpireAllStaging',
+          prefix: stagingPrefix,
+          expiration: Duration.days(config.stagingMaxAgeDays),
           noncurrentVersionExpiration: config.versioned ? Duration.days(1) : undefined,
         },
         {
@@ -201,6 +214,7 @@ export class PipelineStack extends Stack {
     const cluster = new ecs.Cluster(this, 'Cluster', {
       vpc,
       containerInsightsV2: ecs.ContainerInsights.DISABLED,
+      enableFargateCapacityProviders: config.capture.spot ? true : undefined,
     });
     NagSuppressions.addResourceSuppressions(cluster, [
       {
@@ -236,6 +250,7 @@ export class PipelineStack extends Stack {
           notifyQueue: this.notifyQueue,
           logRetention,
           removalPolicy,
+          spot: config.capture.spot,
         }),
       );
     }
@@ -396,9 +411,15 @@ export class PipelineStack extends Stack {
       description: 'Allow inbound PostgreSQL from this group on the source databases\' security groups',
     });
     new CfnOutput(this, 'DashboardName', { value: this.monitoring.dashboard.dashboardName });
+    new CfnOutput(this, 'ClusterName', {
+      value: cluster.clusterName,
+      description: 'The ECS cluster of the capture services (aws ecs update-service --cluster)',
+    });
+    new CfnOutput(this, 'CompactorLogGroupName', { value: compactorLogs.logGroupName });
     this.captures.forEach((c, i) => {
       const name = config.sources[i].name.replace(/[^A-Za-z0-9]/g, '');
       new CfnOutput(this, `CaptureService${name}`, { value: c.service.serviceName });
+      new CfnOutput(this, `CaptureLogGroup${name}`, { value: c.logGroup.logGroupName });
       if (c.generatedSecret) {
         new CfnOutput(this, `PasswordSecret${name}`, {
           value: c.passwordSecret.secretArn,

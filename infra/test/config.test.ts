@@ -35,7 +35,10 @@ describe('configuration', () => {
     assert.equal(c.alarms.replicationLagSeconds, 900);
     const s = c.sources[0];
     assert.equal(s.port, 5432);
-    assert.equal(s.sslMode, 'require');
+    assert.equal(s.sslMode, 'verify-full', 'the server is verified by default');
+    assert.equal(s.sslRootCert, '/etc/ssl/rds/global-bundle.pem', 'against the RDS bundle in the image');
+    assert.equal(c.stagingMaxAgeDays, 30);
+    assert.equal(c.capture.spot, false);
     assert.equal(s.publication, 'cdc_publication');
     assert.equal(s.cpu, 256);
     assert.equal(s.memoryMiB, 512);
@@ -59,6 +62,10 @@ describe('configuration', () => {
     assert.equal(parseConfig({ basePath: '/data/cdc/', sources: [source] }).basePath, 'data/cdc');
     assert.equal(parseConfig({ basePath: '', sources: [source] }).basePath, '');
     fails({ basePath: 'a//b', sources: [source] }, /basePath/);
+    // Every staging object expires after stagingMaxAgeDays: a pending hour must alarm well before.
+    fails({ stagingExpirationDays: 5, stagingMaxAgeDays: 5, sources: [source] }, /stagingMaxAgeDays.*stagingExpirationDays/);
+    fails({ stagingMaxAgeDays: 2, alarms: { pendingHourAgeSeconds: 86400 }, sources: [source] }, /stagingMaxAgeDays.*pendingHourAgeSeconds/);
+    fails({ capture: { spot: 'yes' }, sources: [source] }, /capture\.spot/);
     fails({ basePath: 'cdc/*', sources: [source] }, /basePath/);
   });
 

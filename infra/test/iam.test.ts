@@ -137,6 +137,7 @@ describe('IAM with an empty base path', () => {
       LifecycleConfiguration: {
         Rules: [
           { Id: 'ExpireCompactedStaging', Prefix: '_staging/', TagFilters: [{ Key: 'compacted', Value: 'true' }], ExpirationInDays: 1, Status: 'Enabled' },
+          { Id: 'ExpireAllStaging', Prefix: '_staging/', ExpirationInDays: 30, Status: 'Enabled' },
           { Id: 'AbortIncompleteMultipartUploads', AbortIncompleteMultipartUpload: { DaysAfterInitiation: 7 }, Status: 'Enabled' },
         ],
       },

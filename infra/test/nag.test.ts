@@ -22,6 +22,7 @@ const variants: [string, () => Record<string, any>][] = [
         privateSubnetIds: ['subnet-0123456789abcdef0', 'subnet-0123456789abcdef1'],
       };
       raw.sources[0].passwordSecretName = 'pgcdc/app';
+      raw.capture = { spot: true };
       raw.sources[0].passwordSecretKmsKeyArn = 'arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555';
       return raw;
     },

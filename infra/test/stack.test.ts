@@ -44,15 +44,27 @@ describe('config.example.json', () => {
       });
     });
 
-    it('expires only staging objects tagged compacted=true', () => {
+    it('expires only staging: compacted objects soon, everything else after a safe age', () => {
       const bucket = Object.values<any>(s.json.Resources).find((r) => r.Type === 'AWS::S3::Bucket');
       const rules: any[] = bucket.Properties.LifecycleConfiguration.Rules;
       const expiring = rules.filter((r) => r.ExpirationInDays !== undefined || r.ExpirationDate !== undefined);
-      assert.equal(expiring.length, 1);
-      assert.equal(expiring[0].Prefix, 'cdc/_staging/');
-      assert.deepEqual(expiring[0].TagFilters, [{ Key: 'compacted', Value: 'true' }]);
-      assert.equal(expiring[0].ExpirationInDays, 1);
-      assert.equal(expiring[0].Status, 'Enabled');
+      assert.equal(expiring.length, 2);
+      for (const r of expiring) {
+        assert.equal(r.Prefix, 'cdc/_staging/');
+        assert.equal(r.Status, 'Enabled');
+      }
+      const [tagged, all] = expiring;
+      assert.deepEqual(tagged.TagFilters, [{ Key: 'compacted', Value: 'true' }]);
+      assert.equal(tagged.ExpirationInDays, 1);
+      // Orphans and retired snapshots' batches are never tagged: they expire after 30 days, and
+      // the pending-hour alarm (2 hours) fires long before a pending hour's batches could.
+      assert.equal(all.TagFilters, undefined);
+      assert.equal(all.ExpirationInDays, 30);
+      const alarm = Object.values<any>(s.json.Resources).find(
+        (r) => r.Type === 'AWS::CloudWatch::Alarm' && r.Properties.MetricName === 'OldestPendingHourAge',
+      );
+      assert.ok(alarm, 'an OldestPendingHourAge alarm');
+      assert.ok(alarm.Properties.Threshold * 4 <= all.ExpirationInDays * 86400);
       for (const r of rules) {
         assert.equal(r.NoncurrentVersionExpiration, undefined);
         assert.equal(r.Transitions, undefined);
@@ -373,8 +385,12 @@ describe('config.example.json', () => {
       'CompactorFunctionName',
       'CaptureSecurityGroupId',
       'DashboardName',
+      'ClusterName',
+      'CompactorLogGroupName',
       'CaptureServiceorders',
       'CaptureServicebilling',
+      'CaptureLogGrouporders',
+      'CaptureLogGroupbilling',
     ]) {
       assert.ok(outputs.includes(o), `output ${o} in ${outputs.join(', ')}`);
     }

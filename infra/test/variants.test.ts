@@ -56,7 +56,8 @@ describe('variants', () => {
     assert.deepEqual(task.Properties.ContainerDefinitions[0].Secrets, [{ Name: 'POSTGRES_PASSWORD', ValueFrom: { Ref: secret } }]);
     assert.deepEqual(json.Outputs.PasswordSecretapp.Value, { Ref: secret });
     const env = containerEnv(json, logicalId(json, 'AWS::ECS::TaskDefinition', 'Captureapp'));
-    assert.equal(env.PGSSLMODE, 'require', 'TLS required by default');
+    assert.equal(env.PGSSLMODE, 'verify-full', 'the server is verified by default');
+    assert.equal(env.PGSSLROOTCERT, '/etc/ssl/rds/global-bundle.pem');
     assert.equal(env.CDC_PUBLICATION, 'cdc_publication');
     assert.equal(env.POSTGRES_PORT, '5432');
     template.resourceCountIs('AWS::ECS::Service', 1);
@@ -85,6 +86,29 @@ describe('variants', () => {
     template.hasResource('AWS::S3::Bucket', { DeletionPolicy: 'Delete' });
     template.hasResource('AWS::DynamoDB::Table', { DeletionPolicy: 'Delete' });
     template.hasResourceProperties('AWS::DynamoDB::Table', { DeletionProtectionEnabled: Match.absent() });
+  });
+
+  it('removalPolicy destroy empties the bucket before deleting it', () => {
+    const { template } = synth('destroy-empties', { ...minimalConfig(), removalPolicy: 'destroy' });
+    template.resourceCountIs('Custom::S3AutoDeleteObjects', 1);
+    const retained = synth('retain-keeps', minimalConfig());
+    retained.template.resourceCountIs('Custom::S3AutoDeleteObjects', 0);
+  });
+
+  it('Fargate Spot is opt-in: the capture services then run on FARGATE_SPOT only', () => {
+    const plain = synth('on-demand', minimalConfig());
+    plain.template.hasResourceProperties('AWS::ECS::Service', { LaunchType: 'FARGATE', CapacityProviderStrategy: Match.absent() });
+    plain.template.resourceCountIs('AWS::ECS::ClusterCapacityProviderAssociations', 0);
+    const raw = minimalConfig();
+    raw.capture = { spot: true };
+    const spot = synth('spot', raw);
+    spot.template.hasResourceProperties('AWS::ECS::Service', {
+      LaunchType: Match.absent(),
+      CapacityProviderStrategy: [{ CapacityProvider: 'FARGATE_SPOT', Weight: 1 }],
+    });
+    spot.template.hasResourceProperties('AWS::ECS::ClusterCapacityProviderAssociations', {
+      CapacityProviders: Match.arrayWith(['FARGATE_SPOT']),
+    });
   });
 
   it('per-table metrics are opt-in per source', () => {

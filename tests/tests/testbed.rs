@@ -123,6 +123,27 @@ fn a_missing_server_binary_gives_one_clear_error() {
     assert!(msg.contains("PG_BIN") && msg.contains("initdb"), "{msg}");
 }
 
+/// The Python tools a fresh machine installs (moto, cargo-lambda for the Lambda zip, cfn-lint,
+/// pyarrow, duckdb) are pinned to exact versions.
+#[test]
+fn python_tools_are_pinned() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("scripts/requirements.txt"))?;
+    let tools: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(
+        tools.iter().any(|t| t.starts_with("cargo-lambda==")),
+        "{tools:?}"
+    );
+    for tool in tools {
+        assert!(tool.contains("=="), "{tool} is not pinned");
+    }
+    Ok(())
+}
+
 #[test]
 fn compose_file_pins_localstack_and_turns_logical_replication_on() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -144,6 +165,14 @@ fn compose_file_pins_localstack_and_turns_logical_replication_on() -> anyhow::Re
         "localstack/localstack:4.14.0"
     );
     assert_eq!(services["postgres"]["image"], "postgres:15");
+    // The demo's database and emulator listen on the loopback interface only.
+    for (service, port) in [("postgres", "5432"), ("localstack", "4566")] {
+        let ports: Vec<&str> = services[service]["ports"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(ports, vec![format!("127.0.0.1:{port}:{port}")], "{service}");
+    }
     let command: Vec<&str> = services["postgres"]["command"]
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
