@@ -299,10 +299,7 @@ impl Settings {
 
     /// The AWS SDK's timeouts: connecting, and each request attempt.
     pub fn aws_timeouts(&self) -> aws_config::timeout::TimeoutConfig {
-        aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .operation_attempt_timeout(self.shared.aws_attempt_timeout)
-            .build()
+        self.shared.aws_timeouts()
     }
 
     /// How long the initial snapshot may go without progress before `/healthz` says stuck.

@@ -129,6 +129,22 @@ impl SharedFlags {
     }
 }
 
+impl SharedSettings {
+    /// The AWS SDK's timeouts: 3 s to connect, `AWS_ATTEMPT_TIMEOUT_MS` per request attempt (a
+    /// stalled connection otherwise holds a call as long as the server keeps it open).
+    pub fn aws_timeouts(&self) -> aws_smithy_types::timeout::TimeoutConfig {
+        aws_timeouts(self.aws_attempt_timeout)
+    }
+}
+
+/// The AWS SDK's timeouts every binary uses: 3 s to connect, `attempt` per request attempt.
+pub fn aws_timeouts(attempt: Duration) -> aws_smithy_types::timeout::TimeoutConfig {
+    aws_smithy_types::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .operation_attempt_timeout(attempt)
+        .build()
+}
+
 fn parse_log_format(text: Option<&str>) -> Option<LogFormat> {
     match text.map(|t| t.trim().to_ascii_lowercase()).as_deref() {
         Some("json") => Some(LogFormat::Json),

@@ -53,12 +53,10 @@ fn init_logs(format: LogFormat) {
 }
 
 async fn compactor(config: Settings) -> anyhow::Result<Compactor> {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .operation_attempt_timeout(config.aws_attempt_timeout)
-        .build();
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .timeout_config(timeouts)
+        .timeout_config(cdc_contract::flags::aws_timeouts(
+            config.aws_attempt_timeout,
+        ))
         .load()
         .await;
     let c = Compactor::from_sdk(config, &sdk);

@@ -11,6 +11,7 @@ use secrecy::SecretString;
 use capture::catalog::Catalog;
 use capture::replication::ConnectParams;
 use capture::tls::SslMode;
+use cdc_contract::flags::{LogFormat, SharedFlags};
 use cdc_contract::layout::Layout;
 use cdc_contract::TableName;
 use cdc_verify::files::{check_table, Options, Sources};
@@ -34,15 +35,9 @@ struct Cli {
     /// The replication slot whose ledger records to read.
     #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
     slot: String,
-    /// The bucket.
-    #[arg(long = "s3-bucket", env = "S3_BUCKET_NAME")]
-    bucket: String,
-    /// Prefix of every key.
-    #[arg(long = "s3-base-path", env = "S3_BASE_PATH", default_value = "")]
-    base_path: String,
-    /// The DynamoDB ledger table.
-    #[arg(long = "ledger-table", env = "LEDGER_TABLE")]
-    ledger_table: String,
+    /// The bucket, base path and ledger table, as the capture and the compactor take them.
+    #[command(flatten)]
+    shared: SharedFlags,
     /// Also read recorded batches not compacted yet, from staging.
     #[arg(long)]
     include_staging: bool,
@@ -134,20 +129,39 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .with_context(|| format!("--table {t:?}: expected schema.table"))
         })
         .collect::<anyhow::Result<_>>()?;
+    let shared = cli
+        .shared
+        .validate(Duration::from_secs(30), LogFormat::Text)
+        .context("settings")?;
+    let bucket = shared
+        .bucket
+        .as_deref()
+        .context("S3_BUCKET_NAME (--s3-bucket): required")?;
+    let ledger_table = shared
+        .ledger_table
+        .as_deref()
+        .context("LEDGER_TABLE (--ledger-table): required")?;
     let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(shared.aws_timeouts())
         .load()
         .await;
-    let store = S3Store::new(aws_sdk_s3::Client::new(&sdk), &cli.bucket);
+    // Emulators (moto, LocalStack) serve buckets by path, not by virtual host.
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(sdk.endpoint_url().is_some())
+            .build(),
+    );
+    let store = S3Store::new(s3, bucket);
     store
         .check()
         .await
-        .with_context(|| format!("bucket {}", cli.bucket))?;
-    let ledger = DynamoLedger::new(aws_sdk_dynamodb::Client::new(&sdk), &cli.ledger_table);
+        .with_context(|| format!("S3_BUCKET_NAME: bucket {bucket}"))?;
+    let ledger = DynamoLedger::new(aws_sdk_dynamodb::Client::new(&sdk), ledger_table);
     ledger
         .check()
         .await
-        .with_context(|| format!("ledger table {}", cli.ledger_table))?;
-    let layout = Layout::new(&cli.base_path);
+        .with_context(|| format!("LEDGER_TABLE: table {ledger_table}"))?;
+    let layout = Layout::new(shared.base_path.trim());
     let sources = Sources {
         store: &store,
         ledger: &ledger,
