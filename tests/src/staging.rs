@@ -434,12 +434,15 @@ impl<'a> Stager<'a> {
         Ok(())
     }
 
+    /// The schema items the buffered changes need: one per table and version, as the capture
+    /// writes them (tables with the same columns share a version id, not an item).
     fn schemas_of(&self) -> Vec<TableSchema> {
         let mut out: Vec<TableSchema> = Vec::new();
-        let mut ids: Vec<&str> = Vec::new();
+        let mut ids: Vec<(&TableName, &str)> = Vec::new();
         for l in &self.buffer {
-            if !ids.contains(&&*l.schema_id) {
-                ids.push(&l.schema_id);
+            let id = (&l.schema.table, &*l.schema_id);
+            if !ids.contains(&id) {
+                ids.push(id);
                 out.push((*l.schema).clone());
             }
         }
