@@ -48,7 +48,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
                 .load()
                 .await;
             // Emulators (moto, LocalStack) serve buckets by path, not by virtual host.
-            let path_style = std::env::var_os("AWS_ENDPOINT_URL").is_some();
+            let path_style = config.endpoint_url().is_some();
             let s3 = aws_sdk_s3::Client::from_conf(
                 aws_sdk_s3::config::Builder::from(&config)
                     .force_path_style(path_style)

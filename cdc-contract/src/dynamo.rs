@@ -149,6 +149,20 @@ fn is_condition_failure<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> boo
     err.code() == Some("ConditionalCheckFailedException")
 }
 
+/// A conditional write's reply: written (its output mapped by `written`), refused by its
+/// condition, or failed.
+fn outcome<O, T, E: ProvideErrorMetadata, R>(
+    what: &str,
+    res: Result<O, SdkError<E, R>>,
+    written: impl FnOnce(O) -> T,
+) -> Result<Outcome<T>, AwsError> {
+    match res {
+        Ok(out) => Ok(Outcome::Written(written(out))),
+        Err(e) if is_condition_failure(&e) => Ok(Outcome::ConditionFailed),
+        Err(e) => Err(AwsError::dynamodb(what, e)),
+    }
+}
+
 fn built<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, AwsError> {
     r.map_err(|e| AwsError::Definite(format!("DynamoDB {what}: request: {e}")))
 }
@@ -226,22 +240,18 @@ impl Table {
         item: Item,
         expr: Option<Expr>,
     ) -> Result<Outcome, AwsError> {
-        let mut request = self
+        let expr = expr.unwrap_or_default();
+        let res = self
             .client
             .put_item()
             .table_name(&self.name)
-            .set_item(Some(item));
-        if let Some(expr) = expr {
-            request = request
-                .set_condition_expression(expr.condition.clone())
-                .set_expression_attribute_names(expr.names())
-                .set_expression_attribute_values(expr.values());
-        }
-        match request.send().await {
-            Ok(_) => Ok(Outcome::Written(())),
-            Err(e) if is_condition_failure(&e) => Ok(Outcome::ConditionFailed),
-            Err(e) => Err(AwsError::dynamodb(what, e)),
-        }
+            .set_item(Some(item))
+            .set_condition_expression(expr.condition.clone())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .send()
+            .await;
+        outcome(what, res, |_| ())
     }
 
     /// Updates the item at `key` by `expr` (on its condition, if any); returns the item as it is
@@ -264,11 +274,7 @@ impl Table {
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
-        match res {
-            Ok(out) => Ok(Outcome::Written(out.attributes.unwrap_or_default())),
-            Err(e) if is_condition_failure(&e) => Ok(Outcome::ConditionFailed),
-            Err(e) => Err(AwsError::dynamodb(what, e)),
-        }
+        outcome(what, res, |out| out.attributes.unwrap_or_default())
     }
 
     /// Deletes the item at `key`, on `expr`'s condition when given. Deleting an absent item
@@ -279,22 +285,18 @@ impl Table {
         key: Item,
         expr: Option<Expr>,
     ) -> Result<Outcome, AwsError> {
-        let mut request = self
+        let expr = expr.unwrap_or_default();
+        let res = self
             .client
             .delete_item()
             .table_name(&self.name)
-            .set_key(Some(key));
-        if let Some(expr) = expr {
-            request = request
-                .set_condition_expression(expr.condition.clone())
-                .set_expression_attribute_names(expr.names())
-                .set_expression_attribute_values(expr.values());
-        }
-        match request.send().await {
-            Ok(_) => Ok(Outcome::Written(())),
-            Err(e) if is_condition_failure(&e) => Ok(Outcome::ConditionFailed),
-            Err(e) => Err(AwsError::dynamodb(what, e)),
-        }
+            .set_key(Some(key))
+            .set_condition_expression(expr.condition.clone())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .send()
+            .await;
+        outcome(what, res, |_| ())
     }
 
     /// Writes `writes` all or nothing. `token` makes a retry within ten minutes idempotent.
@@ -320,16 +322,15 @@ impl Table {
                     )?)
                     .build(),
                 TxWrite::Put { item, expr } => {
-                    let mut put = Put::builder().table_name(&self.name).set_item(Some(item));
-                    if let Some(expr) = expr {
-                        put = put
-                            .set_condition_expression(expr.condition.clone())
-                            .set_expression_attribute_names(expr.names())
-                            .set_expression_attribute_values(expr.values());
-                    }
-                    TransactWriteItem::builder()
-                        .put(built(what, put.build())?)
-                        .build()
+                    let expr = expr.unwrap_or_default();
+                    let put = Put::builder()
+                        .table_name(&self.name)
+                        .set_item(Some(item))
+                        .set_condition_expression(expr.condition.clone())
+                        .set_expression_attribute_names(expr.names())
+                        .set_expression_attribute_values(expr.values())
+                        .build();
+                    TransactWriteItem::builder().put(built(what, put)?).build()
                 }
             };
             items.push(item);

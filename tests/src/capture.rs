@@ -148,6 +148,27 @@ impl<'a> CaptureSetup<'a> {
         cmd.spawn().context("starting capture")
     }
 
+    /// Stops a spawned capture with SIGTERM (a clean stop: buffered changes are recorded) and
+    /// fails unless it exits 0 within `within`.
+    pub async fn stop(&self, child: Child, within: Duration) -> anyhow::Result<()> {
+        let pid = child.id().context("pid")?;
+        let sent = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid}: {sent}");
+        let out = tokio::time::timeout(within, child.wait_with_output())
+            .await
+            .with_context(|| format!("the capture did not stop within {within:?} of SIGTERM"))??;
+        anyhow::ensure!(
+            out.status.success(),
+            "capture exited {}: {}",
+            out.status,
+            self.log()
+        );
+        Ok(())
+    }
+
     /// Where spawned captures of this setup log.
     pub fn log_path(&self) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("{}.capture.log", self.slot))

@@ -241,17 +241,7 @@ async fn restarts_resume_without_loss_or_duplicates_after_clean_stops_and_crashe
     let child = cap.spawn(&[])?;
     pg.execute(&db, &write(&mut expected, 30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await??;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cap.stop(child, Duration::from_secs(30)).await?;
     cap.env.pop();
     assert_eq!(
         cap.recorded_events("public.t").await?.len(),
@@ -320,12 +310,7 @@ async fn a_second_capture_records_nothing_while_the_first_holds_the_lease() -> a
 
     // The holder dies without releasing; a successor takes over once the lease expires... here,
     // a clean stop releases it at once.
-    let pid = first.id().context("pid")?;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    first.wait_with_output().await?;
+    cap.stop(first, Duration::from_secs(60)).await?;
     pg.execute(&db, "INSERT INTO t SELECT generate_series(21, 30)")
         .await?;
     cap.run_until_caught_up(CAUGHT_UP).await?;
@@ -1163,12 +1148,7 @@ async fn a_new_slot_snapshots_existing_rows_once_then_streams_without_a_gap() ->
         .await?;
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    child.wait_with_output().await?;
+    cap.stop(child, Duration::from_secs(60)).await?;
     cap.run_until_caught_up(CAUGHT_UP)
         .await
         .with_context(|| cap.log())?;
@@ -1428,12 +1408,7 @@ async fn the_snapshot_honours_the_publications_column_list_and_row_filter() -> a
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    child.wait_with_output().await?;
+    cap.stop(child, Duration::from_secs(60)).await?;
     cap.run_until_caught_up(CAUGHT_UP)
         .await
         .with_context(|| cap.log())?;
@@ -1590,15 +1565,7 @@ async fn sigterm_during_a_snapshot_stops_at_once_and_the_next_start_takes_it_aga
         !cap.log().contains("initial snapshot complete"),
         "the snapshot ended before the signal: make the table larger"
     );
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .context("the capture did not stop within 30 s of SIGTERM")??;
-    anyhow::ensure!(out.status.success(), "exit {:?}: {}", out.status, cap.log());
+    cap.stop(child, Duration::from_secs(30)).await?;
     assert!(
         cap.log()
             .contains("stopped on request during the initial snapshot"),

@@ -46,26 +46,6 @@ fn ids(events: &[Value]) -> Vec<i64> {
         .collect()
 }
 
-/// Stops a spawned capture with SIGTERM (a clean stop: buffered changes are recorded) and
-/// fails unless it exits 0.
-async fn stop(cap: &CaptureSetup<'_>, child: tokio::process::Child) -> anyhow::Result<()> {
-    let pid = child.id().context("pid")?;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()?;
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .context("the capture did not stop on SIGTERM")??;
-    anyhow::ensure!(
-        out.status.success(),
-        "capture exited {}: {}",
-        out.status,
-        cap.log()
-    );
-    Ok(())
-}
-
 /// Ends the slot's walsender, as a network cut or a server-side timeout would.
 async fn terminate_walsender(pg: &PgCluster, db: &str, slot: &str) -> anyhow::Result<()> {
     let client = pg.connect(db).await?;
@@ -162,7 +142,7 @@ async fn buffered_changes_survive_a_reconnect_whose_stream_resumes_late() -> any
     .with_context(|| cap.log())?;
     // Heartbeats are due during the hold; then the resent rows arrive.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop(&cap, child).await?;
+    cap.stop(child, Duration::from_secs(60)).await?;
 
     let events = cap.recorded_events("public.t").await?;
     assert_eq!(ids(&events), (1..=10).collect::<Vec<_>>(), "{}", cap.log());
@@ -230,7 +210,7 @@ async fn a_stalled_stream_never_records_a_caught_up_time_past_a_missing_change(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop(&cap, child).await?;
+    cap.stop(child, Duration::from_secs(60)).await?;
     for cp in &seen {
         if cp.lsn <= insert_lsn {
             assert!(
@@ -450,7 +430,7 @@ async fn snapshot_keys_sort_before_every_streamed_key() -> anyhow::Result<()> {
     .with_context(|| cap.log())?;
     stop_writes.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await??;
-    stop(&cap, child).await?;
+    cap.stop(child, Duration::from_secs(60)).await?;
     cap.run_until_caught_up(CAUGHT_UP).await?;
 
     let events = cap.recorded_events("public.t").await?;
@@ -985,7 +965,7 @@ async fn the_caught_up_time_keeps_moving_after_the_sql_connection_dies() -> anyh
     )
     .await
     .with_context(|| cap.log())?;
-    stop(&cap, child).await?;
+    cap.stop(child, Duration::from_secs(60)).await?;
     Ok(())
 }
 

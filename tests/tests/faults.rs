@@ -607,6 +607,17 @@ async fn verify_passes_a_clean_pipeline_and_finds_changed_rows_duplicates_losses
     let v = other.verify(&["public.a"], &[]).await?;
     assert_eq!(v.code, 2, "{v:?}");
     assert!(v.stderr.contains("no_such_slot"), "{}", v.stderr);
+    // Settings it cannot do without, or that are bad, are named (the same ones the capture and
+    // the compactor take).
+    for (args, setting) in [
+        (["--s3-bucket", ""], "S3_BUCKET_NAME"),
+        (["--ledger-table", " "], "LEDGER_TABLE"),
+        (["--aws-attempt-timeout-ms", "5"], "AWS_ATTEMPT_TIMEOUT_MS"),
+    ] {
+        let v = cap.verify(&["public.a"], &args).await?;
+        assert_eq!(v.code, 2, "{v:?}");
+        assert!(v.stderr.contains(setting), "{setting}: {}", v.stderr);
+    }
     Ok(())
 }
 
