@@ -10,10 +10,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use cdc_contract::event::Op;
-use cdc_contract::ledger::Checkpoint;
+use cdc_contract::ledger::{Backfill, Checkpoint};
 use cdc_contract::schema::TableSchema;
 use cdc_contract::{Hour, Lsn, Position, TableName};
 
+use crate::backfill::Tracker;
 use crate::batch::{Batcher, Segment};
 use crate::config::Settings;
 use crate::encode::{Image, TableEncoder, TxContext};
@@ -60,6 +61,20 @@ pub enum Want {
 struct RelState {
     encoder: Arc<TableEncoder>,
     captured: bool,
+    /// Column names, for the backfill's tracker.
+    names: Arc<[String]>,
+}
+
+/// A held change of a table without a key waiting for its read.
+struct Held {
+    xid: u32,
+    truncate: bool,
+    oid: u32,
+    encoder: Arc<TableEncoder>,
+    hour: Hour,
+    pos: Position,
+    commit_ms: i64,
+    event: Vec<u8>,
 }
 
 struct Tx {
@@ -97,13 +112,20 @@ pub struct Assembler {
     caught_up: Option<(Lsn, i64)>,
     idle_since_record: Instant,
     target: Option<Lsn>,
+    /// The backfill's progress as of what is buffered (recorded with it); None: not kept.
+    backfill: Option<Backfill>,
+    /// Streamed changes of the tables being backfilled.
+    pub tracker: Tracker,
+    /// Tables without a key waiting for their read, whose changes are held.
+    holding: std::collections::HashSet<TableName>,
+    held: Vec<Held>,
 }
 
 impl Assembler {
     /// An assembler resuming from the recorded checkpoint; `target` (with the time it was read)
     /// for `--exit-when-caught-up`.
     pub fn new(settings: &Settings, recorded: Checkpoint, target: Option<(Lsn, i64)>) -> Self {
-        Assembler {
+        let mut asm = Assembler {
             slot: settings.slot.clone(),
             database: settings.database.clone(),
             tables: settings.tables.clone(),
@@ -118,11 +140,42 @@ impl Assembler {
             server_end: recorded.lsn,
             probe: target,
             caught_up: None,
-            recorded,
             tx: None,
             idle_since_record: Instant::now(),
             target: target.map(|(lsn, _)| lsn),
+            backfill: recorded.backfill.clone(),
+            tracker: Tracker::default(),
+            holding: Default::default(),
+            held: Vec::new(),
+            recorded,
+        };
+        asm.holding_changed();
+        asm
+    }
+
+    fn holding_changed(&mut self) {
+        self.holding = self
+            .backfill
+            .iter()
+            .flat_map(|b| b.pending.iter())
+            .filter(|p| p.keyless)
+            .map(|p| p.table.clone())
+            .collect();
+        for p in self.backfill.iter().flat_map(|b| b.pending.iter()) {
+            self.tracker.track(&p.table);
         }
+    }
+
+    /// The backfill's progress as of what is buffered.
+    pub fn backfill(&self) -> Option<&Backfill> {
+        self.backfill.as_ref()
+    }
+
+    /// Changes the backfill's progress (recorded with the next flush); the tables it waits
+    /// for are tracked from now on.
+    pub fn update_backfill(&mut self, change: impl FnOnce(&mut Backfill)) {
+        change(self.backfill.get_or_insert_with(Backfill::default));
+        self.holding_changed();
     }
 
     /// The last recorded checkpoint: the only position ever confirmed.
@@ -193,6 +246,7 @@ impl Assembler {
             checkpoint.partial = recorded.partial;
         }
         checkpoint.caught_up_ms = checkpoint.caught_up_ms.max(recorded.caught_up_ms);
+        checkpoint.backfill = self.backfill.clone();
         checkpoint.commit_ms = checkpoint.commit_ms.max(recorded.commit_ms);
         // Flush numbers strictly increase (issue 15, item 2): the previous flush has completed
         // and every completed flush becomes `recorded` (its checkpoint is never lower, see
@@ -222,6 +276,17 @@ impl Assembler {
         self.server_end = self.recorded.lsn;
         self.probe = None;
         self.caught_up = None;
+        self.backfill = self.recorded.backfill.clone();
+        self.tracker.reset();
+        self.held.clear();
+        self.holding_changed();
+    }
+
+    /// A recreated slot starts at `lsn`, past the recorded checkpoint: the next flush records
+    /// from there (the backfill asked for before the slot was recreated fills the gap).
+    pub fn skip_to(&mut self, lsn: Lsn) {
+        self.last_commit_end = self.last_commit_end.max(lsn);
+        self.server_end = self.server_end.max(lsn);
     }
 
     /// The server proved everything committed before `lsn` sent on this stream.
@@ -365,6 +430,7 @@ impl Assembler {
             RelState {
                 encoder: Arc::new(encoder),
                 captured,
+                names: rel.columns.iter().map(|c| c.name.clone()).collect(),
             },
         );
     }
@@ -391,40 +457,194 @@ impl Assembler {
         if !state.captured || self.recorded.covers(pos) {
             return Ok(None);
         }
+        if let Some(xid) = tx.ctx.xid {
+            let table = &state.encoder.table;
+            if self.tracker.tracks(table) {
+                if op == Op::Truncate {
+                    self.tracker.truncate(table, xid);
+                } else {
+                    let mut images = Vec::with_capacity(2);
+                    match &old {
+                        Some(OldTuple::Key(v)) | Some(OldTuple::Full(v)) => images.push(v.clone()),
+                        None => {}
+                    }
+                    if let Some(new) = new {
+                        images.push(new.to_vec());
+                    }
+                    self.tracker.row_change(table, xid, &state.names, images);
+                }
+            }
+        }
         let table_ordinal = {
             let n = tx.per_table.entry(rel).or_insert(0);
             *n += 1;
             *n
         };
-        tx.last = Some(pos);
         let ctx = tx.ctx;
         let encoder = state.encoder.clone();
         let commit_ms = ctx.commit_us.div_euclid(1000);
         let hour = Hour::from_millis(commit_ms);
         let now = now_ms();
-        self.batcher
-            .push(rel, &encoder, hour, pos, commit_ms, |out| {
-                let before = match &old {
-                    Some(OldTuple::Key(v)) => Some(Image::KeyOnly(v)),
-                    Some(OldTuple::Full(v)) => Some(Image::Full(v)),
-                    None => None,
-                };
-                encoder.write_event(
-                    out,
-                    op,
-                    before,
-                    new,
-                    &ctx,
-                    lsn,
-                    pos.ordinal,
-                    table_ordinal,
-                    now,
-                );
+        let write = |out: &mut Vec<u8>| {
+            let before = match &old {
+                Some(OldTuple::Key(v)) => Some(Image::KeyOnly(v)),
+                Some(OldTuple::Full(v)) => Some(Image::Full(v)),
+                None => None,
+            };
+            encoder.write_event(
+                out,
+                op,
+                before,
+                new,
+                &ctx,
+                lsn,
+                pos.ordinal,
+                table_ordinal,
+                now,
+            );
+        };
+        if self.holding.contains(&encoder.table) {
+            // A table without a key waiting for its one read: its changes are held until the
+            // read is placed (the read's snapshot decides which of them it already holds).
+            let mut event = Vec::new();
+            write(&mut event);
+            self.held.push(Held {
+                xid: ctx.xid.unwrap_or(0),
+                truncate: op == Op::Truncate,
+                oid: rel,
+                encoder: encoder.clone(),
+                hour,
+                pos,
+                commit_ms,
+                event,
             });
+            return Ok(None);
+        }
+        tx.last = Some(pos);
+        self.batcher
+            .push(rel, &encoder, hour, pos, commit_ms, write);
         // A transaction larger than a batch: record what we have, mid-transaction.
         Ok(self
             .full()
             .then_some(Want::MidTransaction { pos, commit_ms }))
+    }
+
+    /// A backfill chunk at its high watermark `high` (the stream has just delivered it, between
+    /// transactions): the rows the read's snapshot makes final, as op "r" keyed `(high, n)`,
+    /// with the progress they make, buffered together so one flush records both. Returns the
+    /// rows placed, or None when the chunk must be read again.
+    pub fn place_chunk(
+        &mut self,
+        chunk: &crate::backfill::Chunk,
+        encoder: &Arc<TableEncoder>,
+        high: Lsn,
+    ) -> Option<(u64, usize)> {
+        use crate::backfill::Dropped;
+        let dropped = self
+            .tracker
+            .dropped(&chunk.table, &chunk.snapshot, &chunk.key);
+        if self.holding.contains(&chunk.table) {
+            // A table without a key, read whole: its held changes the read did not see are
+            // recorded at their own positions, then the read; those it saw it holds already.
+            // A truncate it did not see would empty what it read: read it again.
+            let seen = |h: &Held| chunk.snapshot.sees(h.xid);
+            if self
+                .held
+                .iter()
+                .any(|h| h.encoder.table == chunk.table && h.truncate && !seen(h))
+            {
+                return None;
+            }
+            let (mine, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|h| h.encoder.table == chunk.table);
+            self.held = rest;
+            for h in mine.into_iter().filter(|h| !seen(h)) {
+                self.batcher
+                    .push(h.oid, &h.encoder, h.hour, h.pos, h.commit_ms, |out| {
+                        out.extend_from_slice(&h.event)
+                    });
+            }
+        }
+        let dropped = if chunk.key.is_empty() {
+            Dropped::Keys(Default::default())
+        } else {
+            dropped
+        };
+        let none = Default::default();
+        let (all, keys) = match &dropped {
+            Dropped::Unknown => return None,
+            Dropped::All => (true, &none),
+            Dropped::Keys(keys) => (false, keys),
+        };
+        let keep = |k: &crate::backfill::Texts| !all && !keys.contains(k);
+        let ctx = TxContext {
+            xid: None,
+            commit_lsn: high,
+            commit_us: chunk.read_ms * 1000,
+            prev_commit_end: self.last_commit_end,
+            snapshot: true,
+        };
+        let hour = Hour::from_millis(chunk.read_ms);
+        let now = now_ms();
+        let oid = chunk.relation.as_ref().map(|r| r.oid).unwrap_or(0);
+        // The stream's encoder when the schema is the same: chunk rows and streamed changes
+        // then share batches.
+        let encoder = match self.relations.get(&oid) {
+            Some(r) if r.encoder.schema_id == encoder.schema_id => &r.encoder.clone(),
+            _ => encoder,
+        };
+        let mut ordinal = 0u32;
+        let mut written = 0usize;
+        for (values, key) in &chunk.rows {
+            if !keep(key) {
+                continue;
+            }
+            ordinal += 1;
+            let pos = Position::new(high, ordinal);
+            let values: Vec<Value> = values
+                .iter()
+                .map(|v| match v {
+                    Some(t) => Value::Text(bytes::Bytes::copy_from_slice(t.as_bytes())),
+                    None => Value::Null,
+                })
+                .collect();
+            self.batcher
+                .push(oid, encoder, hour, pos, chunk.read_ms, |out| {
+                    let start = out.len();
+                    encoder.write_event(
+                        out,
+                        Op::Read,
+                        None,
+                        Some(&values),
+                        &ctx,
+                        high,
+                        pos.ordinal,
+                        pos.ordinal,
+                        now,
+                    );
+                    written += out.len() - start;
+                });
+        }
+        let after = chunk.next_after();
+        let backfill = self.backfill.get_or_insert_with(Backfill::default);
+        if let Some(p) = backfill.pending.iter_mut().find(|p| p.table == chunk.table) {
+            p.rows += u64::from(ordinal);
+            p.chunks += 1;
+            if after.is_some() {
+                p.after = after;
+            }
+        }
+        if chunk.last {
+            backfill.finish(&chunk.table);
+            self.tracker.untrack(&chunk.table);
+            self.holding_changed();
+        }
+        // The server proved everything before the watermark sent; nothing else sits at it.
+        let past = Lsn(high.0 + 1);
+        self.last_commit_end = self.last_commit_end.max(past);
+        self.server_reached(past);
+        Some((u64::from(ordinal), written))
     }
 
     /// One snapshot row of `encoder`'s table (relation `oid`), keyed `pos`, as op "r" in `ctx`;

@@ -91,6 +91,13 @@ pub struct Flags {
     /// How a new slot starts.
     #[arg(long, env = "CDC_SNAPSHOT", value_enum, default_value = "initial")]
     pub snapshot: SnapshotMode,
+    /// Bytes of rows one backfill chunk reads (in one short transaction), about.
+    #[arg(long, env = "CDC_SNAPSHOT_CHUNK_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub snapshot_chunk_bytes: usize,
+    /// Backfill a table when it is first seen (added to the publication or to `CDC_TABLES`
+    /// after the slot was created), so it gets its history, not only its later changes.
+    #[arg(long, env = "CDC_BACKFILL_NEW_TABLES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub backfill_new_tables: bool,
     /// When the slot is gone (dropped) or invalidated (`wal_status = lost`) while the ledger
     /// holds a checkpoint: create it again and take a new snapshot, keeping everything the ledger
     /// recorded (its batches, flush records, epoch and flush numbers). Without it the capture
@@ -110,10 +117,6 @@ pub struct Flags {
     /// Port of the `/healthz` endpoint (0: none).
     #[arg(long, env = "HEALTH_PORT", default_value_t = 8080)]
     pub health_port: u16,
-    /// `/healthz` stays healthy while the initial snapshot makes progress; without progress for
-    /// this long (s) the task counts as stuck.
-    #[arg(long, env = "HEALTH_STALL_SECONDS", default_value_t = 120)]
-    pub health_stall_seconds: u64,
     /// `healthcheck`: probe a running capture's `/healthz` and exit 0 when healthy.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -124,6 +127,14 @@ pub struct Flags {
 pub enum Command {
     /// Probe `http://127.0.0.1:{HEALTH_PORT}/healthz`; exit 0 when healthy (the ECS health check).
     Healthcheck,
+    /// Ask the running capture of `CDC_SLOT_NAME` to read a table again (op "r" rows, in
+    /// chunks, while it streams): writes a request to the ledger, which the capture picks up
+    /// within its heartbeat interval.
+    RequestSnapshot {
+        /// The table, as schema.table; `*` for every captured table.
+        #[arg(long)]
+        table: String,
+    },
 }
 
 pub use cdc_contract::flags::LogFormat;
@@ -233,14 +244,17 @@ impl Flags {
         if self.flush_max_bytes < 65_536 {
             return Err(bad("FLUSH_MAX_BYTES", "must be at least 65536"));
         }
+        if !(4096..=256 * 1024 * 1024).contains(&self.snapshot_chunk_bytes) {
+            return Err(bad(
+                "CDC_SNAPSHOT_CHUNK_BYTES",
+                "must be between 4096 and 268435456",
+            ));
+        }
         if self.flush_interval_ms == 0 {
             return Err(bad("FLUSH_INTERVAL_MS", "must be positive"));
         }
         if self.lease_duration_ms < 3_000 {
             return Err(bad("LEASE_DURATION_MS", "must be at least 3000"));
-        }
-        if self.health_stall_seconds == 0 {
-            return Err(bad("HEALTH_STALL_SECONDS", "must be positive"));
         }
         if self.heartbeat_interval_ms < 100 {
             return Err(bad("HEARTBEAT_INTERVAL_MS", "must be at least 100"));
@@ -300,11 +314,6 @@ impl Settings {
     /// The AWS SDK's timeouts: connecting, and each request attempt.
     pub fn aws_timeouts(&self) -> aws_config::timeout::TimeoutConfig {
         self.shared.aws_timeouts()
-    }
-
-    /// How long the initial snapshot may go without progress before `/healthz` says stuck.
-    pub fn health_stall(&self) -> Duration {
-        Duration::from_secs(self.flags.health_stall_seconds)
     }
 
     /// The lease duration.

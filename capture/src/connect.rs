@@ -152,6 +152,7 @@ pub struct PgUpstream<'a> {
     params: ConnectParams,
     /// The SQL side.
     pub catalog: Catalog,
+    chunks: std::sync::Arc<crate::backfill::PgChunkSource>,
 }
 
 impl<'a> PgUpstream<'a> {
@@ -163,6 +164,10 @@ impl<'a> PgUpstream<'a> {
     ) -> Self {
         PgUpstream {
             settings,
+            chunks: std::sync::Arc::new(crate::backfill::PgChunkSource::new(
+                params.clone(),
+                settings.flags.publication.clone(),
+            )),
             params,
             catalog: Catalog::new(client),
         }
@@ -222,6 +227,43 @@ impl Upstream for PgUpstream<'_> {
             )?;
         }
         Ok(())
+    }
+
+    async fn emit_watermark(&mut self, content: &str) -> Result<Lsn, CaptureError> {
+        let row = self
+            .catalog
+            .client()
+            .query_one(
+                "SELECT pg_logical_emit_message(false, $1, $2)::text",
+                &[&crate::backfill::WATERMARK_PREFIX, &content],
+            )
+            .await?;
+        row.get::<_, String>(0)
+            .parse()
+            .map_err(|e| CaptureError::Setup(format!("pg_logical_emit_message: {e}")))
+    }
+
+    async fn published(&mut self) -> Result<Option<Vec<cdc_contract::TableName>>, CaptureError> {
+        let tables = crate::backfill::published_tables(
+            self.catalog.client(),
+            &self.settings.flags.publication,
+            &self.settings.tables,
+        )
+        .await?;
+        Ok(Some(tables.into_iter().map(|p| p.table).collect()))
+    }
+
+    async fn has_key(&mut self, table: &cdc_contract::TableName) -> Result<bool, CaptureError> {
+        Ok(
+            match crate::backfill::relation_of(self.catalog.client(), table).await? {
+                Some((_, key)) => !key.is_empty(),
+                None => true,
+            },
+        )
+    }
+
+    fn chunk_source(&self) -> Option<std::sync::Arc<dyn crate::backfill::ChunkSource>> {
+        Some(self.chunks.clone())
     }
 
     async fn slot_status(&mut self, slot: &str) -> Result<SlotStatus, CaptureError> {

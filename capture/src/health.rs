@@ -19,37 +19,12 @@ pub struct Health {
     /// then healthy (alive, retrying; a new task would fare no better), so a first deployment
     /// completes before the database is set up, and the CaptureDown alarm says what is wrong.
     waiting_for_database: std::sync::Mutex<Option<String>>,
-    /// When the initial snapshot last made progress (ms since the epoch; 0: not snapshotting).
-    snapshot_progress_ms: AtomicI64,
-    /// How long a snapshot may go without progress before the task counts as stuck (ms).
-    stall_ms: AtomicI64,
 }
 
 impl Health {
-    /// A shared, initially unhealthy state; a snapshot without progress for `stall` is stuck.
+    /// A shared, initially unhealthy state.
     pub fn new() -> Arc<Self> {
-        Self::with_stall(Duration::from_secs(120))
-    }
-
-    /// As [`Health::new`], with the snapshot's stall limit.
-    pub fn with_stall(stall: Duration) -> Arc<Self> {
-        let health = Self::default();
-        health
-            .stall_ms
-            .store(stall.as_millis() as i64, Ordering::Relaxed);
-        Arc::new(health)
-    }
-
-    /// The initial snapshot made progress now (`Some`), or is over (`None`).
-    pub fn snapshot_progress(&self, at_ms: Option<i64>) {
-        self.snapshot_progress_ms
-            .store(at_ms.unwrap_or(0), Ordering::Relaxed);
-    }
-
-    fn snapshotting(&self) -> bool {
-        let at = self.snapshot_progress_ms.load(Ordering::Relaxed);
-        at > 0
-            && chrono::Utc::now().timestamp_millis() - at <= self.stall_ms.load(Ordering::Relaxed)
+        Arc::new(Self::default())
     }
 
     /// The replication stream is up (true) or broken (false).
@@ -81,12 +56,11 @@ impl Health {
             .and_then(|w| w.clone())
     }
 
-    /// True when streaming under the lease, taking the initial snapshot under the lease with
-    /// progress within the stall limit, or waiting at start-up for the database.
+    /// True when streaming under the lease (snapshot chunks are read while streaming), or
+    /// waiting at start-up for the database.
     pub fn healthy(&self) -> bool {
         let lease = self.lease.load(Ordering::Relaxed);
-        (lease && (self.streaming.load(Ordering::Relaxed) || self.snapshotting()))
-            || self.waiting().is_some()
+        (lease && self.streaming.load(Ordering::Relaxed)) || self.waiting().is_some()
     }
 
     fn body(&self) -> String {
@@ -96,7 +70,6 @@ impl Health {
             "lease": self.lease.load(Ordering::Relaxed),
             "last_recorded_ms": self.last_recorded_ms.load(Ordering::Relaxed),
             "waiting_for_database": self.waiting(),
-            "snapshotting": self.snapshotting(),
         })
         .to_string()
     }

@@ -128,6 +128,23 @@ pub trait Ledger: Send + Sync {
         owner: &str,
         epoch: u64,
     ) -> Result<(), LedgerError>;
+    /// Operators' backfill requests, as their sort keys
+    /// ([`cdc_contract::ledger::backfill_request_sk`]).
+    async fn backfill_requests(&self) -> Result<Vec<String>, LedgerError> {
+        Ok(Vec::new())
+    }
+    /// Deletes a backfill request the checkpoint has recorded.
+    async fn delete_backfill_request(&self, sk: &str) -> Result<(), LedgerError> {
+        let _ = sk;
+        Ok(())
+    }
+    /// Writes a backfill request (the `request-snapshot` command).
+    async fn put_backfill_request(&self, sk: &str) -> Result<(), LedgerError> {
+        let _ = sk;
+        Err(LedgerError::Definite(
+            "this ledger takes no backfill requests".into(),
+        ))
+    }
 }
 
 /// The DynamoDB ledger.
@@ -497,6 +514,35 @@ impl Ledger for DynamoLedger {
         }
         self.mark_pending(&hours, req.id.seq).await
     }
+
+    async fn backfill_requests(&self) -> Result<Vec<String>, LedgerError> {
+        let items = self
+            .table
+            .query_prefix(items::slot_pk(&self.slot), items::BACKFILL_REQUEST_PREFIX)
+            .await?;
+        Ok(items
+            .iter()
+            .filter_map(|i| i.get(items::SK).and_then(|v| v.as_s().ok()).cloned())
+            .collect())
+    }
+
+    async fn delete_backfill_request(&self, sk: &str) -> Result<(), LedgerError> {
+        self.table
+            .delete(
+                "delete backfill request",
+                items::key(items::slot_pk(&self.slot), sk.to_owned()),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn put_backfill_request(&self, sk: &str) -> Result<(), LedgerError> {
+        let mut item = items::key(items::slot_pk(&self.slot), sk.to_owned());
+        item.insert("requested_ms".to_owned(), items::n(now_ms()));
+        self.table.put("write backfill request", item, None).await?;
+        Ok(())
+    }
 }
 
 /// LOCAL TEST MODE's ledger: a JSON file holding the checkpoint, so restarts resume.
@@ -508,6 +554,15 @@ impl LocalLedger {
     /// A ledger stored at `path`.
     pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
         Self { path: path.into() }
+    }
+
+    async fn write_requests(&self, requests: &[String]) -> Result<(), LedgerError> {
+        let path = self.path.with_extension("requests.json");
+        let text =
+            serde_json::to_vec(requests).map_err(|e| LedgerError::Definite(e.to_string()))?;
+        tokio::fs::write(&path, text)
+            .await
+            .map_err(|e| LedgerError::Definite(format!("{}: {e}", path.display())))
     }
 }
 
@@ -581,6 +636,30 @@ impl Ledger for LocalLedger {
     async fn retire_snapshot(&self, _state: &SnapshotState) -> Result<u64, LedgerError> {
         // Standard output cannot take lines back: a restarted local snapshot prints them again.
         Ok(0)
+    }
+
+    async fn backfill_requests(&self) -> Result<Vec<String>, LedgerError> {
+        let path = self.path.with_extension("requests.json");
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| LedgerError::Definite(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(LedgerError::Definite(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    async fn delete_backfill_request(&self, sk: &str) -> Result<(), LedgerError> {
+        let mut requests = self.backfill_requests().await?;
+        requests.retain(|r| r != sk);
+        self.write_requests(&requests).await
+    }
+
+    async fn put_backfill_request(&self, sk: &str) -> Result<(), LedgerError> {
+        let mut requests = self.backfill_requests().await?;
+        if !requests.iter().any(|r| r == sk) {
+            requests.push(sk.to_owned());
+        }
+        self.write_requests(&requests).await
     }
 
     async fn record_flush(

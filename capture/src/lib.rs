@@ -3,6 +3,7 @@
 //! confirms the position to PostgreSQL.
 
 pub mod assemble;
+pub mod backfill;
 pub mod batch;
 pub mod catalog;
 pub mod checks;
@@ -24,7 +25,6 @@ pub mod sim;
 mod sim_tests;
 pub mod sink;
 pub mod slot;
-pub mod snapshot;
 pub mod source;
 pub mod stream;
 pub mod tls;

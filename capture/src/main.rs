@@ -36,7 +36,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
             sink: Arc::new(StdoutSink),
             notifier: Arc::new(NoNotifier),
             metrics: None,
-            health: Health::with_stall(settings.health_stall()),
+            health: Health::new(),
         }),
         Target::Aws {
             bucket,
@@ -83,7 +83,7 @@ async fn deps(settings: &Settings) -> anyhow::Result<Deps> {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                 })),
-                health: Health::with_stall(settings.health_stall()),
+                health: Health::new(),
             })
         }
     }
@@ -121,6 +121,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::RequestSnapshot { table }) = &settings.flags.command {
+        return match request_snapshot(&settings, table).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "request-snapshot failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(settings).await {
         Ok(stopped) => {
             tracing::info!(?stopped, peak_rss_kib = peak_rss_kib(), "capture stopped");
@@ -144,6 +153,25 @@ fn peak_rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// `capture request-snapshot --table T`: writes the request the running capture picks up.
+async fn request_snapshot(settings: &Settings, table: &str) -> anyhow::Result<()> {
+    let table = match table.trim() {
+        "*" => None,
+        name => Some(
+            name.parse::<cdc_contract::TableName>()
+                .context("--table: expected schema.table or *")?,
+        ),
+    };
+    let deps = deps(settings).await?;
+    let sk = cdc_contract::ledger::backfill_request_sk(table.as_ref());
+    deps.ledger
+        .put_backfill_request(&sk)
+        .await
+        .context("writing the backfill request to the ledger")?;
+    tracing::info!(slot = %settings.slot, table = table.map(|t| t.to_string()).unwrap_or_else(|| "*".into()), "backfill requested: the running capture reads it within its heartbeat interval");
+    Ok(())
 }
 
 async fn run(settings: Settings) -> anyhow::Result<Stopped> {

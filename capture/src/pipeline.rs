@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, SnapshotMode};
+use crate::config::Settings;
 use crate::connect::{connect_at_start, connect_params, PgUpstream};
 use crate::flush::FlushError;
 use crate::lease::Lease;
@@ -17,6 +17,7 @@ use crate::replication::ReplicationError;
 use crate::sink::BatchSink;
 use crate::source::Upstream;
 use crate::stream::Streamer;
+use cdc_contract::Lsn;
 
 /// Why the capture stopped.
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +161,7 @@ async fn stream(
         return Ok(Stopped::Shutdown);
     };
     let mut upstream = PgUpstream::new(settings, params, client);
-    let exported = crate::slot::ensure_slot(
+    crate::slot::ensure_slot(
         settings,
         upstream.params(),
         &upstream.catalog,
@@ -178,6 +179,7 @@ async fn stream(
     } else {
         None
     };
+    let fresh = checkpoint.as_ref().is_none_or(|c| c.lsn == Lsn::ZERO);
     let mut s = Streamer::new(
         settings,
         deps,
@@ -186,26 +188,27 @@ async fn stream(
         checkpoint.unwrap_or_default(),
         target,
     );
-    if let Some(exported) = exported {
-        let params = upstream.params().clone();
-        let taken = crate::snapshot::take(
-            settings,
-            &mut s,
-            &mut upstream,
-            &params,
-            exported,
-            deps.ledger.as_ref(),
-            lease,
-            shutdown,
-        )
-        .await?;
-        if !taken {
-            return Ok(Stopped::Shutdown);
+    if s.asm.backfill().is_none() {
+        // The first run of a pipeline (or the first since backfills were recorded in the
+        // checkpoint): the tables published now are known; the initial snapshot's request,
+        // when the capture created the slot, makes them pending at the stream's start.
+        let initial = fresh
+            && crate::slot::retry_ledger("reading backfill requests", || {
+                deps.ledger.backfill_requests()
+            })
+            .await?
+            .iter()
+            .any(|sk| sk == cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK);
+        let published = upstream.published().await?.unwrap_or_default();
+        if initial {
+            tracing::info!(tables = published.len(), "initial snapshot started: backfilling every captured table in chunks while streaming");
+            s.asm.update_backfill(|_| {});
+        } else {
+            if !fresh {
+                tracing::info!(tables = published.len(), "the checkpoint predates recorded backfills: the tables published now are taken as read; tables added later are backfilled");
+            }
+            s.asm.update_backfill(|b| b.known.extend(published));
         }
-    }
-    if settings.flags.snapshot == SnapshotMode::InitialOnly {
-        tracing::warn!(slot = %settings.slot, "CDC_SNAPSHOT=initial_only: the initial snapshot is recorded; stopping without streaming. The slot stays and holds WAL back: run the capture with CDC_SNAPSHOT=initial to stream on from the snapshot, or drop the slot");
-        return Ok(Stopped::SnapshotTaken);
     }
     s.run(&mut upstream, shutdown, &lease.lost).await
 }

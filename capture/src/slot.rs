@@ -1,5 +1,5 @@
-//! The replication slot: checked, created with an exported snapshot (its intent recorded
-//! first), or retaken when an initial snapshot did not complete. Every step is safe to die at.
+//! The replication slot: checked, created, or recreated when asked (after a durable request
+//! to backfill every table). Every step is safe to die at.
 
 use std::time::Duration;
 
@@ -7,10 +7,10 @@ use cdc_contract::ledger::{Checkpoint, SnapshotState};
 use cdc_contract::Lsn;
 
 use crate::catalog::Catalog;
-use crate::config::{Settings, SnapshotMode};
+use crate::config::Settings;
 use crate::lease::Lease;
 use crate::ledger::{Ledger, LedgerError};
-use crate::pipeline::{crash_point, now_ms, CaptureError};
+use crate::pipeline::{crash_point, CaptureError};
 use crate::replication::{quote_ident, ConnectParams, ReplicationConnection};
 use crate::retry::{retry, Policy};
 
@@ -32,22 +32,10 @@ where
     .await
 }
 
-/// A slot just created with an exported snapshot; the connection that exported it stays open
-/// until the snapshot is read.
-pub struct ExportedSnapshot {
-    pub(crate) _conn: ReplicationConnection,
-    pub(crate) name: String,
-    pub(crate) consistent_lsn: Lsn,
-}
-
-/// Checks the slot and publication; creates the slot when it is missing and the ledger has no
-/// checkpoint. A missing slot with a checkpoint is a definite error: its changes are gone.
-///
-/// Every step is safe to die at (issue 15, items 3 and 4). A new slot that will be snapshotted
-/// is announced in the ledger (an incomplete snapshot state) before it exists, so a slot found
-/// with an incomplete state is always ours to retake. A retake retires the abandoned snapshot's
-/// batches first, then drops and recreates the slot: dying anywhere leaves the incomplete state
-/// in place, and the next start retakes again.
+/// Makes sure the slot exists and is usable: creates it for a new pipeline, recreates it when
+/// `CDC_RECREATE_SLOT` asks (after asking, durably, for every table to be backfilled again),
+/// and finishes what an initial snapshot of an earlier version left (an exported snapshot read
+/// in one transaction: its batches are retired and the tables backfilled instead).
 pub async fn ensure_slot(
     settings: &Settings,
     params: &ConnectParams,
@@ -55,7 +43,7 @@ pub async fn ensure_slot(
     checkpoint: &Option<Checkpoint>,
     ledger: &dyn Ledger,
     lease: &Lease,
-) -> Result<Option<ExportedSnapshot>, CaptureError> {
+) -> Result<(), CaptureError> {
     let client = catalog.client();
     let findings =
         crate::checks::run(client, &settings.flags.publication, &settings.tables).await?;
@@ -71,133 +59,127 @@ pub async fn ensure_slot(
             &[&settings.slot],
         )
         .await?;
-    let initial = settings.flags.snapshot != SnapshotMode::Never;
-    // An unfinished snapshot is taken again whatever CDC_SNAPSHOT says now: its slot was made
-    // for it, and its batches wait for it (the mode only decides what a new slot gets).
+    if let Some(row) = &slot {
+        let plugin: Option<String> = row.get(0);
+        let database: Option<String> = row.get(1);
+        if plugin.as_deref() != Some("pgoutput")
+            || database.as_deref() != Some(settings.database.as_str())
+        {
+            return Err(CaptureError::Setup(format!(
+                "CDC_SLOT_NAME: slot {:?} exists but is not a pgoutput slot of database {:?}",
+                settings.slot, settings.database
+            )));
+        }
+    }
+    // An initial snapshot an earlier version started in one transaction and did not finish:
+    // its rows are retired and every table is backfilled instead, on a new slot.
     let unfinished = retry_ledger("reading the snapshot state", || ledger.load_snapshot())
         .await?
         .filter(|state| !state.complete);
-    if let (None, Some(state)) = (&slot, &unfinished) {
-        // Died during a retake after the slot was dropped, or before a new slot existed.
-        tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: creating the slot and taking it again");
-        return retake_snapshot(settings, params, client, ledger, state, false, lease).await;
+    if let Some(state) = unfinished {
+        tracing::warn!(slot = %settings.slot, "an initial snapshot of an earlier version did not complete: retiring its rows, recreating the slot and backfilling every table");
+        if state.consistent_lsn > Lsn::ZERO {
+            let retired = retry_ledger("retiring the abandoned snapshot", || {
+                ledger.retire_snapshot(&state)
+            })
+            .await?;
+            tracing::info!(retired, "batches of the abandoned snapshot retired");
+        }
+        request_initial(ledger).await?;
+        if slot.is_some() {
+            lease.fence(ledger).await?;
+            drop_slot(client, &settings.slot).await?;
+        }
+        lease.fence(ledger).await?;
+        create_slot(settings, params).await?;
+        let done = SnapshotState {
+            complete: true,
+            ..state
+        };
+        retry_ledger("recording the old snapshot finished", || {
+            ledger.save_snapshot(&done, &lease.owner, lease.epoch)
+        })
+        .await?;
+        return Ok(());
     }
+    let recorded = checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO);
     match slot {
         Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            let database: Option<String> = row.get(1);
             let wal_status: String = row.get(2);
-            if plugin.as_deref() != Some("pgoutput")
-                || database.as_deref() != Some(settings.database.as_str())
-            {
-                return Err(CaptureError::Setup(format!(
-                    "CDC_SLOT_NAME: slot {:?} exists but is not a pgoutput slot of database {:?}",
-                    settings.slot, settings.database
-                )));
-            }
-            if let Some(state) = unfinished {
-                tracing::warn!(slot = %settings.slot, "the initial snapshot did not complete: recreating the slot and taking it again");
-                return retake_snapshot(settings, params, client, ledger, &state, true, lease)
-                    .await;
-            }
             if wal_status == "lost" {
                 if settings.flags.recreate_slot {
-                    tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is invalidated; recreating it and taking a new snapshot, keeping what the ledger recorded");
-                    // The intent first: from then on this is a retake (drop, create), and dying
-                    // anywhere leads the next start to retake again.
-                    let intent = record_intent(ledger, lease).await?;
-                    return retake_snapshot(settings, params, client, ledger, &intent, true, lease)
-                        .await;
+                    tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is invalidated; recreating it and backfilling every table, keeping what the ledger recorded");
+                    request_all(ledger).await?;
+                    crash_point("after_backfill_requested");
+                    lease.fence(ledger).await?;
+                    drop_slot(client, &settings.slot).await?;
+                    crash_point("after_slot_dropped");
+                    lease.fence(ledger).await?;
+                    create_slot(settings, params).await?;
+                    crash_point("after_slot_created");
+                    return Ok(());
                 }
                 return Err(CaptureError::Setup(format!(
                     "replication slot {:?} is invalidated (wal_status = lost): the WAL it needed was removed and \
                      changes since the ledger's checkpoint are gone. Start the capture with CDC_RECREATE_SLOT=true \
-                     to recreate the slot and fill the gap with a new snapshot, keeping what the ledger recorded",
+                     to recreate the slot and backfill every table again, keeping what the ledger recorded",
                     settings.slot
                 )));
             }
-            Ok(None)
+            Ok(())
         }
-        None if checkpoint.as_ref().is_some_and(|c| c.lsn > Lsn::ZERO) => {
+        None if recorded => {
             if settings.flags.recreate_slot {
-                tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is gone; recreating it and taking a new snapshot, keeping what the ledger recorded");
-                return create_with_snapshot(settings, params, ledger, lease).await;
+                tracing::warn!(slot = %settings.slot, "CDC_RECREATE_SLOT: the slot is gone; recreating it and backfilling every table, keeping what the ledger recorded");
+                request_all(ledger).await?;
+                crash_point("after_backfill_requested");
+                lease.fence(ledger).await?;
+                create_slot(settings, params).await?;
+                crash_point("after_slot_created");
+                return Ok(());
             }
             Err(CaptureError::Setup(format!(
                 "replication slot {:?} does not exist but the ledger holds a checkpoint for it: changes since \
                  the checkpoint are gone. Start the capture with CDC_RECREATE_SLOT=true to recreate the slot and \
-                 fill the gap with a new snapshot, keeping what the ledger recorded (do not delete ledger items)",
+                 backfill every table again, keeping what the ledger recorded (do not delete ledger items)",
                 settings.slot
             )))
         }
-        None if initial => create_with_snapshot(settings, params, ledger, lease).await,
-        None => create_slot(settings, params, false).await,
+        None => {
+            // The snapshot is asked for durably before the slot exists: a task killed between
+            // the two finds the request and the slot, and reads the tables.
+            if settings.flags.snapshot != crate::config::SnapshotMode::Never {
+                request_initial(ledger).await?;
+                crash_point("after_backfill_requested");
+            }
+            lease.fence(ledger).await?;
+            create_slot(settings, params).await?;
+            crash_point("after_slot_created");
+            Ok(())
+        }
     }
 }
 
-/// Creates the slot with an exported snapshot, its intent recorded first: a slot that exists
-/// with an incomplete snapshot state is always ours to retake (issue 15, item 3). The ledger's
-/// checkpoint, flush numbers and epoch stay: the new snapshot's keys sort after everything
-/// recorded, since a new slot's consistent point is past any position streamed before.
-async fn create_with_snapshot(
-    settings: &Settings,
-    params: &ConnectParams,
-    ledger: &dyn Ledger,
-    lease: &Lease,
-) -> Result<Option<ExportedSnapshot>, CaptureError> {
-    record_intent(ledger, lease).await?;
-    crash_point("after_snapshot_intent");
-    lease.fence(ledger).await?;
-    let exported = create_slot(settings, params, true).await?;
-    crash_point("after_slot_created");
-    Ok(exported)
-}
-
-/// Records that a slot is about to be created for a snapshot (an incomplete state with no
-/// consistent point yet), under the lease; returns it.
-async fn record_intent(ledger: &dyn Ledger, lease: &Lease) -> Result<SnapshotState, CaptureError> {
-    let intent = SnapshotState {
-        complete: false,
-        consistent_lsn: Lsn::ZERO,
-        started_ms: now_ms(),
-    };
-    retry_ledger("recording the snapshot intent", || {
-        ledger.save_snapshot(&intent, &lease.owner, lease.epoch)
+/// Asks, durably, for the initial snapshot: every captured table read, tables without a key
+/// included.
+async fn request_initial(ledger: &dyn Ledger) -> Result<(), CaptureError> {
+    let sk = cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK;
+    retry_ledger("requesting the initial snapshot", || {
+        ledger.put_backfill_request(sk)
     })
     .await?;
-    Ok(intent)
+    Ok(())
 }
 
-/// Takes an unfinished initial snapshot again: retires its batches, drops the slot (when it
-/// exists), creates it anew. The incomplete state stays recorded until the new snapshot records
-/// its own, so dying at any step leads the next start here again.
-async fn retake_snapshot(
-    settings: &Settings,
-    params: &ConnectParams,
-    client: &tokio_postgres::Client,
-    ledger: &dyn Ledger,
-    state: &SnapshotState,
-    slot_exists: bool,
-    lease: &Lease,
-) -> Result<Option<ExportedSnapshot>, CaptureError> {
-    // An intent (no consistent point yet) never wrote a batch: nothing to look for.
-    if state.consistent_lsn > Lsn::ZERO {
-        let retired = retry_ledger("retiring the abandoned snapshot", || {
-            ledger.retire_snapshot(state)
-        })
-        .await?;
-        tracing::info!(retired, "batches of the abandoned snapshot retired");
-    }
-    crash_point("after_snapshot_retired");
-    if slot_exists {
-        lease.fence(ledger).await?;
-        drop_slot(client, &settings.slot).await?;
-        crash_point("after_slot_dropped");
-    }
-    lease.fence(ledger).await?;
-    let exported = create_slot(settings, params, true).await?;
-    crash_point("after_slot_created");
-    Ok(exported)
+/// Asks, durably, for every captured table to be backfilled (the running capture takes the
+/// request once the slot streams).
+async fn request_all(ledger: &dyn Ledger) -> Result<(), CaptureError> {
+    let sk = cdc_contract::ledger::backfill_request_sk(None);
+    retry_ledger("requesting a backfill of every table", || {
+        ledger.put_backfill_request(&sk)
+    })
+    .await?;
+    Ok(())
 }
 
 async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
@@ -217,43 +199,17 @@ async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Ca
     Ok(())
 }
 
+/// Creates the slot (no exported snapshot: the backfill reads tables in chunks of their own).
 pub(crate) async fn create_slot(
     settings: &Settings,
     params: &ConnectParams,
-    export: bool,
-) -> Result<Option<ExportedSnapshot>, CaptureError> {
+) -> Result<(), CaptureError> {
     let mut conn = ReplicationConnection::connect(params).await?;
-    let rows = conn
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
-            quote_ident(&settings.slot),
-            if export {
-                "EXPORT_SNAPSHOT"
-            } else {
-                "NOEXPORT_SNAPSHOT"
-            }
-        ))
-        .await?;
+    conn.simple_query(&format!(
+        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+        quote_ident(&settings.slot)
+    ))
+    .await?;
     tracing::info!(slot = %settings.slot, "replication slot created");
-    if !export {
-        return Ok(None);
-    }
-    let row = rows
-        .first()
-        .ok_or_else(|| CaptureError::Setup("CREATE_REPLICATION_SLOT returned no row".into()))?;
-    let consistent_lsn = row
-        .get(1)
-        .and_then(|v| v.as_deref())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            CaptureError::Setup("CREATE_REPLICATION_SLOT returned no consistent point".into())
-        })?;
-    let name = row.get(2).and_then(|v| v.clone()).ok_or_else(|| {
-        CaptureError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into())
-    })?;
-    Ok(Some(ExportedSnapshot {
-        _conn: conn,
-        name,
-        consistent_lsn,
-    }))
+    Ok(())
 }

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 
 use cdc_contract::schema::TableSchema;
-use cdc_contract::Lsn;
+use cdc_contract::{Lsn, TableName};
 
 use crate::pgoutput::{PgOutput, Relation};
 use crate::pipeline::CaptureError;
@@ -78,4 +78,26 @@ pub trait Upstream: Send {
     async fn emit_heartbeat(&mut self) -> Result<(), CaptureError>;
     /// The slot's state; fails only when the connection is lost.
     async fn slot_status(&mut self, slot: &str) -> Result<SlotStatus, CaptureError>;
+    /// Writes a backfill chunk's high watermark (a non-transactional logical message with
+    /// `content`) and returns its position.
+    async fn emit_watermark(&mut self, content: &str) -> Result<Lsn, CaptureError> {
+        let _ = content;
+        Err(CaptureError::Setup(
+            "this upstream takes no backfill".into(),
+        ))
+    }
+    /// The captured tables the publication publishes now (None: not known here).
+    async fn published(&mut self) -> Result<Option<Vec<TableName>>, CaptureError> {
+        Ok(None)
+    }
+    /// True when `table` has a key the backfill can read it by (a primary key or a replica
+    /// identity index), or is gone.
+    async fn has_key(&mut self, table: &TableName) -> Result<bool, CaptureError> {
+        let _ = table;
+        Ok(true)
+    }
+    /// Where backfill chunks are read (None: nowhere).
+    fn chunk_source(&self) -> Option<std::sync::Arc<dyn crate::backfill::ChunkSource>> {
+        None
+    }
 }

@@ -14,13 +14,37 @@ use cdc_contract::ledger::Checkpoint;
 use cdc_contract::{metrics, Lsn};
 
 use crate::assemble::{Assembler, Want};
+use crate::backfill::{Chunk, ChunkRequest, WATERMARK_PREFIX};
 use crate::config::Settings;
+use crate::encode::TableEncoder;
 use crate::flush::{FlushError, FlushOutcome, Flusher};
 use crate::pgoutput::PgOutput;
 use crate::pipeline::{now_ms, CaptureError, Deps, Stopped};
 use crate::source::{Incoming, ReplicationSource, SlotStatus, Upstream};
 
 type Inflight = tokio::task::JoinHandle<Result<FlushOutcome, FlushError>>;
+type Reading = tokio::task::JoinHandle<Result<Chunk, CaptureError>>;
+
+/// The backfill's side of the streamer: the chunk being read, the chunk waiting for its high
+/// watermark, and the requests to delete once recorded.
+#[derive(Default)]
+struct Chunks {
+    reading: Option<Reading>,
+    /// A read chunk and its high watermark's content.
+    waiting: Option<(Chunk, String)>,
+    /// Not before this (after a failed or refused read).
+    not_before: Option<tokio::time::Instant>,
+    /// Rows one chunk reads (adapted to the chunk size in bytes).
+    rows: usize,
+    /// Watermark contents are unique to this run.
+    run: String,
+    seq: u64,
+    /// Requests taken into the backfill, deleted once a recorded checkpoint holds them.
+    requests: Vec<String>,
+    /// The encoder of each table's chunks.
+    encoders: std::collections::HashMap<cdc_contract::TableName, Arc<TableEncoder>>,
+    failures: u32,
+}
 
 /// The streaming side of a run.
 pub struct Streamer<'a> {
@@ -31,6 +55,8 @@ pub struct Streamer<'a> {
     inflight: Option<Inflight>,
     metrics: Option<Arc<dyn Fn(String) + Send + Sync>>,
     health: Arc<crate::health::Health>,
+    ledger: Arc<dyn crate::ledger::Ledger>,
+    chunks: Chunks,
 }
 
 impl<'a> Streamer<'a> {
@@ -65,6 +91,12 @@ impl<'a> Streamer<'a> {
             inflight: None,
             metrics: deps.metrics.clone(),
             health: deps.health.clone(),
+            ledger: deps.ledger.clone(),
+            chunks: Chunks {
+                rows: 1000,
+                run: format!("{}/{}", settings.slot, uuid::Uuid::new_v4().simple()),
+                ..Default::default()
+            },
         }
     }
 
@@ -119,6 +151,7 @@ impl<'a> Streamer<'a> {
                     // What was buffered but not recorded is sent again.
                     self.wait_inflight().await?;
                     self.asm.reset();
+                    self.drop_chunks();
                 }
                 Err(e) => return Err(e),
             }
@@ -135,6 +168,12 @@ impl<'a> Streamer<'a> {
         // checkpoint, and the changes between would be lost (a slot another task recreated).
         if recorded > Lsn::ZERO {
             match upstream.slot_confirmed().await {
+                Ok(Some(confirmed)) if confirmed > recorded && self.recreated().await? => {
+                    // The capture recreated the slot after asking for every table to be
+                    // backfilled: the backfill fills the gap; streaming starts at the new slot.
+                    tracing::info!(confirmed = %confirmed, recorded = %recorded, "the slot was recreated: streaming from its start, every table backfilled");
+                    self.asm.skip_to(confirmed);
+                }
                 Ok(Some(confirmed)) if confirmed > recorded => {
                     return Err(CaptureError::Setup(format!(
                         "replication slot {:?} is confirmed up to {confirmed}, past the ledger's checkpoint {recorded}: \
@@ -150,6 +189,20 @@ impl<'a> Streamer<'a> {
             }
         }
         upstream.start(recorded).await
+    }
+
+    /// True when a backfill of every table is asked for and not yet recorded: the capture
+    /// (re)created the slot after asking for it (`CDC_RECREATE_SLOT`, or an older version's
+    /// unfinished snapshot replaced).
+    async fn recreated(&self) -> Result<bool, CaptureError> {
+        let all = cdc_contract::ledger::backfill_request_sk(None);
+        let requests = crate::slot::retry_ledger("reading backfill requests", || {
+            self.ledger.backfill_requests()
+        })
+        .await?;
+        Ok(requests
+            .iter()
+            .any(|sk| *sk == all || sk == cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK))
     }
 
     /// The one place a position is confirmed: the recorded checkpoint's.
@@ -168,12 +221,20 @@ impl<'a> Streamer<'a> {
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slot_tick = tokio::time::interval(self.settings.heartbeat_interval());
         slot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.take_requests(upstream).await?;
         loop {
+            if let Some(stopped) = self.backfill_step(upstream).await? {
+                return Ok(stopped);
+            }
             let flush_deadline = self.asm.flush_deadline();
+            let retry_read = self.chunks.not_before;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     self.flush_on_shutdown().await?;
+                    if let Some(p) = self.asm.recorded().backfill.as_ref().and_then(|b| b.pending.first()) {
+                        tracing::info!(table = %p.table, rows = p.rows, "stopped on request during a backfill; the next start resumes after the last recorded chunk");
+                    }
                     let _ = self.confirm(source).await;
                     tracing::info!(lsn = %self.asm.recorded().lsn, "stopped on request; buffered changes recorded");
                     return Ok(Stopped::Shutdown);
@@ -185,9 +246,16 @@ impl<'a> Streamer<'a> {
                     self.inflight = None;
                     self.flush_done(done)?;
                     self.confirm(source).await?;
-                    if self.asm.caught_up(false) {
+                    if self.asm.caught_up(false) && self.backfill_recorded() {
                         return Ok(Stopped::CaughtUp);
                     }
+                }
+                read = async { self.chunks.reading.as_mut().expect("guarded").await }, if self.chunks.reading.is_some() => {
+                    self.chunks.reading = None;
+                    self.chunk_read(upstream, read).await?;
+                }
+                _ = sleep_until(retry_read), if retry_read.is_some() => {
+                    self.chunks.not_before = None;
                 }
                 _ = sleep_until(flush_deadline), if flush_deadline.is_some() => {
                     self.flush(Want::Committed, false).await?;
@@ -201,7 +269,7 @@ impl<'a> Streamer<'a> {
                             tracing::trace!(wal_end = %wal_end, reply_requested, "keepalive");
                             self.asm.keepalive(wal_end);
                             self.maybe_heartbeat().await?;
-                            if self.asm.caught_up(self.inflight.is_some()) && !self.asm.in_transaction() {
+                            if self.asm.caught_up(self.inflight.is_some()) && !self.asm.in_transaction() && self.backfill_recorded() {
                                 return Ok(Stopped::CaughtUp);
                             }
                             if reply_requested {
@@ -212,11 +280,12 @@ impl<'a> Streamer<'a> {
                 }
                 _ = slot_tick.tick() => {
                     self.slot_heartbeat(upstream).await?;
+                    self.take_requests(upstream).await?;
                 }
                 _ = status_tick.tick() => {
                     self.confirm(source).await?;
                     self.maybe_heartbeat().await?;
-                    if self.asm.caught_up(self.inflight.is_some()) && !self.asm.in_transaction() {
+                    if self.asm.caught_up(self.inflight.is_some()) && !self.asm.in_transaction() && self.backfill_recorded() {
                         return Ok(Stopped::CaughtUp);
                     }
                 }
@@ -245,6 +314,16 @@ impl<'a> Streamer<'a> {
             PgOutput::Relation(rel) => {
                 let schema = upstream.table_schema(&rel, self.asm.knows(rel.oid)).await?;
                 self.asm.relation(&rel, schema);
+                // A captured table first seen: backfilled before its changes are taken in, so
+                // its tracking starts ahead of them.
+                self.first_seen(
+                    upstream,
+                    &[cdc_contract::TableName::new(
+                        rel.namespace.clone(),
+                        rel.name.clone(),
+                    )],
+                )
+                .await?;
                 None
             }
             PgOutput::Insert { rel, new } => {
@@ -266,6 +345,12 @@ impl<'a> Streamer<'a> {
                 }
                 None
             }
+            PgOutput::Message {
+                transactional: false,
+                lsn,
+                prefix,
+                content,
+            } if prefix == WATERMARK_PREFIX => self.watermark(upstream, lsn, &content).await?,
             PgOutput::Type { .. } | PgOutput::Origin { .. } | PgOutput::Message { .. } => None,
         };
         if let Some(want) = want {
@@ -341,6 +426,292 @@ impl<'a> Streamer<'a> {
         }
     }
 
+    /// True when the recorded checkpoint has no table left to backfill.
+    fn backfill_recorded(&self) -> bool {
+        self.asm
+            .recorded()
+            .backfill
+            .as_ref()
+            .is_none_or(|b| b.pending.is_empty())
+            && self.asm.backfill().is_none_or(|b| b.pending.is_empty())
+    }
+
+    /// The stream broke: the chunk being read or waiting is dropped (it is read again from the
+    /// recorded progress, on the next stream).
+    fn drop_chunks(&mut self) {
+        if let Some(reading) = self.chunks.reading.take() {
+            reading.abort();
+        }
+        self.chunks.waiting = None;
+    }
+
+    /// Captured tables the backfill has not met: each is backfilled when
+    /// `CDC_BACKFILL_NEW_TABLES` says so, else only known from now on.
+    async fn first_seen(
+        &mut self,
+        upstream: &mut dyn Upstream,
+        tables: &[cdc_contract::TableName],
+    ) -> Result<(), CaptureError> {
+        let captured = &self.settings.tables;
+        let new: Vec<_> = match self.asm.backfill() {
+            None => return Ok(()),
+            Some(b) => tables
+                .iter()
+                .filter(|t| !b.knows(t) && (captured.is_empty() || captured.contains(t)))
+                .cloned()
+                .collect(),
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        if self.settings.flags.backfill_new_tables {
+            for table in &new {
+                tracing::info!(table = %table, "new table: backfilling its rows");
+            }
+            self.backfill_tables(upstream, &new).await
+        } else {
+            for table in &new {
+                tracing::info!(table = %table, "new table: streaming its changes (CDC_BACKFILL_NEW_TABLES=false)");
+            }
+            self.asm.update_backfill(|b| b.known.extend(new));
+            Ok(())
+        }
+    }
+
+    /// Asks for `tables` to be backfilled (again). A table without a key is read whole and
+    /// cannot be read again without doubling its rows: asked again, it is refused.
+    pub async fn backfill_tables(
+        &mut self,
+        upstream: &mut dyn Upstream,
+        tables: &[cdc_contract::TableName],
+    ) -> Result<(), CaptureError> {
+        let now = now_ms();
+        for table in tables {
+            let keyless = !upstream.has_key(table).await?;
+            let known = self.asm.backfill().is_some_and(|b| b.known.contains(table));
+            if keyless && known {
+                tracing::warn!(table = %table, "a table without a key is not read again: its rows cannot be told apart, so a second read would double them (give it a primary key or a REPLICA IDENTITY USING INDEX)");
+                continue;
+            }
+            self.asm.update_backfill(|b| {
+                if b.request(table, now) {
+                    if let Some(p) = b.pending.iter_mut().find(|p| &p.table == table) {
+                        p.keyless = keyless;
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes operators' backfill requests from the ledger, and tables the publication gained.
+    async fn take_requests(&mut self, upstream: &mut dyn Upstream) -> Result<(), CaptureError> {
+        if self.asm.backfill().is_none() {
+            return Ok(());
+        }
+        let mut requests = match self.ledger.backfill_requests().await {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(error = %error, "reading backfill requests failed; trying again at the next heartbeat");
+                return Ok(());
+            }
+        };
+        // The initial snapshot first: its tables are not known yet, so none counts as new.
+        let initial = cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK;
+        if let Some(i) = requests.iter().position(|sk| sk == initial) {
+            let sk = requests.remove(i);
+            if !self.chunks.requests.contains(&sk) {
+                let published = upstream.published().await?.unwrap_or_default();
+                self.backfill_tables(upstream, &published).await?;
+                self.chunks.requests.push(sk);
+            }
+        }
+        if let Some(published) = upstream.published().await? {
+            self.first_seen(upstream, &published).await?;
+        }
+        for sk in requests {
+            if self.chunks.requests.contains(&sk) {
+                continue;
+            }
+            let Some(which) = cdc_contract::ledger::parse_backfill_request_sk(&sk) else {
+                continue;
+            };
+            let tables: Vec<cdc_contract::TableName> = match which {
+                Some(table) => vec![table],
+                None => match upstream.published().await? {
+                    Some(t) => t,
+                    None => continue,
+                },
+            };
+            for table in &tables {
+                tracing::info!(table = %table, "backfill requested");
+            }
+            self.backfill_tables(upstream, &tables).await?;
+            self.chunks.requests.push(sk);
+        }
+        Ok(())
+    }
+
+    /// Starts the next chunk's read when none is under way; in `initial_only`, stops once
+    /// every table is read and recorded.
+    async fn backfill_step(
+        &mut self,
+        upstream: &mut dyn Upstream,
+    ) -> Result<Option<Stopped>, CaptureError> {
+        let Some(backfill) = self.asm.backfill() else {
+            return Ok(None);
+        };
+        // Progress without rows to carry it (an empty table, a chunk wholly dropped, a new
+        // request): recorded on its own.
+        if self.asm.recorded().backfill.as_ref() != Some(backfill)
+            && self.inflight.is_none()
+            && self.asm.is_empty()
+            && !self.asm.in_transaction()
+        {
+            self.flush(Want::Committed, false).await?;
+            return Ok(None);
+        }
+        let Some(backfill) = self.asm.backfill() else {
+            return Ok(None);
+        };
+        let Some(next) = backfill.pending.first() else {
+            if self.settings.flags.snapshot == crate::config::SnapshotMode::InitialOnly
+                && self.backfill_recorded()
+                && self.inflight.is_none()
+                && self.asm.is_empty()
+            {
+                return Ok(Some(Stopped::SnapshotTaken));
+            }
+            return Ok(None);
+        };
+        if self.chunks.reading.is_some()
+            || self.chunks.waiting.is_some()
+            || self
+                .chunks
+                .not_before
+                .is_some_and(|t| t > tokio::time::Instant::now())
+        {
+            return Ok(None);
+        }
+        let Some(source) = upstream.chunk_source() else {
+            return Ok(None);
+        };
+        let req = ChunkRequest {
+            table: next.table.clone(),
+            after: next.after.clone(),
+            x0: self.asm.tracker.x0(&next.table),
+            limit: self.chunks.rows,
+            whole: next.keyless,
+        };
+        self.chunks.reading = Some(tokio::spawn(async move { source.read(req).await }));
+        Ok(None)
+    }
+
+    /// A chunk's read ended: its high watermark is written, and the chunk waits for it.
+    async fn chunk_read(
+        &mut self,
+        upstream: &mut dyn Upstream,
+        read: Result<Result<Chunk, CaptureError>, tokio::task::JoinError>,
+    ) -> Result<(), CaptureError> {
+        let chunk = match read {
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(error)) => {
+                self.chunk_failed(&format!("reading a backfill chunk failed: {error}"));
+                return Ok(());
+            }
+            Err(error) => {
+                self.chunk_failed(&format!("the backfill reader failed: {error}"));
+                return Ok(());
+            }
+        };
+        self.chunks.failures = 0;
+        self.asm.tracker.set_x0(&chunk.table, chunk.x0);
+        self.chunks.seq += 1;
+        let content = format!("{}/{}", self.chunks.run, self.chunks.seq);
+        let high = upstream.emit_watermark(&content).await?;
+        tracing::debug!(table = %chunk.table, rows = chunk.rows.len(), high = %high, transaction_ms = chunk.transaction_ms, "backfill chunk read");
+        self.chunks.waiting = Some((chunk, content));
+        Ok(())
+    }
+
+    fn chunk_failed(&mut self, why: &str) {
+        self.chunks.failures += 1;
+        let wait = Duration::from_millis((500u64 << self.chunks.failures.min(6)).min(30_000));
+        tracing::warn!(retry_in_ms = wait.as_millis() as u64, "{why}");
+        self.chunks.not_before = Some(tokio::time::Instant::now() + wait);
+    }
+
+    /// A high watermark arrived: its chunk is placed here.
+    async fn watermark(
+        &mut self,
+        upstream: &mut dyn Upstream,
+        lsn: Lsn,
+        content: &[u8],
+    ) -> Result<Option<Want>, CaptureError> {
+        let mine = self
+            .chunks
+            .waiting
+            .as_ref()
+            .is_some_and(|(_, c)| c.as_bytes() == content);
+        if !mine {
+            return Ok(None);
+        }
+        let Some((chunk, _)) = self.chunks.waiting.take() else {
+            return Ok(None);
+        };
+        if self.asm.in_transaction() {
+            return Err(CaptureError::Setup(
+                "a backfill watermark arrived inside a transaction".into(),
+            ));
+        }
+        let encoder = match &chunk.relation {
+            Some(rel) => {
+                let schema = upstream.table_schema(rel, false).await?;
+                let encoder =
+                    TableEncoder::new(schema, &self.settings.slot, &self.settings.database);
+                // The same encoder while the schema stays: the chunks share batches.
+                match self.chunks.encoders.get(&chunk.table) {
+                    Some(known) if known.schema_id == encoder.schema_id => known.clone(),
+                    _ => {
+                        let encoder = Arc::new(encoder);
+                        self.chunks
+                            .encoders
+                            .insert(chunk.table.clone(), encoder.clone());
+                        encoder
+                    }
+                }
+            }
+            None => {
+                tracing::warn!(table = %chunk.table, "table gone or no longer published: its backfill ends");
+                self.asm.update_backfill(|b| b.finish(&chunk.table));
+                self.asm.tracker.untrack(&chunk.table);
+                return Ok(None);
+            }
+        };
+        // pgoutput reports a message at the end of its WAL record, where the next record (a
+        // commit, say) starts: the chunk takes the position just below, inside the message's
+        // own record, where no commit record can start.
+        let high = Lsn(lsn.0.saturating_sub(1));
+        match self.asm.place_chunk(&chunk, &encoder, high) {
+            Some((rows, bytes)) => {
+                if rows > 0 {
+                    // Rows per chunk follow the chunk size, in bytes of events.
+                    let per_row = (bytes / rows as usize).max(1);
+                    self.chunks.rows =
+                        (self.settings.flags.snapshot_chunk_bytes / per_row).clamp(16, 1_000_000);
+                }
+                if chunk.last {
+                    tracing::info!(table = %chunk.table, "table backfilled");
+                }
+                tracing::debug!(table = %chunk.table, rows, bytes, "backfill chunk placed");
+            }
+            None => {
+                self.chunk_failed("a change the chunk's read did not see has an unreadable key; reading the chunk again");
+            }
+        }
+        Ok(self.asm.full().then_some(Want::Committed))
+    }
+
     /// What `/healthz` reports.
     pub fn health(&self) -> &crate::health::Health {
         &self.health
@@ -399,8 +770,43 @@ impl<'a> Streamer<'a> {
                 }
             }
         }
+        let backfill = outcome.checkpoint.backfill.clone();
+        let was_pending = self
+            .asm
+            .recorded()
+            .backfill
+            .as_ref()
+            .is_some_and(|b| !b.pending.is_empty());
+        if was_pending && backfill.as_ref().is_some_and(|b| b.pending.is_empty()) {
+            tracing::info!("backfill complete: every table asked for is read and recorded");
+        }
         self.asm.flush_recorded(outcome.checkpoint);
         self.health.recorded(now_ms());
+        if let Some(b) = &backfill {
+            if let Some(emit) = &self.metrics {
+                let rows: u64 = b.pending.iter().map(|p| p.rows).sum();
+                emit(metrics::emf_line(
+                    &self.settings.slot,
+                    now_ms(),
+                    &[
+                        (metrics::BACKFILL_TABLES_REMAINING, b.pending.len() as f64),
+                        (metrics::BACKFILL_ROWS, rows as f64),
+                    ],
+                ));
+            }
+            // Requests the recorded checkpoint holds are done with.
+            if !self.chunks.requests.is_empty() {
+                let ledger = self.ledger.clone();
+                let done = std::mem::take(&mut self.chunks.requests);
+                tokio::spawn(async move {
+                    for sk in done {
+                        if let Err(error) = ledger.delete_backfill_request(&sk).await {
+                            tracing::warn!(error = %error, request = %sk, "deleting a recorded backfill request failed; it is taken again (a second read of the table)");
+                        }
+                    }
+                });
+            }
+        }
         Ok(())
     }
 

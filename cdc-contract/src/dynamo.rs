@@ -233,6 +233,29 @@ impl Table {
         Ok(out)
     }
 
+    /// Every item of partition `pk` whose sort key starts with `prefix`, in sort key order.
+    pub async fn query_prefix(&self, pk: String, prefix: &str) -> Result<Vec<Item>, AwsError> {
+        let mut pages = self
+            .client
+            .query()
+            .table_name(&self.name)
+            .consistent_read(true)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":prefix", s(prefix))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            out.extend(
+                page.map_err(|e| AwsError::dynamodb("query", e))?
+                    .items
+                    .unwrap_or_default(),
+            );
+        }
+        Ok(out)
+    }
+
     /// Puts `item`, on `expr`'s condition when given.
     pub async fn put(
         &self,

@@ -313,6 +313,112 @@ pub struct Checkpoint {
     pub flush_seq: u64,
     /// Id of the last committed flush (empty before the first).
     pub flush_id: String,
+    /// The backfill's progress as of this checkpoint (None: recorded before backfills were
+    /// kept here). Recorded in the same write as the rows it counts, so it is never ahead of
+    /// them and never behind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<Backfill>,
+}
+
+/// What the chunked backfill has read and has still to read.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Backfill {
+    /// Tables still to read, in order; the first is the one being read.
+    pub pending: Vec<TableProgress>,
+    /// Captured tables read completely, or known when no snapshot was asked for: a table of
+    /// neither list is new to the capture.
+    pub known: Vec<TableName>,
+}
+
+/// One table's backfill progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableProgress {
+    /// The table.
+    pub table: TableName,
+    /// The key of the last row recorded, as its columns' text (None: nothing read yet); the
+    /// next chunk starts after it.
+    pub after: Option<Vec<Option<String>>>,
+    /// Rows recorded.
+    pub rows: u64,
+    /// Chunks recorded.
+    pub chunks: u64,
+    /// When the table's backfill was asked for (ms since the epoch).
+    pub requested_ms: i64,
+    /// The table has no key (no primary key, no replica identity index): it is read in one
+    /// chunk, and its streamed changes are held until that chunk is placed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keyless: bool,
+}
+
+impl TableProgress {
+    /// A table whose backfill starts from its first key.
+    pub fn new(table: TableName, requested_ms: i64) -> Self {
+        TableProgress {
+            table,
+            after: None,
+            rows: 0,
+            chunks: 0,
+            requested_ms,
+            keyless: false,
+        }
+    }
+}
+
+impl Backfill {
+    /// True when `table` is read, known, or waiting to be read.
+    pub fn knows(&self, table: &TableName) -> bool {
+        self.known.contains(table) || self.pending.iter().any(|p| &p.table == table)
+    }
+
+    /// Asks for `table` to be read (again, from its first key, if it is read already or being
+    /// read); false when it is already waiting from its first key.
+    pub fn request(&mut self, table: &TableName, now_ms: i64) -> bool {
+        if let Some(p) = self.pending.iter_mut().find(|p| &p.table == table) {
+            if p.after.is_none() {
+                return false;
+            }
+            *p = TableProgress::new(table.clone(), now_ms);
+            return true;
+        }
+        self.known.retain(|t| t != table);
+        self.pending.push(TableProgress::new(table.clone(), now_ms));
+        true
+    }
+
+    /// Records that `table` is read completely.
+    pub fn finish(&mut self, table: &TableName) {
+        self.pending.retain(|p| &p.table != table);
+        if !self.known.contains(table) {
+            self.known.push(table.clone());
+        }
+    }
+}
+
+/// Sort key prefix of the backfill requests ([`backfill_request_sk`]).
+pub const BACKFILL_REQUEST_PREFIX: &str = "backfill-request#";
+
+/// Sort key of an operator's request to backfill `table` (None: every captured table) while
+/// the capture runs; the running capture picks it up and deletes it once the request is
+/// recorded in its checkpoint.
+pub fn backfill_request_sk(table: Option<&TableName>) -> String {
+    match table {
+        Some(t) => format!("{BACKFILL_REQUEST_PREFIX}{t}"),
+        None => format!("{BACKFILL_REQUEST_PREFIX}*"),
+    }
+}
+
+/// Sort key of the request a capture writes before it creates a slot in `CDC_SNAPSHOT=initial`
+/// (and before it replaces a snapshot an older version left unfinished): every captured table,
+/// tables without a key included, is read.
+pub const INITIAL_BACKFILL_REQUEST_SK: &str = "backfill-request#!initial";
+
+/// The table a backfill request's sort key names (None: every captured table).
+pub fn parse_backfill_request_sk(sk: &str) -> Option<Option<TableName>> {
+    let rest = sk.strip_prefix(BACKFILL_REQUEST_PREFIX)?;
+    if rest == "*" {
+        return Some(None);
+    }
+    rest.parse().ok().map(Some)
 }
 
 impl Checkpoint {
@@ -330,6 +436,10 @@ impl Checkpoint {
             caught_up_ms: r.n_opt("caught_up_ms")?,
             flush_seq: r.n("flush_seq")?,
             flush_id: r.s_opt("flush_id").unwrap_or_default().to_owned(),
+            backfill: match r.s_opt("backfill") {
+                None | Some("") => None,
+                Some(text) => Some(serde_json::from_str(text).map_err(|_| r.error("backfill"))?),
+            },
         })
     }
 
@@ -347,6 +457,13 @@ impl Checkpoint {
         ]);
         if let Some(c) = self.caught_up_ms {
             item.insert("caught_up_ms".to_owned(), n(c));
+        }
+        if let Some(b) = &self.backfill {
+            // Serializing plain strings and numbers cannot fail.
+            item.insert(
+                "backfill".to_owned(),
+                s(serde_json::to_string(b).unwrap_or_default()),
+            );
         }
         item
     }
@@ -1007,9 +1124,42 @@ mod tests {
             caught_up_ms: Some(6),
             flush_seq: 9,
             flush_id: FlushId { seq: 9, epoch: 4 }.to_string(),
+            backfill: None,
         };
         let item = cp.to_item("s1", 4, 77);
         assert_eq!(Checkpoint::from_item(&item).unwrap(), cp);
+        // With backfill progress: a key of several columns, one of them null.
+        let mut backfill = Backfill {
+            known: vec![TableName::new("s.x", "a/b")],
+            ..Default::default()
+        };
+        assert!(backfill.request(&table, 5));
+        assert!(
+            !backfill.request(&table, 6),
+            "already waiting from its first key"
+        );
+        backfill.pending[0].after = Some(vec![Some("7".into()), None]);
+        backfill.pending[0].rows = 1000;
+        assert!(
+            backfill.request(&table, 7),
+            "asked again: from its first key"
+        );
+        assert_eq!(backfill.pending[0].rows, 0);
+        backfill.pending[0].after = Some(vec![Some("7".into()), None]);
+        let cp = Checkpoint {
+            backfill: Some(backfill.clone()),
+            ..cp
+        };
+        let item = cp.to_item("s1", 4, 77);
+        assert_eq!(Checkpoint::from_item(&item).unwrap(), cp);
+        backfill.finish(&table);
+        assert!(backfill.pending.is_empty() && backfill.knows(&table));
+        for which in [None, Some(&table)] {
+            assert_eq!(
+                parse_backfill_request_sk(&backfill_request_sk(which)),
+                Some(which.cloned())
+            );
+        }
         assert_eq!(item[SK].as_s().unwrap(), CHECKPOINT_SK);
         for expires_at in [None, Some(1_700_000_000)] {
             let record = FlushRecord {

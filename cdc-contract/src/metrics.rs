@@ -74,6 +74,10 @@ metric_names! {
     COMPACTION_DURATION = "CompactionDuration";
     /// Rows written by one table-hour compaction.
     COMPACTION_ROWS = "CompactionRows";
+    /// Tables still to backfill as of the last recorded flush.
+    BACKFILL_TABLES_REMAINING = "BackfillTablesRemaining";
+    /// Rows recorded so far by the backfills under way.
+    BACKFILL_ROWS = "BackfillRows";
     /// Bytes written by one table-hour compaction.
     COMPACTION_BYTES = "CompactionBytes";
     /// Lines sent to the dead-letter prefix.
