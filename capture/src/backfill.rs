@@ -13,10 +13,16 @@
 //! a synchronous standby), and its change would then be overwritten by the older chunk row.
 //!
 //! To judge a streamed transaction, its changes must have been tracked: tracking of a table
-//! starts when it becomes pending on a stream, and its first chunk on that stream waits until
-//! every transaction running when tracking started has ended (`x0`, as slot creation waits for
-//! running transactions), so every transaction the read cannot see was streamed after tracking
-//! began.
+//! starts when it becomes pending on a stream; its first chunk on that stream then takes an xid
+//! of its own (`x0 - 1`, assigned after tracking began) and waits until every older xid has
+//! ended, as slot creation waits for running transactions. Every transaction a later read
+//! cannot see has a younger xid, assigned after tracking began, so its commit record follows
+//! the stream position where tracking began: it was tracked.
+//!
+//! The same first read takes the table's largest key (`upto`), after that wait: the backfill
+//! ends there. A row with a larger key was written by a transaction that read did not see, so
+//! the stream carries it whole from its insert on; without the bound a table taking inserts
+//! faster than chunks are read would never be done.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -90,13 +96,22 @@ pub struct ChunkRequest {
     pub table: TableName,
     /// Read after this key (None: from the first).
     pub after: Option<Vec<Option<String>>>,
-    /// The tracking start's next xid; None: read it now and wait for the transactions running
-    /// before it to end.
-    pub x0: Option<u64>,
+    /// Where tracking started; None: take it now (and wait for older transactions to end).
+    pub start: Option<Start>,
     /// Rows to read at most.
     pub limit: usize,
     /// Read the whole table at once, in no order (a table without a key).
     pub whole: bool,
+}
+
+/// A table's tracking start on one stream, taken by its first read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    /// Every xid below it had ended before the read; every transaction at or above it started
+    /// after tracking began.
+    pub x0: u64,
+    /// The table's largest key then (None: the table was empty): the backfill ends there.
+    pub upto: Option<Texts>,
 }
 
 /// One chunk, read.
@@ -115,8 +130,8 @@ pub struct Chunk {
     pub last: bool,
     /// The read's snapshot.
     pub snapshot: XidSnapshot,
-    /// The tracking start's next xid the read waited for.
-    pub x0: u64,
+    /// Where tracking started.
+    pub start: Start,
     /// Text bytes read.
     pub bytes: usize,
     /// When it was read (ms since the epoch).
@@ -215,24 +230,36 @@ async fn query_u64(client: &tokio_postgres::Client, sql: &str) -> Result<u64, Ca
 #[async_trait]
 impl ChunkSource for PgChunkSource {
     async fn read(&self, req: ChunkRequest) -> Result<Chunk, CaptureError> {
+        // The connection is taken out while it reads: a read dropped halfway (its task
+        // aborted on a reconnect) drops its connection, never leaving one inside a transaction.
         let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard =
-                Some(crate::catalog::connect(&self.params).await.map_err(|e| {
-                    CaptureError::Disconnected(format!("backfill connection: {e}"))
-                })?);
-        }
-        let Some(client) = guard.as_ref() else {
-            return Err(CaptureError::Disconnected("backfill connection".into()));
+        let client = match guard.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => crate::catalog::connect(&self.params)
+                .await
+                .map_err(|e| CaptureError::Disconnected(format!("backfill connection: {e}")))?,
         };
-        let x0 = match req.x0 {
-            Some(x0) => x0,
+        let chunk = self.read_on(&client, req).await?;
+        *guard = Some(client);
+        Ok(chunk)
+    }
+}
+
+impl PgChunkSource {
+    async fn read_on(
+        &self,
+        client: &tokio_postgres::Client,
+        req: ChunkRequest,
+    ) -> Result<Chunk, CaptureError> {
+        let x0 = match &req.start {
+            Some(start) => start.x0,
             None => {
-                let x0 = query_u64(
-                    client,
-                    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text",
-                )
-                .await?;
+                // An xid of our own, assigned now (after tracking began); then every older one
+                // must end. A snapshot's xmax would not do: a transaction whose commit record is
+                // written (before tracking began) can hold a larger xid and still be running.
+                let own =
+                    query_u64(client, "BEGIN; SELECT pg_current_xact_id()::text; COMMIT").await?;
+                let x0 = own + 1;
                 let started = std::time::Instant::now();
                 let mut logged = started;
                 loop {
@@ -264,7 +291,7 @@ impl ChunkSource for PgChunkSource {
             rows: Vec::new(),
             last: true,
             snapshot,
-            x0,
+            start: Start { x0, upto: None },
             bytes: 0,
             read_ms: now_ms(),
             transaction_ms: 0,
@@ -280,6 +307,18 @@ impl ChunkSource for PgChunkSource {
         if let Some(columns) = &published.columns {
             rel.columns.retain(|c| columns.contains(&c.name));
         }
+        let keyed = !key.is_empty() && !req.whole;
+        let start = match req.start.clone() {
+            Some(start) => start,
+            None => Start {
+                x0,
+                upto: if keyed {
+                    largest_key(client, &req.table, &key).await?
+                } else {
+                    None
+                },
+            },
+        };
         let mut sql = String::from("SELECT ");
         let mut list: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
         if !req.whole {
@@ -298,18 +337,30 @@ impl ChunkSource for PgChunkSource {
         if let Some(filter) = &published.row_filter {
             conditions.push(format!("({filter})"));
         }
-        let keyed = !key.is_empty() && !req.whole;
-        if let (true, Some(after)) = (keyed, &req.after) {
+        let row_of = |values: &[Option<String>]| {
             let names: Vec<String> = key.iter().map(|(n, _)| quote_ident(n)).collect();
             let values: Vec<String> = key
                 .iter()
-                .zip(after)
+                .zip(values)
                 .map(|((_, ty), v)| match v {
                     Some(v) => format!("{}::{ty}", quote_literal(v)),
                     None => "NULL".into(),
                 })
                 .collect();
-            conditions.push(format!("({}) > ({})", names.join(", "), values.join(", ")));
+            (names.join(", "), values.join(", "))
+        };
+        if keyed {
+            if let Some(after) = &req.after {
+                let (names, values) = row_of(after);
+                conditions.push(format!("({names}) > ({values})"));
+            }
+            match &start.upto {
+                Some(upto) => {
+                    let (names, values) = row_of(upto);
+                    conditions.push(format!("({names}) <= ({values})"));
+                }
+                None => conditions.push("false".into()),
+            }
         }
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
@@ -357,7 +408,8 @@ impl ChunkSource for PgChunkSource {
             };
             rows.push((values, key_values));
         }
-        let last = !keyed || rows.len() < req.limit;
+        let last =
+            !keyed || rows.len() < req.limit || rows.last().map(|(_, k)| k) == start.upto.as_ref();
         Ok(Chunk {
             table: req.table,
             relation: Some(rel),
@@ -369,12 +421,43 @@ impl ChunkSource for PgChunkSource {
             rows,
             last,
             snapshot,
-            x0,
+            start,
             bytes,
             read_ms: now_ms(),
             transaction_ms,
         })
     }
+}
+
+/// The largest key of `table` (columns `key` with their types) as text; None when it is empty.
+async fn largest_key(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    key: &[(String, String)],
+) -> Result<Option<Texts>, CaptureError> {
+    // The columns themselves (a simple query returns their text): `ORDER BY` a name of the
+    // output would otherwise order by the text.
+    let columns: Vec<String> = key.iter().map(|(n, _)| quote_ident(n)).collect();
+    let order: Vec<String> = key
+        .iter()
+        .map(|(n, _)| format!("{} DESC", quote_ident(n)))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {}.{} ORDER BY {} LIMIT 1",
+        columns.join(", "),
+        quote_ident(&table.schema),
+        quote_ident(&table.name),
+        order.join(", ")
+    );
+    let messages = client.simple_query(&sql).await?;
+    Ok(messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+            (0..key.len())
+                .map(|i| r.get(i).map(str::to_owned))
+                .collect(),
+        ),
+        _ => None,
+    }))
 }
 
 async fn current_snapshot(client: &tokio_postgres::Client) -> Result<XidSnapshot, CaptureError> {
@@ -389,8 +472,9 @@ async fn current_snapshot(client: &tokio_postgres::Client) -> Result<XidSnapshot
 }
 
 /// A table's columns as pgoutput would describe them (replica identity columns as the key),
-/// and its ordering key (the primary key, else the replica identity index) as column names and
-/// types; None when the table is gone.
+/// and its ordering key as column names and types: the replica identity index when the table
+/// has one (the columns the stream's old-key images carry), else the primary key; None when
+/// the table is gone.
 pub async fn relation_of(
     client: &tokio_postgres::Client,
     table: &TableName,
@@ -428,7 +512,7 @@ pub async fn relation_of(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
              FROM (SELECT indrelid, indkey FROM pg_index WHERE indrelid = $1 \
                    AND (indisprimary OR indisreplident) AND indisvalid \
-                   ORDER BY indisprimary DESC LIMIT 1) i \
+                   ORDER BY indisreplident DESC, indisprimary DESC LIMIT 1) i \
              CROSS JOIN LATERAL generate_subscripts(i.indkey, 1) AS k \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k] \
              ORDER BY k",
@@ -488,45 +572,45 @@ pub enum Dropped {
 #[derive(Debug, Default)]
 pub struct Tracker {
     history: HashMap<TableName, Vec<Touch>>,
-    /// Per tracked table, the next xid when its tracking started on this stream (None: not
-    /// read yet; the next chunk reads it and waits).
-    x0: HashMap<TableName, Option<u64>>,
+    /// Per tracked table, where its tracking started on this stream (None: not yet; the next
+    /// chunk's read takes it).
+    start: HashMap<TableName, Option<Start>>,
 }
 
 impl Tracker {
     /// Starts tracking `table` (if not tracked yet).
     pub fn track(&mut self, table: &TableName) {
-        self.x0.entry(table.clone()).or_insert(None);
+        self.start.entry(table.clone()).or_insert(None);
     }
 
     /// Stops tracking `table`.
     pub fn untrack(&mut self, table: &TableName) {
-        self.x0.remove(table);
+        self.start.remove(table);
         self.history.remove(table);
     }
 
     /// True when `table` is tracked.
     pub fn tracks(&self, table: &TableName) -> bool {
-        self.x0.contains_key(table)
+        self.start.contains_key(table)
     }
 
-    /// The tracking start's next xid of `table`, once read.
-    pub fn x0(&self, table: &TableName) -> Option<u64> {
-        self.x0.get(table).copied().flatten()
+    /// Where tracking of `table` started, once a read took it.
+    pub fn start(&self, table: &TableName) -> Option<Start> {
+        self.start.get(table).cloned().flatten()
     }
 
-    /// Notes the tracking start's next xid a read waited for.
-    pub fn set_x0(&mut self, table: &TableName, x0: u64) {
-        if let Some(slot) = self.x0.get_mut(table) {
-            slot.get_or_insert(x0);
+    /// Notes where tracking of `table` started, as its first read took it.
+    pub fn set_start(&mut self, table: &TableName, start: Start) {
+        if let Some(slot) = self.start.get_mut(table) {
+            slot.get_or_insert(start);
         }
     }
 
     /// A stream broke: tracking starts again on the next one.
     pub fn reset(&mut self) {
         self.history.clear();
-        for x0 in self.x0.values_mut() {
-            *x0 = None;
+        for start in self.start.values_mut() {
+            *start = None;
         }
     }
 

@@ -230,13 +230,18 @@ impl Upstream for PgUpstream<'_> {
     }
 
     async fn emit_watermark(&mut self, content: &str) -> Result<Lsn, CaptureError> {
-        let row = self
-            .catalog
-            .client()
+        let client = self.catalog.client();
+        let row = client
             .query_one(
                 "SELECT pg_logical_emit_message(false, $1, $2)::text",
                 &[&crate::backfill::WATERMARK_PREFIX, &content],
             )
+            .await?;
+        // The walsender sends only flushed WAL, and a message alone is not flushed: a
+        // transaction with an xid (and no change) commits past it and flushes it, so the
+        // watermark reaches the stream now, not at the WAL writer's next round.
+        client
+            .batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
             .await?;
         row.get::<_, String>(0)
             .parse()

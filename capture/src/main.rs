@@ -157,20 +157,21 @@ fn peak_rss_kib() -> u64 {
 
 /// `capture request-snapshot --table T`: writes the request the running capture picks up.
 async fn request_snapshot(settings: &Settings, table: &str) -> anyhow::Result<()> {
-    let table = match table.trim() {
-        "*" => None,
-        name => Some(
+    use cdc_contract::ledger::BackfillRequest;
+    let which = match table.trim() {
+        "*" => BackfillRequest::All,
+        name => BackfillRequest::Table(
             name.parse::<cdc_contract::TableName>()
                 .context("--table: expected schema.table or *")?,
         ),
     };
     let deps = deps(settings).await?;
-    let sk = cdc_contract::ledger::backfill_request_sk(table.as_ref());
+    let sk = cdc_contract::ledger::backfill_request_sk(&which, capture::slot::request_id());
     deps.ledger
         .put_backfill_request(&sk)
         .await
         .context("writing the backfill request to the ledger")?;
-    tracing::info!(slot = %settings.slot, table = table.map(|t| t.to_string()).unwrap_or_else(|| "*".into()), "backfill requested: the running capture reads it within its heartbeat interval");
+    tracing::info!(slot = %settings.slot, request = %sk, "backfill requested: the running capture reads it within its heartbeat interval");
     Ok(())
 }
 

@@ -198,7 +198,10 @@ async fn stream(
             })
             .await?
             .iter()
-            .any(|sk| sk == cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK);
+            .any(|sk| {
+                cdc_contract::ledger::parse_backfill_request_sk(sk)
+                    == Some(cdc_contract::ledger::BackfillRequest::Initial)
+            });
         let published = upstream.published().await?.unwrap_or_default();
         if initial {
             tracing::info!(tables = published.len(), "initial snapshot started: backfilling every captured table in chunks while streaming");

@@ -163,9 +163,10 @@ pub async fn ensure_slot(
 /// Asks, durably, for the initial snapshot: every captured table read, tables without a key
 /// included.
 async fn request_initial(ledger: &dyn Ledger) -> Result<(), CaptureError> {
-    let sk = cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK;
+    use cdc_contract::ledger::{backfill_request_sk, BackfillRequest};
+    let sk = backfill_request_sk(&BackfillRequest::Initial, request_id());
     retry_ledger("requesting the initial snapshot", || {
-        ledger.put_backfill_request(sk)
+        ledger.put_backfill_request(&sk)
     })
     .await?;
     Ok(())
@@ -174,12 +175,21 @@ async fn request_initial(ledger: &dyn Ledger) -> Result<(), CaptureError> {
 /// Asks, durably, for every captured table to be backfilled (the running capture takes the
 /// request once the slot streams).
 async fn request_all(ledger: &dyn Ledger) -> Result<(), CaptureError> {
-    let sk = cdc_contract::ledger::backfill_request_sk(None);
+    use cdc_contract::ledger::{backfill_request_sk, BackfillRequest};
+    let sk = backfill_request_sk(&BackfillRequest::All, request_id());
     retry_ledger("requesting a backfill of every table", || {
         ledger.put_backfill_request(&sk)
     })
     .await?;
     Ok(())
+}
+
+/// A backfill request's unique id: nanoseconds since the epoch.
+pub fn request_id() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {

@@ -25,8 +25,8 @@ use crate::source::{Incoming, ReplicationSource, SlotStatus, Upstream};
 type Inflight = tokio::task::JoinHandle<Result<FlushOutcome, FlushError>>;
 type Reading = tokio::task::JoinHandle<Result<Chunk, CaptureError>>;
 
-/// The backfill's side of the streamer: the chunk being read, the chunk waiting for its high
-/// watermark, and the requests to delete once recorded.
+/// The backfill's side of the streamer: the chunk being read and the chunk waiting for its high
+/// watermark.
 #[derive(Default)]
 struct Chunks {
     reading: Option<Reading>,
@@ -39,8 +39,6 @@ struct Chunks {
     /// Watermark contents are unique to this run.
     run: String,
     seq: u64,
-    /// Requests taken into the backfill, deleted once a recorded checkpoint holds them.
-    requests: Vec<String>,
     /// The encoder of each table's chunks.
     encoders: std::collections::HashMap<cdc_contract::TableName, Arc<TableEncoder>>,
     failures: u32,
@@ -195,14 +193,25 @@ impl<'a> Streamer<'a> {
     /// (re)created the slot after asking for it (`CDC_RECREATE_SLOT`, or an older version's
     /// unfinished snapshot replaced).
     async fn recreated(&self) -> Result<bool, CaptureError> {
-        let all = cdc_contract::ledger::backfill_request_sk(None);
+        use cdc_contract::ledger::{parse_backfill_request_sk, BackfillRequest};
         let requests = crate::slot::retry_ledger("reading backfill requests", || {
             self.ledger.backfill_requests()
         })
         .await?;
-        Ok(requests
-            .iter()
-            .any(|sk| *sk == all || sk == cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK))
+        let taken = |sk: &String| {
+            self.asm
+                .recorded()
+                .backfill
+                .as_ref()
+                .is_some_and(|b| b.taken.contains(sk))
+        };
+        Ok(requests.iter().any(|sk| {
+            !taken(sk)
+                && matches!(
+                    parse_backfill_request_sk(sk),
+                    Some(BackfillRequest::All | BackfillRequest::Initial)
+                )
+        }))
     }
 
     /// The one place a position is confirmed: the recorded checkpoint's.
@@ -468,7 +477,7 @@ impl<'a> Streamer<'a> {
             for table in &new {
                 tracing::info!(table = %table, "new table: backfilling its rows");
             }
-            self.backfill_tables(upstream, &new).await
+            self.backfill_tables(upstream, &new, false).await
         } else {
             for table in &new {
                 tracing::info!(table = %table, "new table: streaming its changes (CDC_BACKFILL_NEW_TABLES=false)");
@@ -479,17 +488,19 @@ impl<'a> Streamer<'a> {
     }
 
     /// Asks for `tables` to be backfilled (again). A table without a key is read whole and
-    /// cannot be read again without doubling its rows: asked again, it is refused.
+    /// cannot be read again without doubling its rows: asked again, it is refused, except by
+    /// the initial snapshot's request (`initial`).
     pub async fn backfill_tables(
         &mut self,
         upstream: &mut dyn Upstream,
         tables: &[cdc_contract::TableName],
+        initial: bool,
     ) -> Result<(), CaptureError> {
         let now = now_ms();
         for table in tables {
             let keyless = !upstream.has_key(table).await?;
             let known = self.asm.backfill().is_some_and(|b| b.known.contains(table));
-            if keyless && known {
+            if keyless && known && !initial {
                 tracing::warn!(table = %table, "a table without a key is not read again: its rows cannot be told apart, so a second read would double them (give it a primary key or a REPLICA IDENTITY USING INDEX)");
                 continue;
             }
@@ -504,50 +515,85 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    /// Takes operators' backfill requests from the ledger, and tables the publication gained.
+    /// Takes backfill requests from the ledger (each once: a request taken is recorded with the
+    /// progress it asks for, then deleted), and tables the publication gained.
     async fn take_requests(&mut self, upstream: &mut dyn Upstream) -> Result<(), CaptureError> {
-        if self.asm.backfill().is_none() {
+        use cdc_contract::ledger::{parse_backfill_request_sk, BackfillRequest};
+        let Some(backfill) = self.asm.backfill() else {
             return Ok(());
-        }
-        let mut requests = match self.ledger.backfill_requests().await {
+        };
+        let listed = match self.ledger.backfill_requests().await {
             Ok(r) => r,
             Err(error) => {
                 tracing::warn!(error = %error, "reading backfill requests failed; trying again at the next heartbeat");
                 return Ok(());
             }
         };
+        // Taken requests gone from the ledger are forgotten; recorded ones are deleted.
+        if backfill.taken.iter().any(|sk| !listed.contains(sk)) {
+            self.asm
+                .update_backfill(|b| b.taken.retain(|sk| listed.contains(sk)));
+        }
+        let recorded: Vec<String> = self
+            .asm
+            .recorded()
+            .backfill
+            .as_ref()
+            .map(|b| b.taken.clone())
+            .unwrap_or_default();
+        let done: Vec<String> = listed
+            .iter()
+            .filter(|sk| recorded.contains(sk))
+            .cloned()
+            .collect();
+        if !done.is_empty() {
+            let ledger = self.ledger.clone();
+            tokio::spawn(async move {
+                for sk in done {
+                    if let Err(error) = ledger.delete_backfill_request(&sk).await {
+                        tracing::warn!(error = %error, request = %sk, "deleting a recorded backfill request failed; trying again at the next heartbeat");
+                    }
+                }
+            });
+        }
+        let taken = |s: &Self, sk: &String| s.asm.backfill().is_some_and(|b| b.taken.contains(sk));
+        let mut new: Vec<(String, BackfillRequest)> = listed
+            .iter()
+            .filter(|sk| !taken(self, sk))
+            .filter_map(|sk| parse_backfill_request_sk(sk).map(|w| (sk.clone(), w)))
+            .collect();
         // The initial snapshot first: its tables are not known yet, so none counts as new.
-        let initial = cdc_contract::ledger::INITIAL_BACKFILL_REQUEST_SK;
-        if let Some(i) = requests.iter().position(|sk| sk == initial) {
-            let sk = requests.remove(i);
-            if !self.chunks.requests.contains(&sk) {
-                let published = upstream.published().await?.unwrap_or_default();
-                self.backfill_tables(upstream, &published).await?;
-                self.chunks.requests.push(sk);
+        new.sort_by_key(|(sk, w)| (*w != BackfillRequest::Initial, sk.clone()));
+        let mut seen_new = false;
+        for (sk, which) in new {
+            if which != BackfillRequest::Initial && !seen_new {
+                seen_new = true;
+                if let Some(published) = upstream.published().await? {
+                    self.first_seen(upstream, &published).await?;
+                }
             }
-        }
-        if let Some(published) = upstream.published().await? {
-            self.first_seen(upstream, &published).await?;
-        }
-        for sk in requests {
-            if self.chunks.requests.contains(&sk) {
-                continue;
-            }
-            let Some(which) = cdc_contract::ledger::parse_backfill_request_sk(&sk) else {
-                continue;
+            let tables: Vec<cdc_contract::TableName> = match &which {
+                BackfillRequest::Table(table) => vec![table.clone()],
+                BackfillRequest::All | BackfillRequest::Initial => {
+                    match upstream.published().await? {
+                        Some(t) => t,
+                        None => continue,
+                    }
+                }
             };
-            let tables: Vec<cdc_contract::TableName> = match which {
-                Some(table) => vec![table],
-                None => match upstream.published().await? {
-                    Some(t) => t,
-                    None => continue,
-                },
-            };
-            for table in &tables {
-                tracing::info!(table = %table, "backfill requested");
+            if which != BackfillRequest::Initial {
+                for table in &tables {
+                    tracing::info!(table = %table, "backfill requested");
+                }
             }
-            self.backfill_tables(upstream, &tables).await?;
-            self.chunks.requests.push(sk);
+            self.backfill_tables(upstream, &tables, which == BackfillRequest::Initial)
+                .await?;
+            self.asm.update_backfill(|b| b.taken.push(sk));
+        }
+        if !seen_new {
+            if let Some(published) = upstream.published().await? {
+                self.first_seen(upstream, &published).await?;
+            }
         }
         Ok(())
     }
@@ -599,7 +645,7 @@ impl<'a> Streamer<'a> {
         let req = ChunkRequest {
             table: next.table.clone(),
             after: next.after.clone(),
-            x0: self.asm.tracker.x0(&next.table),
+            start: self.asm.tracker.start(&next.table),
             limit: self.chunks.rows,
             whole: next.keyless,
         };
@@ -625,7 +671,9 @@ impl<'a> Streamer<'a> {
             }
         };
         self.chunks.failures = 0;
-        self.asm.tracker.set_x0(&chunk.table, chunk.x0);
+        self.asm
+            .tracker
+            .set_start(&chunk.table, chunk.start.clone());
         self.chunks.seq += 1;
         let content = format!("{}/{}", self.chunks.run, self.chunks.seq);
         let high = upstream.emit_watermark(&content).await?;
@@ -777,6 +825,13 @@ impl<'a> Streamer<'a> {
             .backfill
             .as_ref()
             .is_some_and(|b| !b.pending.is_empty());
+        let was_taken: Vec<String> = self
+            .asm
+            .recorded()
+            .backfill
+            .as_ref()
+            .map(|b| b.taken.clone())
+            .unwrap_or_default();
         if was_pending && backfill.as_ref().is_some_and(|b| b.pending.is_empty()) {
             tracing::info!("backfill complete: every table asked for is read and recorded");
         }
@@ -794,14 +849,19 @@ impl<'a> Streamer<'a> {
                     ],
                 ));
             }
-            // Requests the recorded checkpoint holds are done with.
-            if !self.chunks.requests.is_empty() {
+            // Requests this checkpoint records taken are done with.
+            let fresh: Vec<String> = b
+                .taken
+                .iter()
+                .filter(|sk| !was_taken.contains(sk))
+                .cloned()
+                .collect();
+            if !fresh.is_empty() {
                 let ledger = self.ledger.clone();
-                let done = std::mem::take(&mut self.chunks.requests);
                 tokio::spawn(async move {
-                    for sk in done {
+                    for sk in fresh {
                         if let Err(error) = ledger.delete_backfill_request(&sk).await {
-                            tracing::warn!(error = %error, request = %sk, "deleting a recorded backfill request failed; it is taken again (a second read of the table)");
+                            tracing::warn!(error = %error, request = %sk, "deleting a recorded backfill request failed; trying again at the next heartbeat");
                         }
                     }
                 });

@@ -328,6 +328,11 @@ pub struct Backfill {
     /// Captured tables read completely, or known when no snapshot was asked for: a table of
     /// neither list is new to the capture.
     pub known: Vec<TableName>,
+    /// Sort keys of the backfill requests taken (recorded with the progress they asked for):
+    /// a request listed here is not taken again, and is deleted once recorded. An entry goes
+    /// when its request is no longer in the ledger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taken: Vec<String>,
 }
 
 /// One table's backfill progress.
@@ -397,28 +402,44 @@ impl Backfill {
 /// Sort key prefix of the backfill requests ([`backfill_request_sk`]).
 pub const BACKFILL_REQUEST_PREFIX: &str = "backfill-request#";
 
-/// Sort key of an operator's request to backfill `table` (None: every captured table) while
-/// the capture runs; the running capture picks it up and deletes it once the request is
-/// recorded in its checkpoint.
-pub fn backfill_request_sk(table: Option<&TableName>) -> String {
-    match table {
-        Some(t) => format!("{BACKFILL_REQUEST_PREFIX}{t}"),
-        None => format!("{BACKFILL_REQUEST_PREFIX}*"),
-    }
+/// What a backfill request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackfillRequest {
+    /// The initial snapshot, written before the capture creates its slot: every captured
+    /// table, tables without a key included.
+    Initial,
+    /// Every captured table again (an operator's `*`, or a recreated slot).
+    All,
+    /// One table.
+    Table(TableName),
 }
 
-/// Sort key of the request a capture writes before it creates a slot in `CDC_SNAPSHOT=initial`
-/// (and before it replaces a snapshot an older version left unfinished): every captured table,
-/// tables without a key included, is read.
-pub const INITIAL_BACKFILL_REQUEST_SK: &str = "backfill-request#!initial";
+/// Sort key of a request to backfill while the capture runs: `backfill-request#{id}#{what}`,
+/// `id` unique per request (nanoseconds since the epoch, zero-padded so requests list in the
+/// order they were made) and `what` one of `!initial`, `*` or `schema.table`. The running
+/// capture records the request's sort key in its checkpoint with the progress it makes
+/// (`Backfill::taken`), so a request is taken once, then deletes it.
+pub fn backfill_request_sk(which: &BackfillRequest, id: u64) -> String {
+    let what = match which {
+        BackfillRequest::Initial => "!initial".to_owned(),
+        BackfillRequest::All => "*".to_owned(),
+        BackfillRequest::Table(t) => t.to_string(),
+    };
+    format!("{BACKFILL_REQUEST_PREFIX}{id:020}#{what}")
+}
 
-/// The table a backfill request's sort key names (None: every captured table).
-pub fn parse_backfill_request_sk(sk: &str) -> Option<Option<TableName>> {
+/// What a backfill request's sort key asks for.
+pub fn parse_backfill_request_sk(sk: &str) -> Option<BackfillRequest> {
     let rest = sk.strip_prefix(BACKFILL_REQUEST_PREFIX)?;
-    if rest == "*" {
-        return Some(None);
+    let (id, what) = rest.split_once('#')?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    rest.parse().ok().map(Some)
+    match what {
+        "!initial" => Some(BackfillRequest::Initial),
+        "*" => Some(BackfillRequest::All),
+        name => name.parse().ok().map(BackfillRequest::Table),
+    }
 }
 
 impl Checkpoint {
@@ -1146,6 +1167,7 @@ mod tests {
         );
         assert_eq!(backfill.pending[0].rows, 0);
         backfill.pending[0].after = Some(vec![Some("7".into()), None]);
+        backfill.taken = vec![backfill_request_sk(&BackfillRequest::All, 12)];
         let cp = Checkpoint {
             backfill: Some(backfill.clone()),
             ..cp
@@ -1154,12 +1176,20 @@ mod tests {
         assert_eq!(Checkpoint::from_item(&item).unwrap(), cp);
         backfill.finish(&table);
         assert!(backfill.pending.is_empty() && backfill.knows(&table));
-        for which in [None, Some(&table)] {
-            assert_eq!(
-                parse_backfill_request_sk(&backfill_request_sk(which)),
-                Some(which.cloned())
-            );
+        for which in [
+            BackfillRequest::Initial,
+            BackfillRequest::All,
+            BackfillRequest::Table(table.clone()),
+        ] {
+            let sk = backfill_request_sk(&which, 1_764_000_000_123_456_789);
+            assert_eq!(parse_backfill_request_sk(&sk), Some(which));
         }
+        assert!(
+            backfill_request_sk(&BackfillRequest::All, 9)
+                < backfill_request_sk(&BackfillRequest::All, 10),
+            "requests list in the order they were made"
+        );
+        assert_eq!(parse_backfill_request_sk("backfill-request#public.t"), None);
         assert_eq!(item[SK].as_s().unwrap(), CHECKPOINT_SK);
         for expires_at in [None, Some(1_700_000_000)] {
             let record = FlushRecord {
