@@ -5,7 +5,7 @@
 # psql's \copy (SELECT * FROM items ORDER BY id) TO /dev/null in the same run. Prints both rates,
 # their ratio, the capture's peak RSS and the longest transaction a chunk held open.
 #
-#   ./scripts/bench-snapshot.sh [ROWS]        (default 5000000)
+#   ./scripts/bench-snapshot.sh [ROWS]        (default 5000000; BENCH_LOG=file keeps the capture's log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${1:-5000000}
@@ -52,8 +52,9 @@ start=$(date +%s.%N)
 POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=bench POSTGRES_USER=postgres POSTGRES_PASSWORD=postgres \
 PGSSLMODE=disable CDC_SLOT_NAME=bench_snapshot CDC_PUBLICATION=bench_pub S3_BUCKET_NAME=bench-bucket \
 LEDGER_TABLE=bench-ledger HEALTH_PORT=0 RUST_LOG=info,capture::stream=debug \
-  ./target/release/capture --exit-when-caught-up >/dev/null 2>"$state/capture.log"
+  ${BENCH_WRAP:-} ./target/release/capture --exit-when-caught-up >/dev/null 2>"$state/capture.log"
 end=$(date +%s.%N)
+if [ -n "${BENCH_LOG:-}" ]; then cp "$state/capture.log" "$BENCH_LOG"; fi
 peak_kib=$(grep -o 'peak_rss_kib=[0-9]*' "$state/capture.log" | tail -n1 | cut -d= -f2)
 longest_ms=$(grep -o 'transaction_ms=[0-9]*' "$state/capture.log" | cut -d= -f2 | sort -n | tail -n1)
 chunks=$(grep -c 'backfill chunk placed' "$state/capture.log" || true)

@@ -66,9 +66,10 @@ struct RelState {
 }
 
 /// A held change of a table without a key waiting for its read.
-struct Held {
+pub struct Held {
     xid: u32,
-    truncate: bool,
+    /// An update, delete or truncate (anything but an insert).
+    rewrites: bool,
     oid: u32,
     encoder: Arc<TableEncoder>,
     hour: Hour,
@@ -510,7 +511,7 @@ impl Assembler {
             write(&mut event);
             self.held.push(Held {
                 xid: ctx.xid.unwrap_or(0),
-                truncate: op == Op::Truncate,
+                rewrites: op != Op::Create,
                 oid: rel,
                 encoder: encoder.clone(),
                 hour,
@@ -540,31 +541,31 @@ impl Assembler {
         high: Lsn,
     ) -> Option<(u64, usize)> {
         use crate::backfill::Dropped;
+        let current = self
+            .backfill
+            .as_ref()
+            .and_then(|b| b.pending.iter().find(|p| p.table == chunk.table));
+        if current.is_none_or(|p| p.after != chunk.after) {
+            // Asked again (from its first key) while this chunk was read: the chunk is let go.
+            return Some((0, 0));
+        }
         let dropped = self
             .tracker
             .dropped(&chunk.table, &chunk.snapshot, &chunk.key);
         if self.holding.contains(&chunk.table) {
             // A table without a key, read whole: its held changes the read did not see are
             // recorded at their own positions, then the read; those it saw it holds already.
-            // A truncate it did not see would empty what it read: read it again.
+            // An update, delete or truncate it did not see would act on rows before the read
+            // adds them (a row would be doubled, or come back): read it again.
             let seen = |h: &Held| chunk.snapshot.sees(h.xid);
             if self
                 .held
                 .iter()
-                .any(|h| h.encoder.table == chunk.table && h.truncate && !seen(h))
+                .any(|h| h.encoder.table == chunk.table && h.rewrites && !seen(h))
             {
                 return None;
             }
-            let (mine, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
-                .into_iter()
-                .partition(|h| h.encoder.table == chunk.table);
-            self.held = rest;
-            for h in mine.into_iter().filter(|h| !seen(h)) {
-                self.batcher
-                    .push(h.oid, &h.encoder, h.hour, h.pos, h.commit_ms, |out| {
-                        out.extend_from_slice(&h.event)
-                    });
-            }
+            self.release_held(&chunk.table, |h| !seen(h));
         }
         let dropped = if chunk.key.is_empty() {
             Dropped::Keys(Default::default())
@@ -647,6 +648,21 @@ impl Assembler {
         Some((u64::from(ordinal), written))
     }
 
+    /// Releases the held changes of `table`: those `keep` says are recorded at their own
+    /// positions, the others forgotten.
+    pub fn release_held(&mut self, table: &TableName, keep: impl Fn(&Held) -> bool) {
+        let (mine, rest): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| &h.encoder.table == table);
+        self.held = rest;
+        for h in mine.into_iter().filter(|h| keep(h)) {
+            self.batcher
+                .push(h.oid, &h.encoder, h.hour, h.pos, h.commit_ms, |out| {
+                    out.extend_from_slice(&h.event)
+                });
+        }
+    }
+
     /// One snapshot row of `encoder`'s table (relation `oid`), keyed `pos`, as op "r" in `ctx`;
     /// a flush is wanted when the buffer is full.
     #[allow(clippy::too_many_arguments)]
@@ -704,6 +720,138 @@ mod tests {
             lsn: Lsn(lsn),
             partial: partial.map(|(l, o)| Position::new(Lsn(l), o)),
             ..Default::default()
+        }
+    }
+
+    fn settings() -> Settings {
+        use clap::Parser;
+        let args = [
+            "capture",
+            "--database",
+            "app",
+            "--username",
+            "cdc",
+            "--slot-name",
+            "unit",
+            "--local-test-mode",
+        ];
+        match crate::config::Flags::try_parse_from(args).map(crate::config::Flags::validate) {
+            Ok(Ok(settings)) => settings,
+            other => panic!("settings: {other:?}"),
+        }
+    }
+
+    /// A table without a key (REPLICA IDENTITY FULL) read whole while it changes: an insert the
+    /// read did not see is recorded before the read's rows; an update or a delete it did not
+    /// see would act before the rows it acts on arrive, so the read is refused (read again);
+    /// changes the read saw are in its rows already and are not recorded twice.
+    #[test]
+    fn a_keyless_read_places_unseen_inserts_and_is_refused_after_unseen_rewrites() {
+        let table = TableName::new("public", "log");
+        let rel = Relation {
+            oid: 7,
+            namespace: "public".into(),
+            name: "log".into(),
+            replica_identity: b'f',
+            columns: vec![crate::pgoutput::RelationColumn {
+                key: true,
+                name: "v".into(),
+                type_oid: 25,
+                typmod: -1,
+            }],
+        };
+        let schema = TableSchema {
+            table: table.clone(),
+            columns: vec![cdc_contract::schema::ColumnSchema {
+                name: "v".into(),
+                type_name: "text".into(),
+                type_oid: 25,
+                typmod: -1,
+                key: true,
+                base_oid: 25,
+                element_oid: None,
+            }],
+        };
+        let text = |v: &str| Value::Text(bytes::Bytes::copy_from_slice(v.as_bytes()));
+        for (rewrite, seen_by_read, placed) in [
+            (false, false, true),
+            (true, false, false),
+            (true, true, true),
+            (false, true, true),
+        ] {
+            let mut asm = Assembler::new(&settings(), Checkpoint::default(), None);
+            asm.update_backfill(|b| {
+                b.request(&table, 1);
+                b.pending[0].keyless = true;
+            });
+            asm.relation(&rel, schema.clone());
+            asm.begin(Lsn(100), 0, 50);
+            if rewrite {
+                let old = Some(OldTuple::Full(vec![text("a")]));
+                asm.change(7, Op::Update, old, Some(&[text("b")]), Lsn(90))
+                    .unwrap();
+            } else {
+                asm.change(7, Op::Create, None, Some(&[text("b")]), Lsn(90))
+                    .unwrap();
+            }
+            asm.commit(Lsn(110), 0);
+            assert!(asm.is_empty(), "held until the read is placed");
+            let snapshot: crate::backfill::XidSnapshot = if seen_by_read {
+                "51:51:".parse().unwrap()
+            } else {
+                "50:51:50".parse().unwrap()
+            };
+            let chunk = crate::backfill::Chunk {
+                table: table.clone(),
+                relation: Some(rel.clone()),
+                after: None,
+                key: Vec::new(),
+                rows: vec![(vec![Some("a".into())], Vec::new())],
+                last: true,
+                snapshot,
+                start: crate::backfill::Start { x0: 40, upto: None },
+                bytes: 1,
+                read_ms: 0,
+                transaction_ms: 0,
+            };
+            let encoder = Arc::new(TableEncoder::new(schema.clone(), "unit", "app"));
+            let got = asm.place_chunk(&chunk, &encoder, Lsn(200));
+            assert_eq!(
+                got.is_some(),
+                placed,
+                "rewrite {rewrite}, seen {seen_by_read}"
+            );
+            let segments = asm.batcher.take();
+            let lines: Vec<String> = segments
+                .iter()
+                .flat_map(|s| {
+                    String::from_utf8_lossy(&s.data)
+                        .lines()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let ops: Vec<&str> = lines
+                .iter()
+                .map(|l| {
+                    if l.contains(r#""op":"r""#) {
+                        "r"
+                    } else {
+                        "change"
+                    }
+                })
+                .collect();
+            let expected: &[&str] = match (placed, seen_by_read) {
+                (false, _) => &[],
+                (true, true) => &["r"],
+                (true, false) => &["change", "r"],
+            };
+            let mut sorted = ops.clone();
+            sorted.sort_by_key(|op| *op == "r");
+            assert_eq!(
+                sorted, expected,
+                "rewrite {rewrite}, seen {seen_by_read}: {lines:?}"
+            );
         }
     }
 

@@ -122,6 +122,8 @@ pub struct Chunk {
     /// The table's published columns as the read saw them; None: the table is gone or no longer
     /// published.
     pub relation: Option<Relation>,
+    /// The key the read started after (as asked).
+    pub after: Option<Texts>,
     /// The ordering key's column names (empty: the table has none).
     pub key: Vec<String>,
     /// The rows' published columns' text, with each row's key.
@@ -287,6 +289,7 @@ impl PgChunkSource {
         let empty = |snapshot| Chunk {
             table: req.table.clone(),
             relation: None,
+            after: req.after.clone(),
             key: Vec::new(),
             rows: Vec::new(),
             last: true,
@@ -413,6 +416,7 @@ impl PgChunkSource {
         Ok(Chunk {
             table: req.table,
             relation: Some(rel),
+            after: req.after,
             key: if keyed {
                 key.into_iter().map(|(n, _)| n).collect()
             } else {

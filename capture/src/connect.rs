@@ -230,21 +230,35 @@ impl Upstream for PgUpstream<'_> {
     }
 
     async fn emit_watermark(&mut self, content: &str) -> Result<Lsn, CaptureError> {
+        // The walsender sends only flushed WAL, and neither a message alone nor a commit that
+        // wrote nothing before its commit record is flushed at once (the WAL writer would, up to
+        // `wal_writer_delay` later). Here the message is written inside a transaction with an
+        // xid, and a synchronous commit flushes it: the watermark reaches the stream now.
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); \
+             SELECT pg_logical_emit_message(false, {}, {})::text; COMMIT",
+            crate::replication::quote_literal(crate::backfill::WATERMARK_PREFIX),
+            crate::replication::quote_literal(content)
+        );
         let client = self.catalog.client();
-        let row = client
-            .query_one(
-                "SELECT pg_logical_emit_message(false, $1, $2)::text",
-                &[&crate::backfill::WATERMARK_PREFIX, &content],
-            )
-            .await?;
-        // The walsender sends only flushed WAL, and a message alone is not flushed: a
-        // transaction with an xid (and no change) commits past it and flushes it, so the
-        // watermark reaches the stream now, not at the WAL writer's next round.
-        client
-            .batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
-            .await?;
-        row.get::<_, String>(0)
-            .parse()
+        let messages = match client.simple_query(&sql).await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
+        let lsn = messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .next_back()
+            .ok_or_else(|| {
+                CaptureError::Setup("pg_logical_emit_message returned nothing".into())
+            })?;
+        lsn.parse()
             .map_err(|e| CaptureError::Setup(format!("pg_logical_emit_message: {e}")))
     }
 

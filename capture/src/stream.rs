@@ -731,6 +731,8 @@ impl<'a> Streamer<'a> {
             }
             None => {
                 tracing::warn!(table = %chunk.table, "table gone or no longer published: its backfill ends");
+                // What the stream gave of it while its read was awaited is recorded as it came.
+                self.asm.release_held(&chunk.table, |_| true);
                 self.asm.update_backfill(|b| b.finish(&chunk.table));
                 self.asm.tracker.untrack(&chunk.table);
                 return Ok(None);
@@ -748,13 +750,17 @@ impl<'a> Streamer<'a> {
                     self.chunks.rows =
                         (self.settings.flags.snapshot_chunk_bytes / per_row).clamp(16, 1_000_000);
                 }
-                if chunk.last {
+                let pending = self
+                    .asm
+                    .backfill()
+                    .is_some_and(|b| b.pending.iter().any(|p| p.table == chunk.table));
+                if chunk.last && !pending {
                     tracing::info!(table = %chunk.table, "table backfilled");
                 }
                 tracing::debug!(table = %chunk.table, rows, bytes, "backfill chunk placed");
             }
             None => {
-                self.chunk_failed("a change the chunk's read did not see has an unreadable key; reading the chunk again");
+                self.chunk_failed("reading the chunk again: a change its read did not see cannot be ordered around it (a key the change does not carry, or an update, delete or truncate of a table without a key)");
             }
         }
         Ok(self.asm.full().then_some(Want::Committed))
