@@ -1536,7 +1536,7 @@ async fn healthz_stays_healthy_throughout_a_long_snapshot() -> anyhow::Result<()
     let db = setup(
         &pg,
         "CREATE TABLE big (id int PRIMARY KEY, v text);
-         INSERT INTO big SELECT g, repeat('x', 40) || g FROM generate_series(1, 1000000) g;
+         INSERT INTO big SELECT g, repeat('x', 40) || g FROM generate_series(1, 3000000) g;
          CREATE PUBLICATION pub_all FOR ALL TABLES;",
     )
     .await?;
