@@ -4,6 +4,8 @@
 
 pub mod assemble;
 pub mod backfill;
+#[cfg(test)]
+mod backfill_model;
 pub mod batch;
 pub mod catalog;
 pub mod checks;
