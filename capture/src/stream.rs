@@ -25,13 +25,13 @@ use crate::source::{Incoming, ReplicationSource, SlotStatus, Upstream};
 type Inflight = tokio::task::JoinHandle<Result<FlushOutcome, FlushError>>;
 type Reading = tokio::task::JoinHandle<Result<Chunk, CaptureError>>;
 
-/// The backfill's side of the streamer: the chunk being read and the chunk waiting for its high
-/// watermark.
+/// The backfill's side of the streamer: the chunk being read and the chunks waiting for their
+/// high watermarks (two at most: the next chunk is read while the last one waits).
 #[derive(Default)]
 struct Chunks {
     reading: Option<Reading>,
-    /// A read chunk and its high watermark's content.
-    waiting: Option<(Chunk, String)>,
+    /// Read chunks and their high watermarks' contents, in the order they were read.
+    waiting: std::collections::VecDeque<(Chunk, String)>,
     /// Not before this (after a failed or refused read).
     not_before: Option<tokio::time::Instant>,
     /// Rows one chunk reads (adapted to the chunk size in bytes).
@@ -451,7 +451,7 @@ impl<'a> Streamer<'a> {
         if let Some(reading) = self.chunks.reading.take() {
             reading.abort();
         }
-        self.chunks.waiting = None;
+        self.chunks.waiting.clear();
     }
 
     /// Captured tables the backfill has not met: each is backfilled when
@@ -631,7 +631,6 @@ impl<'a> Streamer<'a> {
             return Ok(None);
         };
         if self.chunks.reading.is_some()
-            || self.chunks.waiting.is_some()
             || self
                 .chunks
                 .not_before
@@ -639,12 +638,27 @@ impl<'a> Streamer<'a> {
         {
             return Ok(None);
         }
+        // The next chunk is read while the last one read waits for its watermark (one ahead at
+        // most): it starts after that one's last key.
+        let after = match self.chunks.waiting.back() {
+            None => next.after.clone(),
+            Some((ahead, _))
+                if self.chunks.waiting.len() < 2
+                    && ahead.table == next.table
+                    && !ahead.last
+                    && !next.keyless
+                    && !ahead.rows.is_empty() =>
+            {
+                ahead.next_after()
+            }
+            Some(_) => return Ok(None),
+        };
         let Some(source) = upstream.chunk_source() else {
             return Ok(None);
         };
         let req = ChunkRequest {
             table: next.table.clone(),
-            after: next.after.clone(),
+            after,
             start: self.asm.tracker.start(&next.table),
             limit: self.chunks.rows,
             whole: next.keyless,
@@ -678,7 +692,7 @@ impl<'a> Streamer<'a> {
         let content = format!("{}/{}", self.chunks.run, self.chunks.seq);
         let high = upstream.emit_watermark(&content).await?;
         tracing::debug!(table = %chunk.table, rows = chunk.rows.len(), high = %high, transaction_ms = chunk.transaction_ms, "backfill chunk read");
-        self.chunks.waiting = Some((chunk, content));
+        self.chunks.waiting.push_back((chunk, content));
         Ok(())
     }
 
@@ -696,15 +710,15 @@ impl<'a> Streamer<'a> {
         lsn: Lsn,
         content: &[u8],
     ) -> Result<Option<Want>, CaptureError> {
-        let mine = self
+        let Some(i) = self
             .chunks
             .waiting
-            .as_ref()
-            .is_some_and(|(_, c)| c.as_bytes() == content);
-        if !mine {
+            .iter()
+            .position(|(_, c)| c.as_bytes() == content)
+        else {
             return Ok(None);
-        }
-        let Some((chunk, _)) = self.chunks.waiting.take() else {
+        };
+        let Some((chunk, _)) = self.chunks.waiting.remove(i) else {
             return Ok(None);
         };
         if self.asm.in_transaction() {
@@ -760,6 +774,8 @@ impl<'a> Streamer<'a> {
                 tracing::debug!(table = %chunk.table, rows, bytes, "backfill chunk placed");
             }
             None => {
+                // The chunk read ahead starts after this one: it goes too.
+                self.chunks.waiting.clear();
                 self.chunk_failed("reading the chunk again: a change its read did not see cannot be ordered around it (a key the change does not carry, or an update, delete or truncate of a table without a key)");
             }
         }

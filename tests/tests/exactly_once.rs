@@ -451,6 +451,11 @@ async fn a_snapshot_survives_a_crash_at_every_step_of_taking_it() -> anyhow::Res
         cap.env.push(("CDC_TEST_CRASH_AT".into(), point.into()));
         let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
         cap.env.pop();
+        if slot_exists && out.status.success() {
+            // The backfill was recorded whole before this run: nothing was left to upload or
+            // record, and the run caught up.
+            break;
+        }
         assert_eq!(
             out.status.signal(),
             Some(6),
