@@ -545,8 +545,25 @@ impl Assembler {
             .backfill
             .as_ref()
             .and_then(|b| b.pending.iter().find(|p| p.table == chunk.table));
-        if current.is_none_or(|p| p.after != chunk.after) {
+        let Some(current) = current.filter(|p| p.after == chunk.after) else {
             // Asked again (from its first key) while this chunk was read: the chunk is let go.
+            return Some((0, 0));
+        };
+        if current.after.is_some() && !current.key.is_empty() && current.key != chunk.key {
+            // Its ordering key changed (the replica identity did): the keys recorded so far
+            // cannot be compared with the new one, so the table is read again from its first
+            // key (the rows read already are read twice, as for a request).
+            tracing::warn!(table = %chunk.table, "the table's ordering key changed during its backfill: reading it again from its first key");
+            let table = chunk.table.clone();
+            if let Some(p) = self
+                .backfill
+                .as_mut()
+                .and_then(|b| b.pending.iter_mut().find(|p| p.table == table))
+            {
+                p.after = None;
+                p.key.clear();
+            }
+            self.tracker.restart(&table);
             return Some((0, 0));
         }
         let dropped = self
@@ -634,6 +651,7 @@ impl Assembler {
             p.chunks += 1;
             if after.is_some() {
                 p.after = after;
+                p.key = chunk.key.clone();
             }
         }
         if chunk.last {
@@ -853,6 +871,96 @@ mod tests {
                 "rewrite {rewrite}, seen {seen_by_read}: {lines:?}"
             );
         }
+    }
+
+    /// A table whose ordering key changes mid-backfill (its replica identity moved to another
+    /// index): the recorded last key is in the old key's terms, so the first chunk read under
+    /// the new key places nothing and the table starts again from its first key, and from then
+    /// on the progress records the new key.
+    #[test]
+    fn a_changed_ordering_key_starts_the_table_again() {
+        let table = TableName::new("public", "t");
+        let column = |name: &str| crate::pgoutput::RelationColumn {
+            key: name == "id",
+            name: name.into(),
+            type_oid: 25,
+            typmod: -1,
+        };
+        let rel = Relation {
+            oid: 8,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![column("id"), column("code")],
+        };
+        let schema = TableSchema {
+            table: table.clone(),
+            columns: ["id", "code"]
+                .iter()
+                .map(|name| cdc_contract::schema::ColumnSchema {
+                    name: (*name).into(),
+                    type_name: "text".into(),
+                    type_oid: 25,
+                    typmod: -1,
+                    key: *name == "id",
+                    base_oid: 25,
+                    element_oid: None,
+                })
+                .collect(),
+        };
+        let encoder = Arc::new(TableEncoder::new(schema.clone(), "unit", "app"));
+        let mut asm = Assembler::new(&settings(), Checkpoint::default(), None);
+        asm.update_backfill(|b| {
+            b.request(&table, 1);
+        });
+        asm.relation(&rel, schema);
+        asm.tracker.track(&table);
+        let s = |v: &str| Some(v.to_owned());
+        let chunk = |after: Option<Vec<Option<String>>>, key: &str, rows: &[(&str, &str)]| {
+            crate::backfill::Chunk {
+                table: table.clone(),
+                relation: Some(rel.clone()),
+                after,
+                key: vec![key.to_owned()],
+                rows: rows
+                    .iter()
+                    .map(|(id, code)| {
+                        let k = if key == "id" { id } else { code };
+                        (vec![s(id), s(code)], vec![s(k)])
+                    })
+                    .collect(),
+                last: false,
+                snapshot: "100:100:".parse().unwrap(),
+                start: crate::backfill::Start { x0: 90, upto: None },
+                bytes: 1,
+                read_ms: 0,
+                transaction_ms: 0,
+            }
+        };
+        let progress = |asm: &Assembler| asm.backfill().unwrap().pending[0].clone();
+        let first = chunk(None, "id", &[("1", "z"), ("2", "y")]);
+        let placed = asm.place_chunk(&first, &encoder, Lsn(200));
+        assert_eq!(placed.map(|(rows, _)| rows), Some(2));
+        assert_eq!(progress(&asm).after, Some(vec![s("2")]));
+        assert_eq!(progress(&asm).key, vec!["id".to_owned()]);
+        asm.tracker.set_start(&table, first.start.clone());
+
+        // Read after "2" under the new key "code": it cannot resume there.
+        let moved = chunk(Some(vec![s("2")]), "code", &[]);
+        assert_eq!(asm.place_chunk(&moved, &encoder, Lsn(300)), Some((0, 0)));
+        assert_eq!(
+            progress(&asm).after,
+            None,
+            "started again from the first key"
+        );
+        assert!(progress(&asm).key.is_empty());
+        assert_eq!(asm.tracker.start(&table), None, "the bound is taken again");
+
+        let again = chunk(None, "code", &[("2", "y"), ("1", "z")]);
+        let placed = asm.place_chunk(&again, &encoder, Lsn(400));
+        assert_eq!(placed.map(|(rows, _)| rows), Some(2));
+        assert_eq!(progress(&asm).after, Some(vec![s("z")]));
+        assert_eq!(progress(&asm).key, vec!["code".to_owned()]);
     }
 
     /// A checkpoint inside a large transaction (its commit at 500, recorded through change 7)

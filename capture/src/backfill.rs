@@ -20,9 +20,9 @@
 //! the stream position where tracking began: it was tracked.
 //!
 //! The same first read takes the table's largest key (`upto`), after that wait: the backfill
-//! ends there. A row with a larger key was written by a transaction that read did not see, so
-//! the stream carries it whole from its insert on; without the bound a table taking inserts
-//! faster than chunks are read would never be done.
+//! ends there. A row with a larger key was inserted (or moved there by a key-changing update)
+//! by a transaction that read did not see, so the stream carries it; without the bound a table
+//! taking inserts faster than chunks are read would never be done.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -96,6 +96,8 @@ pub struct ChunkRequest {
     pub table: TableName,
     /// Read after this key (None: from the first).
     pub after: Option<Vec<Option<String>>>,
+    /// The ordering key's column names `after` is in (empty: any).
+    pub key: Vec<String>,
     /// Where tracking started; None: take it now (and wait for older transactions to end).
     pub start: Option<Start>,
     /// Rows to read at most.
@@ -311,6 +313,20 @@ impl PgChunkSource {
             rel.columns.retain(|c| columns.contains(&c.name));
         }
         let keyed = !key.is_empty() && !req.whole;
+        if req.after.is_some()
+            && !req.key.is_empty()
+            && key.iter().map(|(n, _)| n).ne(req.key.iter())
+        {
+            // The ordering key changed (the replica identity did): `after` cannot be compared
+            // with it. The chunk, empty, says so with its key; its table starts again.
+            let snapshot = current_snapshot(client).await?;
+            return Ok(Chunk {
+                relation: Some(rel),
+                key: key.into_iter().map(|(n, _)| n).collect(),
+                last: false,
+                ..empty(snapshot)
+            });
+        }
         let start = match req.start.clone() {
             Some(start) => start,
             None => Start {
@@ -607,6 +623,14 @@ impl Tracker {
     pub fn set_start(&mut self, table: &TableName, start: Start) {
         if let Some(slot) = self.start.get_mut(table) {
             slot.get_or_insert(start);
+        }
+    }
+
+    /// `table`'s next read takes its tracking start again (its ordering key changed, and the
+    /// bound with it); what is tracked stays.
+    pub fn restart(&mut self, table: &TableName) {
+        if let Some(slot) = self.start.get_mut(table) {
+            *slot = None;
         }
     }
 

@@ -42,6 +42,9 @@ struct Chunks {
     /// The encoder of each table's chunks.
     encoders: std::collections::HashMap<cdc_contract::TableName, Arc<TableEncoder>>,
     failures: u32,
+    /// The backfill requests were listed once: until then no table counts as new (an initial
+    /// snapshot's request not yet taken would read it a second time).
+    requests_listed: bool,
 }
 
 /// The streaming side of a run.
@@ -461,6 +464,9 @@ impl<'a> Streamer<'a> {
         upstream: &mut dyn Upstream,
         tables: &[cdc_contract::TableName],
     ) -> Result<(), CaptureError> {
+        if !self.chunks.requests_listed {
+            return Ok(());
+        }
         let captured = &self.settings.tables;
         let new: Vec<_> = match self.asm.backfill() {
             None => return Ok(()),
@@ -529,6 +535,7 @@ impl<'a> Streamer<'a> {
                 return Ok(());
             }
         };
+        self.chunks.requests_listed = true;
         // Taken requests gone from the ledger are forgotten; recorded ones are deleted.
         if backfill.taken.iter().any(|sk| !listed.contains(sk)) {
             self.asm
@@ -645,6 +652,7 @@ impl<'a> Streamer<'a> {
             Some((ahead, _))
                 if self.chunks.waiting.len() < 2
                     && ahead.table == next.table
+                    && ahead.after == next.after
                     && !ahead.last
                     && !next.keyless
                     && !ahead.rows.is_empty() =>
@@ -659,6 +667,7 @@ impl<'a> Streamer<'a> {
         let req = ChunkRequest {
             table: next.table.clone(),
             after,
+            key: next.key.clone(),
             start: self.asm.tracker.start(&next.table),
             limit: self.chunks.rows,
             whole: next.keyless,
@@ -774,8 +783,11 @@ impl<'a> Streamer<'a> {
                 tracing::debug!(table = %chunk.table, rows, bytes, "backfill chunk placed");
             }
             None => {
-                // The chunk read ahead starts after this one: it goes too.
+                // The chunk read ahead starts after this one: it goes too, read or being read.
                 self.chunks.waiting.clear();
+                if let Some(reading) = self.chunks.reading.take() {
+                    reading.abort();
+                }
                 self.chunk_failed("reading the chunk again: a change its read did not see cannot be ordered around it (a key the change does not carry, or an update, delete or truncate of a table without a key)");
             }
         }

@@ -343,6 +343,11 @@ pub struct TableProgress {
     /// The key of the last row recorded, as its columns' text (None: nothing read yet); the
     /// next chunk starts after it.
     pub after: Option<Vec<Option<String>>>,
+    /// The ordering key's column names `after` is in (empty: nothing read yet). A read that
+    /// finds another ordering key (the replica identity changed) starts the table again from
+    /// its first key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key: Vec<String>,
     /// Rows recorded.
     pub rows: u64,
     /// Chunks recorded.
@@ -361,6 +366,7 @@ impl TableProgress {
         TableProgress {
             table,
             after: None,
+            key: Vec::new(),
             rows: 0,
             chunks: 0,
             requested_ms,
