@@ -15,47 +15,137 @@ use crate::replication::ConnectParams;
 /// `text`'s OID: what enums are typed as.
 const TEXT_OID: u32 = 25;
 
-/// Opens an ordinary SQL connection with the same TLS and session settings as replication.
-pub async fn connect(params: &ConnectParams) -> Result<Client, tokio_postgres::Error> {
+/// Why an ordinary SQL connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server or the protocol refused (or the connection broke while starting).
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// The server could not be reached.
+    #[error("connecting to {addr}: {source}")]
+    Io {
+        /// host:port.
+        addr: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The server asked for a password the capture does not send unencrypted.
+    #[error(transparent)]
+    Unencrypted(#[from] crate::tls::UnencryptedPassword),
+}
+
+impl ConnectError {
+    /// The server's SQLSTATE, when it refused.
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            ConnectError::Db(e) => e.code(),
+            _ => None,
+        }
+    }
+}
+
+/// Opens an ordinary SQL connection with the same TLS and session settings as replication:
+/// over TLS, SCRAM binds to the server's certificate (`SCRAM-SHA-256-PLUS`) when the server
+/// offers it; unencrypted, a cleartext or MD5 password is not sent unless
+/// `params.allow_unencrypted_password`.
+pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(&params.host)
         .port(params.port)
         .user(&params.user)
         .dbname(&params.database)
         .application_name("pg-cdc-s3-capture")
-        .connect_timeout(params.connect_timeout)
         .options(
             "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601 -c extra_float_digits=3",
         );
     if let Some(p) = &params.password {
         cfg.password(p.expose_secret());
     }
-    match &params.tls {
-        None => {
-            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::warn!(error = %error, "sql connection ended");
-                }
-            });
-            Ok(client)
-        }
-        Some(tls) => {
-            cfg.ssl_mode(if params.ssl_mode.requires_tls() {
-                tokio_postgres::config::SslMode::Require
+    let addr = format!("{}:{}", params.host, params.port);
+    let io_error = |source| ConnectError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    let timed_out = || {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connecting timed out",
+        ))
+    };
+    let start = async {
+        let tcp = tokio::net::TcpStream::connect((params.host.as_str(), params.port))
+            .await
+            .map_err(io_error)?;
+        tcp.set_nodelay(true).map_err(io_error)?;
+        let guarded = |ssl_request| {
+            let guard = crate::tls::PasswordGuard::new(tcp, ssl_request);
+            if params.allow_unencrypted_password {
+                guard.disarmed()
             } else {
-                tokio_postgres::config::SslMode::Prefer
+                guard
+            }
+        };
+        let client = match &params.tls {
+            None => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, conn) = cfg
+                    .connect_raw(guarded(false), tokio_postgres::NoTls)
+                    .await
+                    .map_err(unencrypted)?;
+                spawn_connection(conn);
+                client
+            }
+            Some(tls) => {
+                cfg.ssl_mode(if params.ssl_mode.requires_tls() {
+                    tokio_postgres::config::SslMode::Require
+                } else {
+                    tokio_postgres::config::SslMode::Prefer
+                });
+                let connector = crate::tls::RustlsConnect::new(tls.clone(), &params.host);
+                let (client, conn) = cfg
+                    .connect_raw(guarded(true), connector)
+                    .await
+                    .map_err(unencrypted)?;
+                spawn_connection(conn);
+                client
+            }
+        };
+        Ok::<_, ConnectError>(client)
+    };
+    tokio::time::timeout(params.connect_timeout, start)
+        .await
+        .map_err(|_| timed_out())?
+}
+
+/// A connection's error, or the guard's refusal inside it.
+fn unencrypted(error: tokio_postgres::Error) -> ConnectError {
+    let mut source = std::error::Error::source(&error);
+    while let Some(e) = source {
+        let refused = e
+            .downcast_ref::<crate::tls::UnencryptedPassword>()
+            .or_else(|| {
+                e.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<crate::tls::UnencryptedPassword>())
             });
-            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-            let (client, conn) = cfg.connect(connector).await?;
-            tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    tracing::warn!(error = %error, "sql connection ended");
-                }
-            });
-            Ok(client)
+        if let Some(refused) = refused {
+            return ConnectError::Unencrypted(*refused);
         }
+        source = e.source();
     }
+    ConnectError::Db(error)
+}
+
+fn spawn_connection<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::warn!(error = %error, "sql connection ended");
+        }
+    });
 }
 
 /// A type resolved to what its values are typed as.

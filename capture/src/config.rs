@@ -57,6 +57,10 @@ pub struct Flags {
         default_value = "prefer"
     )]
     pub sslmode: SslMode,
+    /// Send a cleartext or MD5 password when the server asks for one over a connection that
+    /// is not encrypted (refused by default: anyone on the path could read or replay it).
+    #[arg(long, env = "CDC_ALLOW_UNENCRYPTED_PASSWORD", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_unencrypted_password: bool,
     /// Root certificate (PEM) for verify-ca and verify-full; default: the system's roots.
     #[arg(long, env = "PGSSLROOTCERT", value_name = "PGSSLROOTCERT")]
     pub sslrootcert: Option<String>,

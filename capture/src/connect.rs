@@ -33,14 +33,21 @@ pub fn connect_params(settings: &Settings) -> Result<ConnectParams, CaptureError
         ssl_mode: cfg.sslmode,
         tls,
         connect_timeout: Duration::from_secs(30),
+        allow_unencrypted_password: cfg.allow_unencrypted_password,
     })
 }
 
 /// Why a first connection failed, and what fixes it, when waiting may help: the database is
 /// unreachable or refuses the login (a first deployment before its password secret or security
 /// group is set up). None for anything else (a missing database, bad TLS settings): definite.
-fn waiting_reason(error: &tokio_postgres::Error, settings: &Settings) -> Option<String> {
+fn waiting_reason(error: &crate::catalog::ConnectError, settings: &Settings) -> Option<String> {
+    use crate::catalog::ConnectError;
     let cfg = &settings.flags;
+    let unreachable = match error {
+        ConnectError::Unencrypted(_) => return None,
+        ConnectError::Io { source, .. } => io_unreachable(source),
+        ConnectError::Db(e) => unreachable(e),
+    };
     match error.code().map(|c| c.code()) {
         Some("28P01") | Some("28000") => Some(format!(
             "the database refused the login of {:?}: set the password in POSTGRES_PASSWORD (the \
@@ -52,7 +59,7 @@ fn waiting_reason(error: &tokio_postgres::Error, settings: &Settings) -> Option<
                 .into(),
         ),
         Some(_) => None,
-        None if !unreachable(error) => None,
+        None if !unreachable => None,
         None => Some(format!(
             "cannot reach {}:{}: check POSTGRES_HOST, POSTGRES_PORT and the network path (the \
              database's security group must admit the capture)",
@@ -67,22 +74,26 @@ fn unreachable(error: &tokio_postgres::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return matches!(
-                io.kind(),
-                ConnectionRefused
-                    | ConnectionReset
-                    | ConnectionAborted
-                    | TimedOut
-                    | NotConnected
-                    | AddrNotAvailable
-                    | HostUnreachable
-                    | NetworkUnreachable
-            ) || io.to_string().contains("lookup address");
+            return io_unreachable(io);
         }
         source = e.source();
     }
     false
+}
+
+fn io_unreachable(io: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        io.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | TimedOut
+            | NotConnected
+            | AddrNotAvailable
+            | HostUnreachable
+            | NetworkUnreachable
+    ) || io.to_string().contains("lookup address")
 }
 
 /// The first SQL connection. While the database is unreachable or refuses the login, retries
@@ -107,13 +118,19 @@ pub async fn connect_at_start(
             }
             Err(e) => {
                 let Some(reason) = waiting_reason(&e, settings) else {
-                    return Err(e.into());
+                    return Err(match e {
+                        crate::catalog::ConnectError::Db(e) => e.into(),
+                        other => CaptureError::Setup(other.to_string()),
+                    });
                 };
                 let wait = Duration::from_millis((1000u64 << attempt.min(5)).min(30_000));
                 // A server error displays as "db error"; its message says what was refused.
-                let detail = match e.as_db_error() {
-                    Some(db) => format!("{}: {}", db.code().code(), db.message()),
-                    None => e.to_string(),
+                let detail = match &e {
+                    crate::catalog::ConnectError::Db(db) => match db.as_db_error() {
+                        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                        None => db.to_string(),
+                    },
+                    other => other.to_string(),
                 };
                 tracing::error!(error = %detail, reason = %reason, retry_in_ms = wait.as_millis() as u64, "waiting for the database");
                 health.set_waiting_for_database(Some(reason));
@@ -197,6 +214,11 @@ impl Upstream for PgUpstream<'_> {
 
     async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError> {
         let conn = ReplicationConnection::connect(&self.params).await?;
+        tracing::info!(
+            tls = conn.encrypted(),
+            channel_binding = conn.channel_bound(),
+            "replication connection authenticated"
+        );
         let stream = conn
             .start_replication(&self.settings.slot, from, &self.settings.flags.publication)
             .await?;

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::{backend::Message, frontend};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -53,6 +55,9 @@ pub enum ReplicationError {
     /// The server sent something the protocol does not allow here.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The server asked for a password that is not sent unencrypted.
+    #[error(transparent)]
+    UnencryptedPassword(#[from] crate::tls::UnencryptedPassword),
 }
 
 impl ReplicationError {
@@ -102,6 +107,9 @@ pub struct ConnectParams {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// How long connecting and authenticating may take.
     pub connect_timeout: Duration,
+    /// Send a cleartext or MD5 password over a connection that is not encrypted
+    /// (`CDC_ALLOW_UNENCRYPTED_PASSWORD`).
+    pub allow_unencrypted_password: bool,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -112,6 +120,10 @@ pub struct ReplicationConnection {
     io: Box<dyn Io>,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// TLS: the server certificate's `tls-server-end-point` binding (None: not computable).
+    tls: Option<Option<Vec<u8>>>,
+    /// SCRAM was bound to the TLS channel (`SCRAM-SHA-256-PLUS`).
+    channel_bound: bool,
 }
 
 /// One row of a simple query's result, as text.
@@ -144,6 +156,7 @@ impl ReplicationConnection {
     async fn connect_inner(params: &ConnectParams) -> Result<Self, ReplicationError> {
         let mut tcp = TcpStream::connect((params.host.as_str(), params.port)).await?;
         tcp.set_nodelay(true)?;
+        let mut end_point = None;
         let io: Box<dyn Io> = match &params.tls {
             None => Box::new(tcp),
             Some(config) => {
@@ -161,6 +174,13 @@ impl ReplicationConnection {
                             .connect(name, tcp)
                             .await
                             .map_err(ReplicationError::Tls)?;
+                        end_point = Some(
+                            tls.get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .and_then(|cert| crate::tls::server_end_point(cert)),
+                        );
                         Box::new(tls)
                     }
                     b'N' if params.ssl_mode.requires_tls() => {
@@ -179,6 +199,8 @@ impl ReplicationConnection {
             io,
             rbuf: BytesMut::with_capacity(64 * 1024),
             wbuf: BytesMut::new(),
+            tls: end_point,
+            channel_bound: false,
         };
         conn.startup(params).await?;
         Ok(conn)
@@ -206,10 +228,12 @@ impl ReplicationConnection {
             match self.read_message().await? {
                 Message::AuthenticationOk => {}
                 Message::AuthenticationCleartextPassword => {
+                    self.password_allowed(params, 3)?;
                     frontend::password_message(&password()?, &mut self.wbuf)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    self.password_allowed(params, 5)?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         params.user.as_bytes(),
                         &password()?,
@@ -220,17 +244,33 @@ impl ReplicationConnection {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut offers_scram = false;
+                    let mut offers_plus = false;
                     let mut mechanisms = body.mechanisms();
                     while let Some(m) = mechanisms.next()? {
                         offers_scram |= m == SCRAM_SHA_256;
+                        offers_plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !offers_scram {
-                        return Err(ReplicationError::UnsupportedAuth(
-                            "SASL without SCRAM-SHA-256",
-                        ));
-                    }
-                    let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    // Over TLS, bound to the server's certificate when the server offers it
+                    // (a man in the middle cannot relay the exchange); when it does not, the
+                    // client says it could have ("y"), so a downgrade is detected.
+                    let (mechanism, binding) = match (&self.tls, offers_plus) {
+                        (Some(Some(end_point)), true) => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(end_point.clone()),
+                        ),
+                        (Some(Some(_)), false) if offers_scram => {
+                            (SCRAM_SHA_256, ChannelBinding::unrequested())
+                        }
+                        _ if offers_scram => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(ReplicationError::UnsupportedAuth(
+                                "SASL without SCRAM-SHA-256",
+                            ))
+                        }
+                    };
+                    self.channel_bound = mechanism == SCRAM_SHA_256_PLUS;
+                    let s = ScramSha256::new(&password()?, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                     scram = Some(s);
                 }
@@ -265,6 +305,26 @@ impl ReplicationConnection {
                 }
             }
         }
+    }
+
+    /// A cleartext (code 3) or MD5 (5) password goes only over TLS, or when allowed.
+    fn password_allowed(&self, params: &ConnectParams, code: u32) -> Result<(), ReplicationError> {
+        match crate::tls::unsafe_password(code) {
+            Some(refused) if self.tls.is_none() && !params.allow_unencrypted_password => {
+                Err(refused.into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// True when the connection is encrypted (TLS).
+    pub fn encrypted(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// True when SCRAM was bound to the TLS channel (`SCRAM-SHA-256-PLUS`).
+    pub fn channel_bound(&self) -> bool {
+        self.channel_bound
     }
 
     async fn flush(&mut self) -> Result<(), ReplicationError> {

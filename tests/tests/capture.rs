@@ -710,8 +710,19 @@ async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> an
         ("PGSSLMODE".to_string(), "verify-full".to_string()),
         ("PGSSLROOTCERT".to_string(), ca),
     ]);
-    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let out = cap.run_until_caught_up(CAUGHT_UP).await?;
     assert_eq!(cap.recorded_events("public.t").await?.len(), 1);
+    // SCRAM over TLS is bound to the server's certificate (the server checks the binding: a
+    // wrong hash fails the login).
+    let log = String::from_utf8_lossy(&out.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("replication connection authenticated"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("tls=true") && line.contains("channel_binding=true"),
+        "{log}"
+    );
 
     // A root that did not sign the server's certificate: refused.
     let other = certs.path().join("other-ca.crt").display().to_string();
@@ -738,6 +749,56 @@ async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> an
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not support TLS"), "{err}");
+    Ok(())
+}
+
+/// A server that asks for a cleartext or an MD5 password over a connection without TLS is
+/// refused (the password is not sent) unless `CDC_ALLOW_UNENCRYPTED_PASSWORD` allows it.
+#[tokio::test]
+async fn a_password_is_not_sent_unencrypted_unless_allowed() -> anyhow::Result<()> {
+    for method in ["password", "md5"] {
+        let opts = pipeline_tests::postgres::ClusterOptions {
+            extra_conf: vec!["password_encryption = md5".into()],
+            hba: Some(format!(
+                "local all all trust\nhost all all 127.0.0.1/32 {method}\n"
+            )),
+            ..Default::default()
+        };
+        let pg = PgCluster::start_with(opts)?;
+        let aws = AwsFixture::new().await?;
+        let db = pg.create_database_over_socket("plain").await?;
+        // Stored as MD5 (password_encryption), so `md5` in pg_hba.conf asks for MD5.
+        pg.execute_over_socket(
+            &db,
+            &format!(
+                "CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub_all FOR ALL TABLES; \
+                 ALTER ROLE postgres PASSWORD '{}'",
+                pipeline_tests::postgres::SUPERUSER_PASSWORD
+            ),
+        )
+        .await?;
+        let mut cap = CaptureSetup::new(&pg, &db, &aws);
+        pg.execute_over_socket(&db, "INSERT INTO t VALUES (1)")
+            .await?;
+        cap.env
+            .extend([("PGSSLMODE".to_string(), "prefer".to_string())]);
+        let out = cap.command()?.arg("--exit-when-caught-up").output().await?;
+        assert!(!out.status.success(), "{method}: the capture must refuse");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let kind = if method == "md5" { "MD5" } else { "cleartext" };
+        assert!(
+            err.contains(&format!(
+                "asks for a {kind} password over a connection that is not encrypted"
+            )),
+            "{method}: {err}"
+        );
+        assert!(cap.recorded_events("public.t").await?.is_empty());
+
+        cap.env
+            .push(("CDC_ALLOW_UNENCRYPTED_PASSWORD".into(), "true".into()));
+        cap.run_until_caught_up(CAUGHT_UP).await?;
+        assert_eq!(cap.recorded_events("public.t").await?.len(), 1, "{method}");
+    }
     Ok(())
 }
 

@@ -63,6 +63,9 @@ struct Cli {
     /// libpq's sslmode.
     #[arg(long, env = "PGSSLMODE", value_enum, default_value = "prefer")]
     sslmode: SslMode,
+    /// Send a cleartext or MD5 password over a connection that is not encrypted.
+    #[arg(long, env = "CDC_ALLOW_UNENCRYPTED_PASSWORD", default_value_t = false, action = clap::ArgAction::Set)]
+    allow_unencrypted_password: bool,
     /// PEM root certificates for verify-ca / verify-full.
     #[arg(long, env = "PGSSLROOTCERT")]
     sslrootcert: Option<String>,
@@ -83,6 +86,7 @@ async fn catalog(cli: &Cli) -> anyhow::Result<Catalog> {
         ssl_mode: cli.sslmode,
         tls,
         connect_timeout: Duration::from_secs(30),
+        allow_unencrypted_password: cli.allow_unencrypted_password,
     };
     let client = capture::catalog::connect(&params)
         .await
