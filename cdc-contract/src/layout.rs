@@ -116,6 +116,11 @@ impl Layout {
         format!("{}/_manifest.json", self.hour_prefix(table, format, hour))
     }
 
+    /// `{base}/_dead_letter/`: every dead letter is under it.
+    pub fn dead_letter_prefix(&self) -> String {
+        self.join(format_args!("_dead_letter/"))
+    }
+
     /// `{base}/_dead_letter/{schema}.{table}/{YYYY}/{MM}/{DD}/{HH}/{name}`
     pub fn dead_letter_key(&self, table: &TableName, hour: Hour, name: &str) -> String {
         self.join(format_args!(

@@ -69,7 +69,7 @@ impl<'a> CaptureSetup<'a> {
 
     /// The database, slot and AWS settings of this setup, as the capture and `cdc-verify` read
     /// them, in a command with an otherwise empty environment.
-    fn base_command(&self, binary: &str) -> anyhow::Result<Command> {
+    pub fn base_command(&self, binary: &str) -> anyhow::Result<Command> {
         let mut cmd = Command::new(crate::bins::bin_path(binary)?);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -365,6 +365,28 @@ impl<'a> CaptureSetup<'a> {
             code: out.status.code().unwrap_or(-1),
             reports,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs `cdc-status --output json` for this setup's slot (with the database, so the slot's
+    /// state on the server is included) plus `extra` arguments; its report.
+    pub async fn status(&self, extra: &[&str]) -> anyhow::Result<Value> {
+        let mut cmd = self.base_command("cdc-status")?;
+        cmd.args(["--output", "json"]).args(extra);
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .context("cdc-status did not finish in time")??;
+        anyhow::ensure!(
+            out.status.success(),
+            "cdc-status exited {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "cdc-status printed {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 

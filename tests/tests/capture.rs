@@ -752,6 +752,130 @@ async fn tls_verify_full_connects_to_a_trusted_server_and_refuses_others() -> an
     Ok(())
 }
 
+/// `cdc-status` against a running pipeline: the lease holder, the checkpoint, the slot on the
+/// server, the finished backfill and the pending hour while the capture runs; after compaction
+/// no pending hour and the last compaction named; dead letters counted in the queue and the
+/// bucket; its text form says the same.
+#[tokio::test]
+async fn cdc_status_reports_a_running_pipeline() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    let aws = AwsFixture::new().await?;
+    let db = setup(
+        &pg,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 500) g; \
+         CREATE PUBLICATION pub_all FOR ALL TABLES",
+    )
+    .await?;
+    let cap = CaptureSetup::new(&pg, &db, &aws);
+    let child = cap.spawn(&[])?;
+    // The snapshot's rows recorded, and a streamed change after it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = cap.checkpoint().await?.is_some_and(|c| {
+            c.backfill
+                .is_some_and(|b| b.pending.is_empty() && !b.known.is_empty())
+        });
+        if done {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot: {}",
+            cap.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pg.execute(&db, "UPDATE t SET v = 'changed' WHERE id = 1")
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !ops(&cap.recorded_events("public.t").await?).contains(&"u".to_owned()) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not recorded: {}",
+            cap.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = cap.checkpoint().await?.unwrap_or_default().lsn;
+
+    // Dead letters: one notification in the dead-letter queue, one record set aside.
+    let dlq = aws
+        .sqs
+        .create_queue()
+        .queue_name(pipeline_tests::unique_name("dlq-"))
+        .send()
+        .await?
+        .queue_url
+        .unwrap_or_default();
+    aws.sqs
+        .send_message()
+        .queue_url(&dlq)
+        .message_body("{}")
+        .send()
+        .await?;
+    aws.s3
+        .put_object()
+        .bucket(&aws.bucket)
+        .key("_dead_letter/public.t/2026/01/01/00/x.json")
+        .body(b"{}".to_vec().into())
+        .send()
+        .await?;
+
+    let running = cap.status(&["--notify-dlq-url", &dlq]).await?;
+    let after = cap.checkpoint().await?.unwrap_or_default().lsn;
+    let slots = running["slots"].as_array().cloned().unwrap_or_default();
+    assert_eq!(slots.len(), 1, "only this slot: {running}");
+    let slot = &slots[0];
+    assert_eq!(slot["slot"], cap.slot.as_str());
+    assert_eq!(slot["lease"]["live"], true, "{slot}");
+    assert!(slot["lease"]["owner"]
+        .as_str()
+        .is_some_and(|o| !o.is_empty()));
+    let reported: cdc_contract::Lsn = slot["checkpoint"]["lsn"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    assert!(reported >= before && reported <= after, "{slot}");
+    assert_eq!(slot["replication"]["exists"], true);
+    assert_eq!(slot["replication"]["active"], true, "{slot}");
+    assert!(slot["replication"]["lag_bytes"]
+        .as_i64()
+        .is_some_and(|b| b >= 0));
+    assert_eq!(
+        slot["backfill"]["pending"].as_array().map(Vec::len),
+        Some(0)
+    );
+    assert_eq!(slot["backfill"]["tables_done"], 1);
+    assert!(
+        slot["pending_hours"].as_u64().is_some_and(|n| n >= 1),
+        "{slot}"
+    );
+    assert!(slot["oldest_pending_hour"].is_string());
+    assert!(slot["last_compaction"].is_null());
+    assert_eq!(running["notify_dead_letters"], 1);
+    assert_eq!(running["dead_letter_objects"], 1);
+
+    cap.stop(child, Duration::from_secs(30)).await?;
+    cap.compact(10).await?;
+    let after = cap.status(&[]).await?;
+    let slot = &after["slots"][0];
+    assert_eq!(slot["pending_hours"], 0, "{after}");
+    assert_eq!(slot["last_compaction"]["table"], "public.t", "{after}");
+    assert_eq!(slot["replication"]["active"], false);
+    assert!(after["notify_dead_letters"].is_null(), "not asked for");
+
+    // The text form, for people.
+    let mut cmd = cap.base_command("cdc-status")?;
+    let out = cmd.output().await?;
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("slot {}", cap.slot)), "{text}");
+    assert!(text.contains("compacted    public.t"), "{text}");
+    assert!(text.contains("pending      none"), "{text}");
+    Ok(())
+}
+
 /// A server that asks for a cleartext or an MD5 password over a connection without TLS is
 /// refused (the password is not sent) unless `CDC_ALLOW_UNENCRYPTED_PASSWORD` allows it.
 #[tokio::test]

@@ -8,11 +8,13 @@
 //! - [`replay`]: replays the events per key in (commit LSN, ordinal) order.
 //! - [`rows`]: reads the table's current rows, encoded exactly as the capture encodes values, to
 //!   compare with the replay.
+//! - [`status`]: `cdc-status`, an operator's view of each slot.
 
 pub mod files;
 pub mod replay;
 pub mod report;
 pub mod rows;
+pub mod status;
 
 pub use report::{FindingKind, Report};
 
