@@ -119,6 +119,15 @@ pub struct Flags {
         default_value = "900"
     )]
     pub straggler_window_seconds: String,
+    /// Under Lambda: stop writing this long before the invocation's deadline (seconds). The
+    /// part being written ends at the next batch and is recorded; the next run goes on after it.
+    /// Leave enough for a part's last batch, its close and upload at the function's CPU share.
+    #[arg(
+        long = "deadline-margin-seconds",
+        env = "DEADLINE_MARGIN_SECONDS",
+        default_value = "60"
+    )]
+    pub deadline_margin_seconds: String,
     /// Table-hours compacted at once.
     #[arg(
         long = "compact-concurrency",
@@ -178,6 +187,8 @@ pub struct Settings {
     pub straggler_window: Duration,
     /// Hours compacted at once.
     pub concurrency: usize,
+    /// Under Lambda: how long before the invocation's deadline writing stops.
+    pub deadline_margin: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -201,6 +212,7 @@ impl Settings {
             hour_claim: Duration::from_secs(120),
             straggler_window: Duration::from_secs(900),
             concurrency: 2,
+            deadline_margin: Duration::from_secs(60),
             log_format: LogFormat::Text,
         }
     }
@@ -303,6 +315,7 @@ impl Flags {
         if concurrency == 0 || concurrency > 64 {
             return Err(bad("COMPACT_CONCURRENCY", "must be between 1 and 64"));
         }
+        let margin: u64 = number("DEADLINE_MARGIN_SECONDS", &self.deadline_margin_seconds)?;
         Ok(Settings {
             bucket,
             base_path: shared.base_path.trim().to_owned(),
@@ -319,6 +332,7 @@ impl Flags {
             hour_claim: Duration::from_secs(claim),
             straggler_window: Duration::from_secs(straggler),
             concurrency,
+            deadline_margin: Duration::from_secs(margin),
             log_format: shared.log_format,
         })
     }

@@ -213,6 +213,16 @@ fn names_a_failure(note: &Notification, report: &SweepReport) -> bool {
 impl Compactor {
     /// Answers one Lambda event.
     pub async fn handle(&self, event: Value) -> Result<Value, HandlerError> {
+        self.handle_until(event, None).await
+    }
+
+    /// Answers one Lambda event, stopping by `stop_at` (the invocation's deadline less the
+    /// margin): parts end cleanly and what is left stays pending for the next run.
+    pub async fn handle_until(
+        &self,
+        event: Value,
+        stop_at: Option<std::time::Instant>,
+    ) -> Result<Value, HandlerError> {
         match parse_trigger(&event)? {
             Trigger::Sqs(messages) => {
                 let mut failures = Vec::new();
@@ -234,7 +244,11 @@ impl Compactor {
                         }
                     }
                 }
-                match self.sweep(&SweepRequest::default()).await {
+                let request = SweepRequest {
+                    stop_at,
+                    ..Default::default()
+                };
+                match self.sweep(&request).await {
                     Ok(report) => {
                         // A message naming an hour that failed is reported failed: SQS delivers it
                         // again, and after the queue's receive limit it lands in the dead-letter
@@ -268,6 +282,7 @@ impl Compactor {
                 let report = self
                     .sweep(&SweepRequest {
                         include_open,
+                        stop_at,
                         ..Default::default()
                     })
                     .await?;
@@ -279,6 +294,7 @@ impl Compactor {
                         include_open: false,
                         only: Some((table, hour)),
                         slot,
+                        stop_at,
                     })
                     .await?;
                 answer(&report)

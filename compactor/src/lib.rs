@@ -70,6 +70,8 @@ pub struct SweepRequest {
     pub only: Option<(TableName, Hour)>,
     /// Limit the sweep to this slot (on top of `CDC_SLOT_NAME`).
     pub slot: Option<String>,
+    /// Stop by this time (see [`HourJob::stop_at`]): hours not begun by then stay pending.
+    pub stop_at: Option<std::time::Instant>,
 }
 
 /// A slot the sweep could not serve, or an hour that failed.
@@ -221,6 +223,7 @@ impl Compactor {
                 table: m.table.clone(),
                 hour: m.hour,
                 marker: Some(m),
+                stop_at: req.stop_at,
             })
             .collect();
         if let Some((table, hour)) = &req.only {
@@ -236,6 +239,7 @@ impl Compactor {
                     table: table.clone(),
                     hour: *hour,
                     marker,
+                    stop_at: req.stop_at,
                 });
             }
         }
@@ -244,6 +248,11 @@ impl Compactor {
         let run = &run;
         let results: Vec<(HourJob, Result<HourReport, HourError>)> =
             futures::stream::iter(jobs.into_iter().map(|job| async move {
+                if job.stop_at.is_some_and(|t| std::time::Instant::now() >= t) {
+                    // Too close to the deadline to take an hour on: the next run does it.
+                    let report = HourReport::new(&run.slot, &job, HourState::Pending);
+                    return (job, Ok(report));
+                }
                 let r = self.compact_hour(run, &job).await;
                 (job, r)
             }))

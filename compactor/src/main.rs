@@ -111,13 +111,15 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None if under_lambda => {
+            let margin = config.deadline_margin;
             let c = Arc::new(compactor(config).await?);
             lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
                 let c = c.clone();
                 async move {
                     let request_id = event.context.request_id.clone();
                     let span = tracing::info_span!("invocation", request_id = %request_id);
-                    c.handle(event.payload)
+                    let stop_at = stop_at(event.context.deadline, margin);
+                    c.handle_until(event.payload, stop_at)
                         .instrument(span)
                         .await
                         .map_err(|e| {
@@ -133,5 +135,57 @@ async fn main() -> anyhow::Result<()> {
             "no command: run `compactor invoke --event FILE` or `compactor sweep`, or start it \
              under a Lambda runtime (AWS_LAMBDA_RUNTIME_API)"
         ),
+    }
+}
+
+/// When an invocation stops writing: `margin` before its deadline (ms since the epoch), but
+/// never more than a quarter of the time it has (a short timeout still gets work done), as an
+/// instant of this process's clock. None without a usable deadline (absent, or not in the future:
+/// some local emulators send a duration there).
+fn stop_at(deadline_ms: u64, margin: std::time::Duration) -> Option<std::time::Instant> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if deadline_ms <= now_ms {
+        tracing::debug!(
+            deadline_ms,
+            "no usable invocation deadline: writing is not cut short"
+        );
+        return None;
+    }
+    let left = std::time::Duration::from_millis(deadline_ms - now_ms);
+    Some(std::time::Instant::now() + left.saturating_sub(margin.min(left / 4)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    fn in_s(s: u64) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            + s * 1000
+    }
+
+    #[test]
+    fn writing_stops_the_margin_before_the_deadline_or_a_quarter_of_the_time_left() {
+        let margin = Duration::from_secs(60);
+        let near = |deadline: u64, expected_s: u64| {
+            let at = stop_at(deadline, margin).expect("a deadline");
+            let ahead = at.saturating_duration_since(Instant::now()).as_secs_f64();
+            assert!(
+                (ahead - expected_s as f64).abs() < 2.0,
+                "{ahead} vs {expected_s}"
+            );
+        };
+        near(in_s(300), 240);
+        near(in_s(100), 75);
+        // A deadline that is not in the future (an emulator's duration) is not used.
+        assert!(stop_at(600_000, margin).is_none());
+        assert!(stop_at(0, margin).is_none());
     }
 }

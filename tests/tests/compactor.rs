@@ -1113,6 +1113,77 @@ async fn a_late_batch_becomes_an_extra_part_of_its_hour() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// An invocation near its deadline: a sweep past its stop time takes no hour on; an hour taken
+/// with its stop time passed writes one batch, ends its part cleanly and stays pending, and the
+/// next run goes on after that part. Run after run, the hour ends whole, each change once.
+#[tokio::test]
+async fn a_run_at_its_deadline_ends_the_part_cleanly_and_the_next_run_goes_on() -> anyhow::Result<()>
+{
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_deadline").await?;
+    stager.batch_rows = 40;
+    let staged = stage_notes(&mut stager, 1, 200, 4).await?;
+    let t = notes_schema().table;
+    let batches = batch_items(&aws, "slot_deadline", &t, hour()).await?.len();
+    assert!(batches >= 4, "several batches: {batches}");
+    let c = compactor_with(&aws, config(&aws));
+
+    let late = c
+        .sweep(&SweepRequest {
+            stop_at: Some(std::time::Instant::now()),
+            ..Default::default()
+        })
+        .await?;
+    assert!(late.failures.is_empty(), "{:?}", late.failures);
+    assert_eq!(late.hours[0].state, HourState::Pending);
+    assert_eq!(
+        late.hours[0].parts, 0,
+        "no hour taken on past the stop time"
+    );
+    assert!(parts(&aws, "slot_deadline", &t, hour()).await?.is_empty());
+
+    let ledger = DynamoLedger::new(aws_sdk_dynamodb::Client::new(&aws.config), &aws.table);
+    let checkpoint = ledger
+        .checkpoint("slot_deadline")
+        .await?
+        .context("checkpoint")?;
+    let run = compactor::plan::SlotRun::new("slot_deadline", checkpoint);
+    let mut runs = 0;
+    loop {
+        let marker = pending(&aws, "slot_deadline").await?.into_iter().next();
+        let job = compactor::HourJob {
+            table: t.clone(),
+            hour: hour(),
+            marker,
+            stop_at: Some(std::time::Instant::now()),
+        };
+        let before = parts(&aws, "slot_deadline", &t, hour()).await?.len();
+        let report = c.compact_hour(&run, &job).await?;
+        runs += 1;
+        let after = parts(&aws, "slot_deadline", &t, hour()).await?;
+        assert!(
+            after.len() > before,
+            "run {runs} recorded a part: {report:?}"
+        );
+        // Whatever is recorded so far is final and whole: each change once, in order.
+        let events = final_events(&aws, &t, hour()).await?;
+        assert_each_once_in_order(&events)?;
+        assert_eq!(
+            events.len() as u64,
+            after.iter().map(|p| p.rows).sum::<u64>()
+        );
+        if report.state == HourState::Done {
+            assert_eq!(events.len(), staged.len());
+            break;
+        }
+        assert_eq!(report.state, HourState::Pending);
+        assert!(runs < batches, "more runs than batches");
+    }
+    assert!(runs > 1, "the stop time split the hour");
+    assert!(pending(&aws, "slot_deadline").await?.is_empty());
+    Ok(())
+}
+
 #[tokio::test]
 async fn orphan_batches_are_never_compacted() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;

@@ -91,6 +91,11 @@ pub struct HourJob {
     pub hour: Hour,
     /// Its pending marker, if it has one (cleared once everything is compacted).
     pub marker: Option<PendingHour>,
+    /// Stop by this time (the invocation's deadline less a margin): the part being written
+    /// ends at the next batch and is recorded, the hour stays pending, and the next run goes
+    /// on after it. At least one batch is written once the hour is taken, so every run makes
+    /// progress.
+    pub stop_at: Option<Instant>,
 }
 
 /// How an hour was left.
@@ -135,7 +140,7 @@ pub struct HourReport {
 
 impl HourReport {
     /// A report of `job` that did nothing yet.
-    fn new(slot: &str, job: &HourJob, state: HourState) -> Self {
+    pub(crate) fn new(slot: &str, job: &HourJob, state: HourState) -> Self {
         HourReport {
             slot: slot.to_owned(),
             table: job.table.to_string(),
@@ -172,6 +177,8 @@ struct Deps<'a> {
     limits: Limits,
     /// How long consumed batch items live on, in seconds.
     batch_ttl_seconds: i64,
+    /// When to stop writing (see [`HourJob::stop_at`]).
+    stop_at: Option<Instant>,
 }
 
 impl Compactor {
@@ -182,7 +189,8 @@ impl Compactor {
         job: &HourJob,
     ) -> Result<HourReport, HourError> {
         let started = Instant::now();
-        let deps = self.deps();
+        let mut deps = self.deps();
+        deps.stop_at = job.stop_at;
 
         // 1. Sort the batches out and read the record: what is to do, what to clean up.
         let (batches, record) = sort_out(deps.ledger, slot, job).await?;
@@ -236,6 +244,7 @@ impl Compactor {
                 gzip_level: config.jsonl_gzip_level,
             },
             batch_ttl_seconds: self.batch_ttl_seconds,
+            stop_at: None,
         }
     }
 }

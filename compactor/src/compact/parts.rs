@@ -402,6 +402,10 @@ impl Claimed<'_> {
                 }
                 writer = Some(w);
                 self.renew_if_due().await?;
+                if self.deps.stop_at.is_some_and(|t| std::time::Instant::now() >= t) {
+                    tracing::info!(table = %self.table, hour = %self.hour, "stopping before the invocation's deadline: the part ends here and the next run goes on after it");
+                    break;
+                }
             }
             if let Some(w) = writer.take() {
                 self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
