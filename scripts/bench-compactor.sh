@@ -4,6 +4,11 @@
 # CPU time and peak RSS beside arrow's ArrowWriter (same typed rows, from memory) and DuckDB
 # (the same staged files into one Parquet file).
 #   ./scripts/bench-compactor.sh [--rows N] [--batch-rows N] [--part-max-bytes N] [--no-duckdb]
+#                                [--cpu-share F]
+# --cpu-share F runs the compaction under a CPU quota of F CPUs (a cgroup: needs root).
+#   ./scripts/bench-compactor.sh --lambda-sizes [--rows N] ...
+# runs it once per Lambda memory size (512, 1024, 1769, 3008 MB) at that size's CPU share
+# (1 vCPU per 1,769 MB), without DuckDB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -14,4 +19,14 @@ if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
   start_moto target/moto-bench.log
   trap stop_moto EXIT
 fi
-cargo bench -p compactor --bench compact -- "$@"
+if [ "${1:-}" = "--lambda-sizes" ]; then
+  shift
+  cargo bench -p compactor --bench compact --no-run
+  for mb in 512 1024 1769 3008; do
+    share=$(python3 -c "print(round($mb / 1769, 3))")
+    echo "=== Lambda ${mb} MB: ${share} vCPU"
+    cargo bench -p compactor --bench compact -- --no-duckdb --cpu-share "$share" "$@"
+  done
+else
+  cargo bench -p compactor --bench compact -- "$@"
+fi

@@ -562,8 +562,12 @@ impl Assembler {
             {
                 p.after = None;
                 p.key.clear();
+                // No key any more (REPLICA IDENTITY FULL or NOTHING, the key dropped): read
+                // whole, its changes held.
+                p.keyless = chunk.key.is_empty();
             }
             self.tracker.restart(&table);
+            self.holding_changed();
             return Some((0, 0));
         }
         let dropped = self

@@ -72,11 +72,17 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
             "connecting timed out",
         ))
     };
+    if params.host.starts_with('/') {
+        return Err(io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "unix-domain sockets are not supported: give the server's TCP host name or address",
+        )));
+    }
+    let tcp = connect_tcp(&params.host, params.port, params.connect_timeout)
+        .await
+        .map_err(io_error)?;
+    // TLS and authentication within the timeout too.
     let start = async {
-        let tcp = tokio::net::TcpStream::connect((params.host.as_str(), params.port))
-            .await
-            .map_err(io_error)?;
-        tcp.set_nodelay(true).map_err(io_error)?;
         let guarded = |ssl_request| {
             let guard = crate::tls::PasswordGuard::new(tcp, ssl_request);
             if params.allow_unencrypted_password {
@@ -115,6 +121,42 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
     tokio::time::timeout(params.connect_timeout, start)
         .await
         .map_err(|_| timed_out())?
+}
+
+/// A TCP connection to `host:port`: each address it resolves to tried in turn, each within
+/// `timeout`; no delay, and keepalives that find a dead peer within about two minutes.
+async fn connect_tcp(
+    host: &str,
+    port: u16,
+    timeout: std::time::Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                tcp.set_nodelay(true)?;
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(std::time::Duration::from_secs(60))
+                    .with_interval(std::time::Duration::from_secs(15))
+                    .with_retries(4);
+                socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                ))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("failed to lookup address information: {host} has no address"),
+        )
+    }))
 }
 
 /// A connection's error, or the guard's refusal inside it.

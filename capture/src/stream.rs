@@ -233,7 +233,28 @@ impl<'a> Streamer<'a> {
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slot_tick = tokio::time::interval(self.settings.heartbeat_interval());
         slot_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.take_requests(upstream).await?;
+        // The backfill requests are listed before any message is taken in: until then a table
+        // first seen cannot be told new (an initial request not yet taken would read it twice),
+        // and one left untracked (a keyless table's inserts streamed unheld) would double rows.
+        let mut wait = Duration::from_millis(500);
+        loop {
+            self.take_requests(upstream).await?;
+            if self.chunks.requests_listed || self.asm.backfill().is_none() {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.flush_on_shutdown().await?;
+                    let _ = self.confirm(source).await;
+                    return Ok(Stopped::Shutdown);
+                }
+                _ = lease_lost.cancelled() => {
+                    return Err(CaptureError::LeaseLost("renewal was refused".into()));
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
         loop {
             if let Some(stopped) = self.backfill_step(upstream).await? {
                 return Ok(stopped);
@@ -464,7 +485,12 @@ impl<'a> Streamer<'a> {
         upstream: &mut dyn Upstream,
         tables: &[cdc_contract::TableName],
     ) -> Result<(), CaptureError> {
+        if self.asm.backfill().is_none() {
+            return Ok(());
+        }
         if !self.chunks.requests_listed {
+            // Not before the requests are listed (the stream waits for that at its start): an
+            // initial request not yet taken would read the table a second time.
             return Ok(());
         }
         let captured = &self.settings.tables;
@@ -647,8 +673,8 @@ impl<'a> Streamer<'a> {
         }
         // The next chunk is read while the last one read waits for its watermark (one ahead at
         // most): it starts after that one's last key.
-        let after = match self.chunks.waiting.back() {
-            None => next.after.clone(),
+        let (after, key) = match self.chunks.waiting.back() {
+            None => (next.after.clone(), next.key.clone()),
             Some((ahead, _))
                 if self.chunks.waiting.len() < 2
                     && ahead.table == next.table
@@ -657,7 +683,7 @@ impl<'a> Streamer<'a> {
                     && !next.keyless
                     && !ahead.rows.is_empty() =>
             {
-                ahead.next_after()
+                (ahead.next_after(), ahead.key.clone())
             }
             Some(_) => return Ok(None),
         };
@@ -667,7 +693,7 @@ impl<'a> Streamer<'a> {
         let req = ChunkRequest {
             table: next.table.clone(),
             after,
-            key: next.key.clone(),
+            key,
             start: self.asm.tracker.start(&next.table),
             limit: self.chunks.rows,
             whole: next.keyless,
@@ -694,9 +720,18 @@ impl<'a> Streamer<'a> {
             }
         };
         self.chunks.failures = 0;
-        self.asm
-            .tracker
-            .set_start(&chunk.table, chunk.start.clone());
+        // The tracking start a read took, only from a read the progress asks for (a chunk read
+        // before its table started again carries a start that no longer holds).
+        let current = self.asm.backfill().is_some_and(|b| {
+            b.pending
+                .first()
+                .is_some_and(|p| p.table == chunk.table && p.after == chunk.after)
+        });
+        if current {
+            self.asm
+                .tracker
+                .set_start(&chunk.table, chunk.start.clone());
+        }
         self.chunks.seq += 1;
         let content = format!("{}/{}", self.chunks.run, self.chunks.seq);
         let high = upstream.emit_watermark(&content).await?;

@@ -39,6 +39,9 @@ struct Args {
     compact_child: bool,
     /// Stage only, print the bucket and ledger table (for profiling `--compact-child`).
     stage_only: bool,
+    /// Run the compaction under a CPU quota of this many CPUs (a cgroup; as Lambda gives a
+    /// function 1 vCPU per 1,769 MB of memory).
+    cpu_share: Option<f64>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -50,6 +53,7 @@ fn args() -> anyhow::Result<Args> {
         duckdb: true,
         compact_child: false,
         stage_only: false,
+        cpu_share: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -65,6 +69,7 @@ fn args() -> anyhow::Result<Args> {
             "--no-duckdb" => a.duckdb = false,
             "--compact-child" => a.compact_child = true,
             "--stage-only" => a.stage_only = true,
+            "--cpu-share" => a.cpu_share = Some(it.next().context("--cpu-share F")?.parse()?),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -262,7 +267,53 @@ async fn duckdb_reference(aws: &AwsFixture, dir: &Path) -> anyhow::Result<f64> {
         .with_context(|| format!("duckdb printed {text:?}"))
 }
 
+/// A cgroup whose processes get `share` CPUs at most (cgroup v2 `cpu.max`, else v1's CFS
+/// quota), removed when dropped.
+struct CpuQuota(std::path::PathBuf);
+
+impl CpuQuota {
+    fn new(share: f64) -> anyhow::Result<Self> {
+        let period = 100_000u64;
+        let quota = ((share * period as f64) as u64).max(1_000);
+        let name = format!("cdc-bench-{}", std::process::id());
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
+        let dir = if v2 {
+            Path::new("/sys/fs/cgroup").join(&name)
+        } else {
+            Path::new("/sys/fs/cgroup/cpu").join(&name)
+        };
+        std::fs::create_dir(&dir).with_context(|| {
+            format!(
+                "creating the cgroup {} (--cpu-share needs root and the cpu controller)",
+                dir.display()
+            )
+        })?;
+        let set = if v2 {
+            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}"))
+        } else {
+            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())
+                .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()))
+        };
+        let cgroup = CpuQuota(dir);
+        set.context("setting the CPU quota")?;
+        Ok(cgroup)
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 async fn compact_child(args: &Args) -> anyhow::Result<()> {
+    if let Ok(cgroup) = std::env::var("BENCH_CGROUP") {
+        std::fs::write(
+            Path::new(&cgroup).join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining the cgroup {cgroup}"))?;
+    }
     let endpoint = std::env::var("AWS_ENDPOINT_URL")?;
     let sdk = pipeline_tests::aws::sdk_config(&endpoint).await;
     let mut config = Settings::new(
@@ -342,8 +393,14 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // Compact in a child process, so its peak RSS is the compaction's alone.
-    let out = std::process::Command::new(std::env::current_exe()?)
+    // Compact in a child process, so its peak RSS is the compaction's alone (and a CPU quota
+    // applies to it alone).
+    let quota = args.cpu_share.map(CpuQuota::new).transpose()?;
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    if let Some(q) = &quota {
+        child.env("BENCH_CGROUP", &q.0);
+    }
+    let out = child
         .args(["--compact-child", "--rows", &args.rows.to_string()])
         .args(["--part-max-bytes", &args.part_max_bytes.to_string()])
         .args(["--jsonl-gzip-level", &args.gzip_level.to_string()])
@@ -364,8 +421,12 @@ async fn main() -> anyhow::Result<()> {
     let (arrow_s, arrow_bytes) = arrow_reference(args.rows)?;
     let mb = staged_bytes as f64 / 1e6;
     println!(
-        "compactor bench: {} rows, {:.1} MB staged JSON, one table-hour",
-        args.rows, mb
+        "compactor bench: {} rows, {:.1} MB staged JSON, one table-hour{}",
+        args.rows,
+        mb,
+        args.cpu_share
+            .map(|s| format!(", compaction limited to {s:.2} CPU"))
+            .unwrap_or_default()
     );
     println!(
         "  compactor (S3 emulator -> jsonl.gz + parquet -> S3): {:.2} s, {:.0} rows/s, {:.1} MB/s, \

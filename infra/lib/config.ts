@@ -114,6 +114,7 @@ export interface PipelineConfig {
   compactor: {
     /** The cargo-lambda zip (relative paths are relative to infra/). */
     asset: string;
+    /** Lambda memory, so CPU share (default 1024: see the README's Lambda sizing figures). */
     memoryMiB: number;
     timeoutSeconds: number;
     /** Reserved concurrency (default: none; the account's default quota is 10, and reserving takes from it). */
@@ -166,7 +167,7 @@ export const DEFAULTS = {
   },
   compactor: {
     asset: '../target/lambda/compactor/bootstrap.zip',
-    memoryMiB: 512,
+    memoryMiB: 1024,
     timeoutSeconds: 300,
     maxConcurrency: 2,
     batchSize: 10,

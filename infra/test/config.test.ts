@@ -29,7 +29,7 @@ describe('configuration', () => {
     assert.equal(c.compactor.maxConcurrency, 2);
     assert.equal(c.alarms.pendingHourAgeSeconds, 7200);
     assert.equal(c.compactor.timeoutSeconds, 300);
-    assert.equal(c.compactor.memoryMiB, 512);
+    assert.equal(c.compactor.memoryMiB, 1024);
     assert.equal(c.compactor.sweepMinutes, 5);
     assert.equal(c.compactor.asset, '../target/lambda/compactor/bootstrap.zip');
     assert.equal(c.alarms.replicationLagSeconds, 900);

@@ -253,7 +253,7 @@ describe('config.example.json', () => {
         Runtime: 'provided.al2023',
         Architectures: ['arm64'],
         Handler: 'bootstrap',
-        MemorySize: 512,
+        MemorySize: 1024,
         Timeout: 300,
         ReservedConcurrentExecutions: Match.absent(),
         LoggingConfig: { LogGroup: { Ref: Match.stringLikeRegexp('^CompactorLogs') } },

@@ -1045,6 +1045,34 @@ async fn aws_errors_and_lost_replies_neither_stop_the_capture_nor_lose_or_double
     Ok(())
 }
 
+/// `GET /healthz`: its status code and body.
+async fn healthz(port: u16) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .context("/healthz did not answer within 60 s")??;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    Ok((status, body))
+}
+
 async fn healthcheck(cap: &CaptureSetup<'_>, port: u16) -> anyhow::Result<bool> {
     let status = cap
         .command()?
@@ -1736,15 +1764,17 @@ async fn healthz_stays_healthy_throughout_a_long_snapshot() -> anyhow::Result<()
     })
     .await?;
     let mut polls = 0;
-    let mut unhealthy = 0;
+    let mut unhealthy = Vec::new();
     while !cap.log().contains("backfill complete") {
         anyhow::ensure!(
             child.try_wait()?.is_none(),
             "the capture stopped: {}",
             cap.log()
         );
-        if !healthcheck(&cap, port).await? && !cap.log().contains("backfill complete") {
-            unhealthy += 1;
+        // The answer itself, however slow a loaded machine makes it: a 503 is what fails.
+        let (status, body) = healthz(port).await?;
+        if status != 200 && !cap.log().contains("backfill complete") {
+            unhealthy.push(format!("{status} {body}"));
         }
         polls += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1753,9 +1783,15 @@ async fn healthz_stays_healthy_throughout_a_long_snapshot() -> anyhow::Result<()
         polls >= 3,
         "the snapshot was too short to observe ({polls} polls)"
     );
-    assert_eq!(
-        unhealthy, 0,
-        "/healthz answered 503 at {unhealthy} of {polls} polls during the snapshot"
+    assert!(
+        unhealthy.is_empty(),
+        "/healthz was unhealthy at {} of {polls} polls during the snapshot: {unhealthy:?}\n{}",
+        unhealthy.len(),
+        cap.log()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     pipeline_tests::wait_for("streaming and healthy", Duration::from_secs(30), || async {
         Ok(healthcheck(&cap, port).await?.then_some(()))

@@ -291,6 +291,9 @@ impl Claimed<'_> {
             .write_parts_from(&mut rx, watermark, limits, &table_text)
             .await;
         drop(rx);
+        // A run that stopped early does not wait for the next object's download (and its
+        // retries).
+        downloader.abort();
         let _ = downloader.await;
         result
     }
