@@ -9,7 +9,9 @@
 //! - [`rows`]: reads the table's current rows, encoded exactly as the capture encodes values, to
 //!   compare with the replay.
 //! - [`status`]: `cdc-status`, an operator's view of each slot.
+//! - [`db`]: the database flags both binaries take.
 
+pub mod db;
 pub mod files;
 pub mod replay;
 pub mod report;

@@ -6,14 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use secrecy::SecretString;
 
 use capture::catalog::Catalog;
-use capture::replication::ConnectParams;
-use capture::tls::SslMode;
 use cdc_contract::flags::{LogFormat, SharedFlags};
 use cdc_contract::layout::Layout;
 use cdc_contract::TableName;
+use cdc_verify::db::DbFlags;
 use cdc_verify::files::{check_table, Options, Sources};
 use cdc_verify::{replay, rows, Report};
 use compactor::ledger::DynamoLedger;
@@ -45,52 +43,19 @@ struct Cli {
     /// and let the capture catch up and the compactor run, or pass --include-staging).
     #[arg(long)]
     compare_rows: bool,
-    /// PostgreSQL host (for --compare-rows).
-    #[arg(long, env = "POSTGRES_HOST", default_value = "localhost")]
-    host: String,
-    /// PostgreSQL port.
-    #[arg(long, env = "POSTGRES_PORT", default_value_t = 5432)]
-    port: u16,
-    /// Database.
+    /// Database (for --compare-rows).
     #[arg(long, env = "POSTGRES_DATABASE", default_value = "postgres")]
     database: String,
-    /// Role (needs SELECT on the tables).
-    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
-    username: String,
-    /// Password.
-    #[arg(long, env = "POSTGRES_PASSWORD", hide_env_values = true)]
-    password: Option<SecretString>,
-    /// libpq's sslmode.
-    #[arg(long, env = "PGSSLMODE", value_enum, default_value = "prefer")]
-    sslmode: SslMode,
-    /// Send a cleartext or MD5 password over a connection that is not encrypted.
-    #[arg(long, env = "CDC_ALLOW_UNENCRYPTED_PASSWORD", default_value_t = false, action = clap::ArgAction::Set)]
-    allow_unencrypted_password: bool,
-    /// PEM root certificates for verify-ca / verify-full.
-    #[arg(long, env = "PGSSLROOTCERT")]
-    sslrootcert: Option<String>,
+    /// The database's host, port, role and TLS (for --compare-rows).
+    #[command(flatten)]
+    db: DbFlags,
     /// `text` (a short report) or `json` (one object per table, one per line).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     output: String,
 }
 
 async fn catalog(cli: &Cli) -> anyhow::Result<Catalog> {
-    let tls = capture::tls::client_config(cli.sslmode, cli.sslrootcert.as_deref())
-        .context("TLS configuration")?;
-    let params = ConnectParams {
-        host: cli.host.clone(),
-        port: cli.port,
-        user: cli.username.clone(),
-        password: cli.password.clone(),
-        database: cli.database.clone(),
-        ssl_mode: cli.sslmode,
-        tls,
-        connect_timeout: Duration::from_secs(30),
-        allow_unencrypted_password: cli.allow_unencrypted_password,
-    };
-    let client = capture::catalog::connect(&params)
-        .await
-        .with_context(|| format!("connecting to {}:{}/{}", cli.host, cli.port, cli.database))?;
+    let client = cli.db.connect(&cli.database).await?;
     Ok(Catalog::new(client))
 }
 

@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use secrecy::SecretString;
 
-use capture::replication::ConnectParams;
-use capture::tls::SslMode;
 use cdc_contract::flags::{LogFormat, SharedFlags};
+use cdc_verify::db::DbFlags;
 use cdc_verify::status::{self, Status};
 use compactor::ledger::DynamoLedger;
 
@@ -32,27 +30,9 @@ struct Cli {
     /// Database of the slots (given: each slot's state and lag on the server are reported).
     #[arg(long, env = "POSTGRES_DATABASE")]
     database: Option<String>,
-    /// PostgreSQL host.
-    #[arg(long, env = "POSTGRES_HOST", default_value = "localhost")]
-    host: String,
-    /// PostgreSQL port.
-    #[arg(long, env = "POSTGRES_PORT", default_value_t = 5432)]
-    port: u16,
-    /// Role (needs to read pg_replication_slots).
-    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
-    username: String,
-    /// Password.
-    #[arg(long, env = "POSTGRES_PASSWORD", hide_env_values = true)]
-    password: Option<SecretString>,
-    /// libpq's sslmode.
-    #[arg(long, env = "PGSSLMODE", value_enum, default_value = "prefer")]
-    sslmode: SslMode,
-    /// PEM root certificates for verify-ca / verify-full.
-    #[arg(long, env = "PGSSLROOTCERT")]
-    sslrootcert: Option<String>,
-    /// Send a cleartext or MD5 password over a connection that is not encrypted.
-    #[arg(long, env = "CDC_ALLOW_UNENCRYPTED_PASSWORD", default_value_t = false, action = clap::ArgAction::Set)]
-    allow_unencrypted_password: bool,
+    /// The database's host, port, role and TLS.
+    #[command(flatten)]
+    db: DbFlags,
     /// `text` or `json` (one object).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     output: String,
@@ -86,22 +66,7 @@ async fn read(cli: &Cli) -> anyhow::Result<Status> {
         .await
         .with_context(|| format!("reading the ledger {ledger_table}"))?;
     if let Some(database) = &cli.database {
-        let tls = capture::tls::client_config(cli.sslmode, cli.sslrootcert.as_deref())
-            .context("TLS configuration")?;
-        let params = ConnectParams {
-            host: cli.host.clone(),
-            port: cli.port,
-            user: cli.username.clone(),
-            password: cli.password.clone(),
-            database: database.clone(),
-            ssl_mode: cli.sslmode,
-            tls,
-            connect_timeout: Duration::from_secs(30),
-            allow_unencrypted_password: cli.allow_unencrypted_password,
-        };
-        let client = capture::catalog::connect(&params)
-            .await
-            .with_context(|| format!("connecting to {}:{}/{database}", cli.host, cli.port))?;
+        let client = cli.db.connect(database).await?;
         for slot in &mut slots {
             slot.replication = Some(
                 status::replication_status(&client, &slot.slot)
