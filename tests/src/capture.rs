@@ -207,16 +207,38 @@ impl<'a> CaptureSetup<'a> {
     /// position order; orphans (no flush record) are left out as the compactor leaves them out.
     pub async fn recorded_batches(&self) -> anyhow::Result<BTreeMap<TableName, Vec<BatchItem>>> {
         let mut tables: BTreeMap<TableName, Vec<BatchItem>> = BTreeMap::new();
-        let markers = self
+        // The hours with batches: those pending, and those the compactor has records of (it
+        // clears a compacted hour's marker).
+        let mut hours = std::collections::BTreeSet::new();
+        for marker in self
             .aws
             .query_ledger(&ledger::pending_pk(&self.slot))
-            .await?;
-        let mut flushes: BTreeMap<FlushId, bool> = BTreeMap::new();
-        for marker in markers {
+            .await?
+        {
             let m = ledger::PendingHour::from_item(&marker)?;
+            hours.insert((m.table, m.hour));
+        }
+        let mut known: std::collections::BTreeSet<TableName> =
+            hours.iter().map(|(t, _)| t.clone()).collect();
+        if let Some(b) = self.checkpoint().await?.and_then(|c| c.backfill) {
+            known.extend(b.known);
+            known.extend(b.pending.into_iter().map(|p| p.table));
+        }
+        for table in known {
+            for item in self
+                .aws
+                .query_ledger(&ledger::hour_pk(&self.slot, &table))
+                .await?
+            {
+                let record = ledger::HourRecord::from_item(&item)?;
+                hours.insert((table.clone(), record.hour));
+            }
+        }
+        let mut flushes: BTreeMap<FlushId, bool> = BTreeMap::new();
+        for (table, hour) in hours {
             let items = self
                 .aws
-                .query_ledger(&ledger::batch_pk(&self.slot, &m.table, m.hour))
+                .query_ledger(&ledger::batch_pk(&self.slot, &table, hour))
                 .await?;
             for item in items {
                 let batch = BatchItem::from_item(&item)?;

@@ -424,9 +424,13 @@ async fn a_snapshot_survives_a_crash_at_every_step_of_taking_it() -> anyhow::Res
     cap.env
         .push(("CDC_SNAPSHOT_CHUNK_BYTES".into(), "16384".into()));
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .subsec_nanos() as u64;
+    // CDC_TEST_SEED replays a schedule a failure named.
+    let seed = match std::env::var("CDC_TEST_SEED") {
+        Ok(s) => s.parse()?,
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos() as u64,
+    };
     let mut rng = seed;
     let mut next = move |n: usize| {
         rng = rng
