@@ -125,7 +125,7 @@ pub async fn connect(params: &ConnectParams) -> Result<Client, ConnectError> {
 
 /// A TCP connection to `host:port`: each address it resolves to tried in turn, each within
 /// `timeout`; no delay, and keepalives that find a dead peer within about two minutes.
-async fn connect_tcp(
+pub(crate) async fn connect_tcp(
     host: &str,
     port: u16,
     timeout: std::time::Duration,

@@ -17,7 +17,6 @@ use postgres_protocol::authentication::sasl::{
 use postgres_protocol::message::{backend::Message, frontend};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use cdc_contract::Lsn;
 
@@ -154,8 +153,8 @@ impl ReplicationConnection {
     }
 
     async fn connect_inner(params: &ConnectParams) -> Result<Self, ReplicationError> {
-        let mut tcp = TcpStream::connect((params.host.as_str(), params.port)).await?;
-        tcp.set_nodelay(true)?;
+        let mut tcp =
+            crate::catalog::connect_tcp(&params.host, params.port, params.connect_timeout).await?;
         let mut end_point = None;
         let io: Box<dyn Io> = match &params.tls {
             None => Box::new(tcp),

@@ -243,11 +243,7 @@ impl<'a> Streamer<'a> {
                 break;
             }
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.flush_on_shutdown().await?;
-                    let _ = self.confirm(source).await;
-                    return Ok(Stopped::Shutdown);
-                }
+                _ = shutdown.cancelled() => return self.stop_on_request(source).await,
                 _ = lease_lost.cancelled() => {
                     return Err(CaptureError::LeaseLost("renewal was refused".into()));
                 }
@@ -263,15 +259,7 @@ impl<'a> Streamer<'a> {
             let retry_read = self.chunks.not_before;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    self.flush_on_shutdown().await?;
-                    if let Some(p) = self.asm.recorded().backfill.as_ref().and_then(|b| b.pending.first()) {
-                        tracing::info!(table = %p.table, rows = p.rows, "stopped on request during a backfill; the next start resumes after the last recorded chunk");
-                    }
-                    let _ = self.confirm(source).await;
-                    tracing::info!(lsn = %self.asm.recorded().lsn, "stopped on request; buffered changes recorded");
-                    return Ok(Stopped::Shutdown);
-                }
+                _ = shutdown.cancelled() => return self.stop_on_request(source).await,
                 _ = lease_lost.cancelled() => {
                     return Err(CaptureError::LeaseLost("renewal was refused".into()));
                 }
@@ -324,6 +312,26 @@ impl<'a> Streamer<'a> {
                 }
             }
         }
+    }
+
+    /// Shutdown was asked for: what is buffered is recorded and confirmed, then the run ends.
+    async fn stop_on_request(
+        &mut self,
+        source: &mut dyn ReplicationSource,
+    ) -> Result<Stopped, CaptureError> {
+        self.flush_on_shutdown().await?;
+        if let Some(p) = self
+            .asm
+            .recorded()
+            .backfill
+            .as_ref()
+            .and_then(|b| b.pending.first())
+        {
+            tracing::info!(table = %p.table, rows = p.rows, "stopped on request during a backfill; the next start resumes after the last recorded chunk");
+        }
+        let _ = self.confirm(source).await;
+        tracing::info!(lsn = %self.asm.recorded().lsn, "stopped on request; buffered changes recorded");
+        Ok(Stopped::Shutdown)
     }
 
     async fn handle(
@@ -485,9 +493,6 @@ impl<'a> Streamer<'a> {
         upstream: &mut dyn Upstream,
         tables: &[cdc_contract::TableName],
     ) -> Result<(), CaptureError> {
-        if self.asm.backfill().is_none() {
-            return Ok(());
-        }
         if !self.chunks.requests_listed {
             // Not before the requests are listed (the stream waits for that at its start): an
             // initial request not yet taken would read the table a second time.
