@@ -8,6 +8,7 @@
 pub mod aws;
 pub mod bins;
 pub mod capture;
+pub mod endpoint;
 pub mod faultproxy;
 pub mod pgproxy;
 pub mod postgres;

@@ -73,6 +73,23 @@ fn find_bindir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// The server binaries of PostgreSQL `major` that `scripts/pg-versions.sh` installs into the
+/// repository's `.pg/<major>/bin` (`PG_VERSIONS_DIR` overrides `.pg`).
+pub fn pg_bin_of(major: u32) -> anyhow::Result<PathBuf> {
+    let root = std::env::var_os("PG_VERSIONS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.pg"));
+    let dir = root.join(major.to_string()).join("bin");
+    if dir.join("postgres").is_file() {
+        return Ok(dir);
+    }
+    bail!(
+        "PostgreSQL {major} is not installed in {}: run ./scripts/pg-versions.sh {major} (the README's \
+         test command does)",
+        dir.display()
+    )
+}
+
 fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -243,6 +260,102 @@ impl PgCluster {
                 std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
             e.context(format!("server log:\n{log}"))
         })
+    }
+
+    /// Makes a physical standby of `primary` streaming from it over TCP through a physical slot
+    /// of its own, with `extra_conf` appended (e.g. `sync_replication_slots = on`). The base is a
+    /// copy of the primary's data directory taken while it is stopped (the system's
+    /// pg_basebackup may be older than the server); the primary's replication slots are left
+    /// out of the copy. The primary is stopped and started again.
+    pub fn standby_of(primary: &PgCluster, extra_conf: &[&str]) -> anyhow::Result<Self> {
+        let physical = crate::unique_name("standby_");
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(primary.conn_str("postgres"))
+            .arg("-c")
+            .arg(format!(
+                "SELECT pg_create_physical_replication_slot('{physical}', true)"
+            ))
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "creating the standby's slot: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        primary.stop("fast")?;
+        let dir = tempfile::Builder::new().prefix("pgcdc-test-").tempdir()?;
+        let mut standby = PgCluster {
+            bindir: primary.bindir.clone(),
+            dir,
+            os_user: primary.os_user.clone(),
+            port: 0,
+        };
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(primary.data_dir())
+            .arg(standby.data_dir())
+            .status()?;
+        primary.restart_stopped()?;
+        anyhow::ensure!(
+            copied.success(),
+            "copying the primary's data directory failed"
+        );
+        std::fs::create_dir_all(standby.socket_dir())?;
+        let data = standby.data_dir();
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        for slot in std::fs::read_dir(data.join("pg_replslot"))? {
+            std::fs::remove_dir_all(slot?.path())?;
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str(&format!(
+            "\nunix_socket_directories = '{}'\nhot_standby = on\nhot_standby_feedback = on\n\
+             primary_conninfo = 'host=127.0.0.1 port={} user=postgres password={} dbname=postgres'\n\
+             primary_slot_name = '{physical}'\n",
+            standby.socket_dir().display(),
+            primary.port,
+            SUPERUSER_PASSWORD
+        ));
+        for line in extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        std::fs::write(data.join("standby.signal"), "")?;
+        if standby.os_user.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(standby.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+        standby.chown(standby.dir.path())?;
+        let mut last_err = None;
+        for _ in 0..3 {
+            standby.port = free_port()?;
+            standby.write_port()?;
+            match standby.pg_ctl_start() {
+                Ok(()) => return Ok(standby),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("the standby did not start")))
+    }
+
+    /// Promotes a standby to primary and waits until it is.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", "60", "promote"]);
+        self.run(cmd, "pg_ctl promote")
+    }
+
+    /// The server's `server_version_num` (e.g. 170010).
+    pub async fn version_num(&self) -> anyhow::Result<i32> {
+        let client = self.connect("postgres").await?;
+        Ok(client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await?
+            .get(0))
     }
 
     /// Starts the cluster again after [`PgCluster::stop`].
