@@ -115,6 +115,8 @@ pub struct Assembler {
     target: Option<Lsn>,
     /// The backfill's progress as of what is buffered (recorded with it); None: not kept.
     backfill: Option<Backfill>,
+    /// The timeline of the server streamed from (recorded with each checkpoint).
+    timeline: Option<u32>,
     /// Streamed changes of the tables being backfilled.
     pub tracker: Tracker,
     /// Tables without a key waiting for their read, whose changes are held.
@@ -145,6 +147,7 @@ impl Assembler {
             idle_since_record: Instant::now(),
             target: target.map(|(lsn, _)| lsn),
             backfill: recorded.backfill.clone(),
+            timeline: recorded.timeline,
             tracker: Tracker::default(),
             holding: Default::default(),
             held: Vec::new(),
@@ -248,12 +251,21 @@ impl Assembler {
         }
         checkpoint.caught_up_ms = checkpoint.caught_up_ms.max(recorded.caught_up_ms);
         checkpoint.backfill = self.backfill.clone();
+        checkpoint.timeline = self.timeline.or(recorded.timeline);
         checkpoint.commit_ms = checkpoint.commit_ms.max(recorded.commit_ms);
         // Flush numbers strictly increase (issue 15, item 2): the previous flush has completed
         // and every completed flush becomes `recorded` (its checkpoint is never lower, see
         // above), so a number is never reused and taken for an earlier flush "already recorded".
         let seq = recorded.flush_seq + 1;
         (self.batcher.take(), checkpoint, seq)
+    }
+
+    /// The stream (re)started on a server of this timeline (None: unknown, the recorded one
+    /// stands).
+    pub fn set_timeline(&mut self, timeline: Option<u32>) {
+        if timeline.is_some() {
+            self.timeline = timeline;
+        }
     }
 
     /// A flush completed: its checkpoint is recorded.

@@ -305,13 +305,12 @@ impl PgChunkSource {
             let snapshot = current_snapshot(client).await?;
             return Ok(empty(snapshot));
         };
-        let Some((mut rel, key)) = relation_of(client, &req.table).await? else {
+        let Some((rel, key)) =
+            relation_of(client, &req.table, published.columns.as_deref()).await?
+        else {
             let snapshot = current_snapshot(client).await?;
             return Ok(empty(snapshot));
         };
-        if let Some(columns) = &published.columns {
-            rel.columns.retain(|c| columns.contains(&c.name));
-        }
         let keyed = !key.is_empty() && !req.whole;
         if req.after.is_some()
             && !req.key.is_empty()
@@ -494,10 +493,14 @@ async fn current_snapshot(client: &tokio_postgres::Client) -> Result<XidSnapshot
 /// A table's columns as pgoutput would describe them (replica identity columns as the key),
 /// and its ordering key as column names and types: the replica identity index when the table
 /// has one (the columns the stream's old-key images carry), else the primary key; None when
-/// the table is gone.
+/// the table is gone. The columns are the published ones when `published` names them (15+),
+/// else every column; generated columns only where pgoutput sends them (stored ones a
+/// publication publishes, from 18 on: before, `pg_publication_tables` lists them but the
+/// stream never carries them).
 pub async fn relation_of(
     client: &tokio_postgres::Client,
     table: &TableName,
+    published: Option<&[String]>,
 ) -> Result<Option<(Relation, Vec<(String, String)>)>, CaptureError> {
     let rows = client
         .query(
@@ -506,9 +509,11 @@ pub async fn relation_of(
                       WHEN 'f' THEN true \
                       WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident AND a.attnum = ANY(i.indkey)) \
                       WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY(i.indkey)) \
-                      ELSE false END \
+                      ELSE false END, \
+                    a.attgenerated <> '', \
+                    a.attgenerated = 's' AND current_setting('server_version_num')::int >= 180000 \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
             &[&table.schema, &table.name],
         )
@@ -520,6 +525,14 @@ pub async fn relation_of(
     let identity: String = first.get(1);
     let columns = rows
         .iter()
+        .filter(|r| {
+            let (generated, publishable) = (r.get::<_, bool>(6), r.get::<_, bool>(7));
+            match published {
+                _ if generated && !publishable => false,
+                Some(names) => names.contains(&r.get::<_, String>(2)),
+                None => !generated,
+            }
+        })
         .map(|r| pgoutput::RelationColumn {
             key: r.get(5),
             name: r.get(2),

@@ -217,14 +217,28 @@ impl Catalog {
         &self.client
     }
 
-    /// The server's current WAL write position.
+    /// The server's current WAL write position (on a standby: the position replayed so far).
     pub async fn current_wal_lsn(&self) -> Result<Lsn, tokio_postgres::Error> {
+        self.wal_end().await
+    }
+
+    /// The end of the WAL the server has: written on a primary, replayed on a standby.
+    pub async fn wal_end(&self) -> Result<Lsn, tokio_postgres::Error> {
+        Ok(self.wal_position().await?.0)
+    }
+
+    /// The end of the WAL the server has, and whether it is a standby.
+    pub async fn wal_position(&self) -> Result<(Lsn, bool), tokio_postgres::Error> {
         let row = self
             .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                 ELSE pg_current_wal_lsn() END)::text, pg_is_in_recovery()",
+                &[],
+            )
             .await?;
         let text: String = row.get(0);
-        Ok(text.parse().unwrap_or(Lsn::ZERO))
+        Ok((text.parse().unwrap_or(Lsn::ZERO), row.get(1)))
     }
 
     async fn resolve(&mut self, oid: u32, depth: u32) -> Result<Resolved, tokio_postgres::Error> {

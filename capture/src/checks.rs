@@ -164,3 +164,163 @@ pub async fn run(
     }
     Ok(findings)
 }
+
+/// The oldest PostgreSQL major version the capture runs against (pgoutput's `messages` option,
+/// which carries heartbeats and snapshot watermarks, is 14's).
+pub const MIN_SERVER_VERSION: i32 = 140_000;
+
+/// What the server is: its version and whether it is a standby.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// `server_version_num` (e.g. 170004).
+    pub version_num: i32,
+    /// `server_version`, as the server prints it.
+    pub version: String,
+    /// A standby (in recovery): logical decoding from it needs 16 or later.
+    pub in_recovery: bool,
+}
+
+/// What the settings ask of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// `CDC_SLOT_FAILOVER`.
+    pub failover: bool,
+    /// Snapshots may be taken (`CDC_SNAPSHOT` is not `never`, or `CDC_BACKFILL_NEW_TABLES`).
+    pub snapshots: bool,
+}
+
+/// Reads the server's version and role.
+pub async fn server(client: &Client) -> Result<Server, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
+             pg_is_in_recovery()",
+            &[],
+        )
+        .await?;
+    Ok(Server {
+        version_num: row.get(0),
+        version: row.get(1),
+        in_recovery: row.get(2),
+    })
+}
+
+/// What the server's version and role mean for the settings.
+pub fn server_findings(server: &Server, needs: Needs) -> Vec<Finding> {
+    let v = &server.version;
+    if server.version_num < MIN_SERVER_VERSION {
+        return vec![Finding::Fatal(format!(
+            "PostgreSQL {v} is not supported: the capture needs PostgreSQL 14 or later (it streams \
+             heartbeats and snapshot watermarks as pgoutput logical messages, which 14 added). Upgrade \
+             the server"
+        ))];
+    }
+    let mut findings = Vec::new();
+    if server.in_recovery && server.version_num < 160_000 {
+        findings.push(Finding::Fatal(format!(
+            "the server is a standby (in recovery) running PostgreSQL {v}: logical decoding on a \
+             standby needs PostgreSQL 16 or later. Point the capture at the primary"
+        )));
+    }
+    if server.in_recovery && needs.snapshots {
+        findings.push(Finding::Fatal(
+            "the server is a standby (in recovery): snapshots cannot be taken from it (each chunk \
+             writes a watermark into the WAL, which a standby cannot do). Set CDC_SNAPSHOT=never and \
+             CDC_BACKFILL_NEW_TABLES=false to stream from the standby, or capture from the primary"
+                .into(),
+        ));
+    }
+    if needs.failover && server.version_num < 170_000 {
+        findings.push(Finding::Fatal(format!(
+            "CDC_SLOT_FAILOVER needs PostgreSQL 17 or later (failover slots); the server runs {v}. \
+             Unset it: on older versions a failover loses the slot and the capture stops, saying how \
+             to go on"
+        )));
+    } else if needs.failover && server.in_recovery {
+        findings.push(Finding::Fatal(
+            "CDC_SLOT_FAILOVER: a slot on a standby cannot be a failover slot. Unset it, or capture \
+             from the primary"
+                .into(),
+        ));
+    }
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(version_num: i32, in_recovery: bool) -> Server {
+        Server {
+            version_num,
+            version: format!("{}.{}", version_num / 10_000, version_num % 100),
+            in_recovery,
+        }
+    }
+
+    fn fatal(findings: &[Finding]) -> Vec<&str> {
+        findings
+            .iter()
+            .filter_map(|f| match f {
+                Finding::Fatal(m) => Some(m.as_str()),
+                Finding::Warning(_) => None,
+            })
+            .collect()
+    }
+
+    const PLAIN: Needs = Needs {
+        failover: false,
+        snapshots: true,
+    };
+
+    #[test]
+    fn versions_before_14_are_refused_naming_the_version() {
+        let f = server_findings(&server(130_023, false), PLAIN);
+        let msgs = fatal(&f);
+        assert_eq!(msgs.len(), 1);
+        assert!(
+            msgs[0].contains("PostgreSQL 13.23 is not supported"),
+            "{msgs:?}"
+        );
+        for v in [140_000, 150_014, 160_000, 170_004, 180_001] {
+            assert!(server_findings(&server(v, false), PLAIN).is_empty(), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_standby_needs_16_and_no_snapshots() {
+        let stream_only = Needs {
+            failover: false,
+            snapshots: false,
+        };
+        assert!(
+            fatal(&server_findings(&server(150_014, true), stream_only))[0]
+                .contains("needs PostgreSQL 16")
+        );
+        assert!(server_findings(&server(160_004, true), stream_only).is_empty());
+        assert!(fatal(&server_findings(&server(160_004, true), PLAIN))[0]
+            .contains("CDC_SNAPSHOT=never"));
+    }
+
+    #[test]
+    fn failover_slots_need_17_on_a_primary() {
+        let failover = Needs {
+            failover: true,
+            snapshots: true,
+        };
+        assert!(
+            fatal(&server_findings(&server(160_004, false), failover))[0]
+                .contains("needs PostgreSQL 17")
+        );
+        assert!(server_findings(&server(170_000, false), failover).is_empty());
+        assert!(server_findings(&server(180_004, false), failover).is_empty());
+        let on_standby = Needs {
+            failover: true,
+            snapshots: false,
+        };
+        assert!(
+            fatal(&server_findings(&server(170_000, true), on_standby))[0]
+                .contains("cannot be a failover slot")
+        );
+    }
+}

@@ -108,6 +108,11 @@ pub struct Flags {
     /// stops and says so.
     #[arg(long, env = "CDC_RECREATE_SLOT", default_value_t = false, action = clap::ArgAction::Set)]
     pub recreate_slot: bool,
+    /// Create the slot as a failover slot (PostgreSQL 17+), and make an existing one so: a
+    /// physical standby with `sync_replication_slots = on` keeps a copy, and after it is promoted
+    /// the capture goes on from it. Pair it with `synchronized_standby_slots` on the primary.
+    #[arg(long, env = "CDC_SLOT_FAILOVER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub slot_failover: bool,
     /// Print events to standard output; nothing goes to AWS; the ledger is a local file.
     #[arg(long, env = "LOCAL_TEST_MODE")]
     pub local_test_mode: bool,

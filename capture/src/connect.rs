@@ -170,6 +170,10 @@ pub struct PgUpstream<'a> {
     /// The SQL side.
     pub catalog: Catalog,
     chunks: std::sync::Arc<crate::backfill::PgChunkSource>,
+    /// The timeline of the server the stream last started on.
+    timeline: Option<u32>,
+    /// That server is a standby.
+    in_recovery: bool,
 }
 
 impl<'a> PgUpstream<'a> {
@@ -187,12 +191,100 @@ impl<'a> PgUpstream<'a> {
             )),
             params,
             catalog: Catalog::new(client),
+            timeline: None,
+            in_recovery: false,
         }
+    }
+
+    /// Starts from the timeline the ledger's checkpoint is on, so a promotion while no capture
+    /// ran is noticed too.
+    pub fn with_timeline(mut self, timeline: Option<u32>) -> Self {
+        self.timeline = timeline;
+        self
     }
 
     /// The connection settings.
     pub fn params(&self) -> &ConnectParams {
         &self.params
+    }
+}
+
+impl PgUpstream<'_> {
+    /// Notices a promotion between two connections: the server's timeline changed. Going on is
+    /// exact only when everything recorded is on the history the new timeline shares with the
+    /// old one (the promoted standby had received it); past the point where the old timeline
+    /// ended, the recorded changes are not in this database, and the positions after that point
+    /// name other transactions here.
+    async fn follow_timeline(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        recorded: Lsn,
+    ) -> Result<(), CaptureError> {
+        let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
+        let timeline = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|t| t.parse::<u32>().ok())
+            .ok_or_else(|| {
+                CaptureError::Replication(crate::replication::ReplicationError::Protocol(
+                    "IDENTIFY_SYSTEM returned no timeline".into(),
+                ))
+            })?;
+        let Some(old) = self.timeline.filter(|old| *old != timeline) else {
+            self.timeline = Some(timeline);
+            return Ok(());
+        };
+        let rows = conn
+            .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
+            .await?;
+        let history = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .unwrap_or_default();
+        match timeline_end(&history, old) {
+            Some(end) if recorded <= end => {
+                tracing::warn!(from = old, to = timeline, old_timeline_end = %end, recorded = %recorded, "the server was promoted (a failover): everything recorded is on its history; going on");
+                self.timeline = Some(timeline);
+                Ok(())
+            }
+            Some(end) => Err(CaptureError::Setup(format!(
+                "a failover lost changes the capture had recorded: the server was promoted onto timeline \
+                 {timeline}, which left timeline {old} at {end}, but the ledger's checkpoint is {recorded}. \
+                 Streaming on would skip the new primary's transactions up to {recorded}. Start over under a \
+                 new CDC_SLOT_NAME (a new slot and snapshot; what the ledger recorded stays), and drop slot {:?}. \
+                 Set synchronized_standby_slots on the primary so the capture never gets ahead of the standby",
+                self.settings.slot
+            ))),
+            None => Err(CaptureError::Setup(format!(
+                "the server's timeline changed from {old} to {timeline}, and its history does not contain \
+                 timeline {old}: it is not the server the capture streamed from"
+            ))),
+        }
+    }
+
+    /// Refuses to stream from a server whose WAL ends before the ledger's checkpoint: it lost
+    /// transactions the capture recorded (a failover to a standby that had not received them, a
+    /// restore) or is another server. Streaming on would skip its new transactions up to the
+    /// checkpoint, since their positions are below it. Checked at every (re)connection, so a
+    /// failover while streaming is caught too.
+    async fn refuse_wal_behind(&mut self, recorded: Lsn) -> Result<(), CaptureError> {
+        let (end, in_recovery) = self
+            .catalog
+            .wal_position()
+            .await
+            .map_err(|e| CaptureError::Disconnected(format!("sql connection: {e}")))?;
+        self.in_recovery = in_recovery;
+        if recorded > Lsn::ZERO && end < recorded {
+            return Err(CaptureError::Setup(format!(
+                "the server's WAL ends at {end}, before the ledger's checkpoint {recorded}: the server lost \
+                 transactions the capture had recorded (a failover to a standby that had not received them, or a \
+                 restore from a backup), or it is not the server the slot {:?} was read from. Streaming on would \
+                 skip its new transactions up to {recorded}. Start over under a new CDC_SLOT_NAME (a new slot and \
+                 snapshot; what the ledger recorded stays), and drop this slot",
+                self.settings.slot
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -212,8 +304,18 @@ impl Upstream for PgUpstream<'_> {
         Ok(slot_confirmed(self.catalog.client(), &self.settings.slot).await?)
     }
 
+    fn timeline(&self) -> Option<u32> {
+        self.timeline
+    }
+
+    fn can_snapshot(&self) -> bool {
+        !self.in_recovery
+    }
+
     async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError> {
-        let conn = ReplicationConnection::connect(&self.params).await?;
+        self.refuse_wal_behind(from).await?;
+        let mut conn = ReplicationConnection::connect(&self.params).await?;
+        self.follow_timeline(&mut conn, from).await?;
         tracing::info!(
             tls = conn.encrypted(),
             channel_binding = conn.channel_bound(),
@@ -238,7 +340,9 @@ impl Upstream for PgUpstream<'_> {
             .catalog
             .client()
             .execute(
-                "SELECT pg_logical_emit_message(false, 'pg-cdc-s3', 'heartbeat')",
+                // A standby cannot write WAL: there the walsender's keepalives move the slot.
+                "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+                 ELSE pg_logical_emit_message(false, 'pg-cdc-s3', 'heartbeat') END",
                 &[],
             )
             .await
@@ -296,7 +400,7 @@ impl Upstream for PgUpstream<'_> {
 
     async fn has_key(&mut self, table: &cdc_contract::TableName) -> Result<bool, CaptureError> {
         Ok(
-            match crate::backfill::relation_of(self.catalog.client(), table).await? {
+            match crate::backfill::relation_of(self.catalog.client(), table, None).await? {
                 Some((_, key)) => !key.is_empty(),
                 None => true,
             },
@@ -312,7 +416,8 @@ impl Upstream for PgUpstream<'_> {
             .catalog
             .client()
             .query_opt(
-                "SELECT pg_current_wal_lsn()::text, coalesce(wal_status, ''), safe_wal_size \
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                 ELSE pg_current_wal_lsn() END)::text, coalesce(wal_status, ''), safe_wal_size \
                  FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
@@ -333,6 +438,17 @@ impl Upstream for PgUpstream<'_> {
             },
         })
     }
+}
+
+/// Where `timeline` ended, from a timeline history file (`parent<TAB>switchpoint<TAB>reason`
+/// per line).
+fn timeline_end(history: &str, timeline: u32) -> Option<Lsn> {
+    history.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let tli: u32 = fields.next()?.parse().ok()?;
+        let end: Lsn = fields.next()?.parse().ok()?;
+        (tli == timeline).then_some(end)
+    })
 }
 
 /// A lost connection is an error (reconnect); anything else is logged and passed over.
@@ -371,5 +487,23 @@ impl ReplicationSource for PgSource {
 
     async fn confirm(&mut self, lsn: Lsn) -> Result<(), CaptureError> {
         Ok(self.stream.send_status(lsn, lsn, false).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timeline_end;
+
+    #[test]
+    fn a_timeline_ends_where_its_history_line_says() {
+        let history = "1\t0/3000158\tno recovery target specified\n\n\
+                       2\t0/5A0001C8\tno recovery target specified\n";
+        assert_eq!(timeline_end(history, 1), Some("0/3000158".parse().unwrap()));
+        assert_eq!(
+            timeline_end(history, 2),
+            Some("0/5A0001C8".parse().unwrap())
+        );
+        assert_eq!(timeline_end(history, 3), None);
+        assert_eq!(timeline_end("", 1), None);
     }
 }

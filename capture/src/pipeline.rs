@@ -160,7 +160,8 @@ async fn stream(
     else {
         return Ok(Stopped::Shutdown);
     };
-    let mut upstream = PgUpstream::new(settings, params, client);
+    let mut upstream = PgUpstream::new(settings, params, client)
+        .with_timeline(checkpoint.as_ref().and_then(|c| c.timeline));
     crate::slot::ensure_slot(
         settings,
         upstream.params(),

@@ -45,6 +45,19 @@ pub async fn ensure_slot(
     lease: &Lease,
 ) -> Result<(), CaptureError> {
     let client = catalog.client();
+    let server = crate::checks::server(client).await?;
+    let needs = crate::checks::Needs {
+        failover: settings.flags.slot_failover,
+        snapshots: settings.flags.snapshot != crate::config::SnapshotMode::Never
+            || settings.flags.backfill_new_tables,
+    };
+    for finding in crate::checks::server_findings(&server, needs) {
+        match finding {
+            crate::checks::Finding::Fatal(message) => return Err(CaptureError::Setup(message)),
+            crate::checks::Finding::Warning(message) => tracing::warn!("start-up check: {message}"),
+        }
+    }
+    tracing::info!(version = %server.version, standby = server.in_recovery, "connected to the server");
     let findings =
         crate::checks::run(client, &settings.flags.publication, &settings.tables).await?;
     for finding in findings {
@@ -53,12 +66,24 @@ pub async fn ensure_slot(
             crate::checks::Finding::Warning(message) => tracing::warn!("start-up check: {message}"),
         }
     }
+    // `failover` is a column from 17 on.
+    let failover_column = if server.version_num >= 170_000 {
+        "failover"
+    } else {
+        "false"
+    };
     let slot = client
         .query_opt(
-            "SELECT plugin, database, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin, database, coalesce(wal_status, ''), {failover_column} \
+                 FROM pg_replication_slots WHERE slot_name = $1"
+            ),
             &[&settings.slot],
         )
         .await?;
+    if settings.flags.slot_failover {
+        warn_unless_standbys_wait(client).await?;
+    }
     if let Some(row) = &slot {
         let plugin: Option<String> = row.get(0);
         let database: Option<String> = row.get(1);
@@ -125,6 +150,11 @@ pub async fn ensure_slot(
                      to recreate the slot and backfill every table again, keeping what the ledger recorded",
                     settings.slot
                 )));
+            }
+            let failover: bool = row.get(3);
+            if settings.flags.slot_failover && !failover {
+                lease.fence(ledger).await?;
+                make_failover(params, &settings.slot).await?;
             }
             Ok(())
         }
@@ -209,17 +239,65 @@ async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), Ca
     Ok(())
 }
 
-/// Creates the slot (no exported snapshot: the backfill reads tables in chunks of their own).
+/// Creates the slot (no exported snapshot: the backfill reads tables in chunks of their own),
+/// as a failover slot when `CDC_SLOT_FAILOVER` asks (17+, checked at start).
 pub(crate) async fn create_slot(
     settings: &Settings,
     params: &ConnectParams,
 ) -> Result<(), CaptureError> {
     let mut conn = ReplicationConnection::connect(params).await?;
-    conn.simple_query(&format!(
-        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-        quote_ident(&settings.slot)
-    ))
-    .await?;
+    let slot = quote_ident(&settings.slot);
+    let sql = if settings.flags.slot_failover {
+        format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER true)"
+        )
+    } else {
+        format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+    };
+    // On a standby the slot is ready only once the primary logs its running transactions
+    // (every 15 s, or at once with `SELECT pg_log_standby_snapshot()` on the primary).
+    tracing::info!(slot = %settings.slot, failover = settings.flags.slot_failover, "creating the replication slot (on a standby: waits for the primary's next running-transactions record)");
+    conn.simple_query(&sql).await?;
     tracing::info!(slot = %settings.slot, "replication slot created");
+    Ok(())
+}
+
+/// Makes an existing slot a failover slot (17+). The previous task's walsender may hold the
+/// slot for a moment after a crash.
+async fn make_failover(params: &ConnectParams, slot: &str) -> Result<(), CaptureError> {
+    let sql = format!(
+        "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+        quote_ident(slot)
+    );
+    for attempt in 0..30u32 {
+        let mut conn = ReplicationConnection::connect(params).await?;
+        match conn.simple_query(&sql).await {
+            Ok(_) => {
+                tracing::info!(slot, "replication slot made a failover slot");
+                return Ok(());
+            }
+            Err(e) if e.code() == Some("55006") && attempt < 29 => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A failover slot alone does not make a failover exact: unless the primary waits for its
+/// standbys (`synchronized_standby_slots`) before sending changes, the capture can record a
+/// transaction the promoted standby never received.
+async fn warn_unless_standbys_wait(client: &tokio_postgres::Client) -> Result<(), CaptureError> {
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await?;
+    let (in_recovery, standbys): (bool, String) = (row.get(0), row.get(1));
+    if !in_recovery && standbys.trim().is_empty() {
+        tracing::warn!("CDC_SLOT_FAILOVER: synchronized_standby_slots is empty on the primary, so changes can reach the capture before the standby has them; after a failover to that standby the capture stops rather than skip (the server's WAL is behind the checkpoint). Set synchronized_standby_slots to the standby's physical slot");
+    }
     Ok(())
 }

@@ -67,6 +67,15 @@ pub trait Upstream: Send {
     /// Starts streaming the slot from `from`: the server sends every transaction whose commit
     /// is at or after the later of `from` and the slot's confirmed position.
     async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError>;
+    /// Whether snapshots can be read from the server the stream last started on (a standby
+    /// cannot write their watermarks).
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+    /// The timeline of the server the stream last started on (None: not known).
+    fn timeline(&self) -> Option<u32> {
+        None
+    }
     /// The schema of a Relation message's table; `refresh` after a schema change.
     async fn table_schema(
         &mut self,

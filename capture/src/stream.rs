@@ -45,6 +45,9 @@ struct Chunks {
     /// The backfill requests were listed once: until then no table counts as new (an initial
     /// snapshot's request not yet taken would read it a second time).
     requests_listed: bool,
+    /// Requests left untaken because the server cannot be snapshotted (a standby), each
+    /// reported once.
+    unserved: std::collections::HashSet<String>,
 }
 
 /// The streaming side of a run.
@@ -189,7 +192,9 @@ impl<'a> Streamer<'a> {
                 }
             }
         }
-        upstream.start(recorded).await
+        let source = upstream.start(recorded).await?;
+        self.asm.set_timeline(upstream.timeline());
+        Ok(source)
     }
 
     /// True when a backfill of every table is asked for and not yet recorded: the capture
@@ -602,6 +607,14 @@ impl<'a> Streamer<'a> {
             .collect();
         // The initial snapshot first: its tables are not known yet, so none counts as new.
         new.sort_by_key(|(sk, w)| (*w != BackfillRequest::Initial, sk.clone()));
+        if !new.is_empty() && !upstream.can_snapshot() {
+            for (sk, _) in new {
+                if self.chunks.unserved.insert(sk.clone()) {
+                    tracing::error!(request = %sk, "a backfill request cannot be served: the server is a standby, where a snapshot cannot write its watermarks; it stays in the ledger and is taken once the capture runs against a primary");
+                }
+            }
+            new = Vec::new();
+        }
         let mut seen_new = false;
         for (sk, which) in new {
             if which != BackfillRequest::Initial && !seen_new {

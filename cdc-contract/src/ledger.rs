@@ -318,6 +318,10 @@ pub struct Checkpoint {
     /// them and never behind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<Backfill>,
+    /// The server timeline `lsn` is on (None: recorded before timelines were kept). After a
+    /// failover the capture goes on only when `lsn` is on the promoted server's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
 }
 
 /// What the chunked backfill has read and has still to read.
@@ -467,6 +471,7 @@ impl Checkpoint {
                 None | Some("") => None,
                 Some(text) => Some(serde_json::from_str(text).map_err(|_| r.error("backfill"))?),
             },
+            timeline: r.n_opt("timeline")?,
         })
     }
 
@@ -484,6 +489,9 @@ impl Checkpoint {
         ]);
         if let Some(c) = self.caught_up_ms {
             item.insert("caught_up_ms".to_owned(), n(c));
+        }
+        if let Some(t) = self.timeline {
+            item.insert("timeline".to_owned(), n(t));
         }
         if let Some(b) = &self.backfill {
             // Serializing plain strings and numbers cannot fail.
@@ -1152,9 +1160,16 @@ mod tests {
             flush_seq: 9,
             flush_id: FlushId { seq: 9, epoch: 4 }.to_string(),
             backfill: None,
+            timeline: None,
         };
         let item = cp.to_item("s1", 4, 77);
         assert_eq!(Checkpoint::from_item(&item).unwrap(), cp);
+        let on_timeline = Checkpoint {
+            timeline: Some(3),
+            ..cp.clone()
+        };
+        let item = on_timeline.to_item("s1", 4, 77);
+        assert_eq!(Checkpoint::from_item(&item).unwrap(), on_timeline);
         // With backfill progress: a key of several columns, one of them null.
         let mut backfill = Backfill {
             known: vec![TableName::new("s.x", "a/b")],
