@@ -185,7 +185,8 @@ pub struct Server {
 pub struct Needs {
     /// `CDC_SLOT_FAILOVER`.
     pub failover: bool,
-    /// Snapshots may be taken (`CDC_SNAPSHOT` is not `never`, or `CDC_BACKFILL_NEW_TABLES`).
+    /// Snapshots may be taken (`CDC_SNAPSHOT` is not `never`, `CDC_BACKFILL_NEW_TABLES`, or
+    /// `CDC_RECREATE_SLOT`, whose gap a backfill fills).
     pub snapshots: bool,
 }
 
@@ -226,7 +227,8 @@ pub fn server_findings(server: &Server, needs: Needs) -> Vec<Finding> {
         findings.push(Finding::Fatal(
             "the server is a standby (in recovery): snapshots cannot be taken from it (each chunk \
              writes a watermark into the WAL, which a standby cannot do). Set CDC_SNAPSHOT=never and \
-             CDC_BACKFILL_NEW_TABLES=false to stream from the standby, or capture from the primary"
+             CDC_BACKFILL_NEW_TABLES=false to stream from the standby, or capture from the primary. \
+             CDC_RECREATE_SLOT cannot fill its gap there either: start over under a new CDC_SLOT_NAME"
                 .into(),
         ));
     }

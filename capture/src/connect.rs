@@ -234,9 +234,23 @@ impl PgUpstream<'_> {
             self.timeline = Some(timeline);
             return Ok(());
         };
+        if timeline < old {
+            // No promotion lowers a timeline: pg_upgrade starts the new cluster on timeline 1
+            // at the old WAL position (and 17's carries the slots over). The WAL-end check
+            // above has passed; the slot's own checks stand.
+            tracing::warn!(from = old, to = timeline, recorded = %recorded, "the server's timeline went down (a major version upgrade starts timeline 1 again); going on from the checkpoint");
+            self.timeline = Some(timeline);
+            return Ok(());
+        }
         let rows = conn
             .simple_query(&format!("TIMELINE_HISTORY {timeline}"))
-            .await?;
+            .await
+            .map_err(|e| {
+                CaptureError::Setup(format!(
+                    "the server's timeline changed from {old} to {timeline} and its history cannot be read \
+                     ({e}), so whether the checkpoint {recorded} is on it cannot be told"
+                ))
+            })?;
         let history = rows
             .first()
             .and_then(|r| r.get(1).cloned().flatten())
@@ -268,12 +282,15 @@ impl PgUpstream<'_> {
     /// checkpoint, since their positions are below it. Checked at every (re)connection, so a
     /// failover while streaming is caught too.
     async fn refuse_wal_behind(&mut self, recorded: Lsn) -> Result<(), CaptureError> {
-        let (end, in_recovery) = self
-            .catalog
-            .wal_position()
-            .await
-            .map_err(|e| CaptureError::Disconnected(format!("sql connection: {e}")))?;
+        let (end, in_recovery) = self.catalog.wal_position().await?;
         self.in_recovery = in_recovery;
+        if in_recovery && end < recorded {
+            // A standby that just restarted accepts connections once consistent, which may be
+            // before where it had replayed to: wait for it.
+            return Err(CaptureError::Disconnected(format!(
+                "the standby has replayed up to {end}, not yet to the ledger's checkpoint {recorded}; waiting"
+            )));
+        }
         if recorded > Lsn::ZERO && end < recorded {
             return Err(CaptureError::Setup(format!(
                 "the server's WAL ends at {end}, before the ledger's checkpoint {recorded}: the server lost \
@@ -315,7 +332,14 @@ impl Upstream for PgUpstream<'_> {
     async fn start(&mut self, from: Lsn) -> Result<Box<dyn ReplicationSource>, CaptureError> {
         self.refuse_wal_behind(from).await?;
         let mut conn = ReplicationConnection::connect(&self.params).await?;
-        self.follow_timeline(&mut conn, from).await?;
+        if self.in_recovery {
+            // What a capture of a standby records is on the standby's own WAL, whichever
+            // timeline it follows (and a walsender there goes on through a promotion without a
+            // reconnect): positions are not tied to a timeline.
+            self.timeline = None;
+        } else {
+            self.follow_timeline(&mut conn, from).await?;
+        }
         tracing::info!(
             tls = conn.encrypted(),
             channel_binding = conn.channel_bound(),

@@ -49,7 +49,8 @@ pub async fn ensure_slot(
     let needs = crate::checks::Needs {
         failover: settings.flags.slot_failover,
         snapshots: settings.flags.snapshot != crate::config::SnapshotMode::Never
-            || settings.flags.backfill_new_tables,
+            || settings.flags.backfill_new_tables
+            || settings.flags.recreate_slot,
     };
     for finding in crate::checks::server_findings(&server, needs) {
         match finding {

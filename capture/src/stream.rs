@@ -658,6 +658,10 @@ impl<'a> Streamer<'a> {
         let Some(backfill) = self.asm.backfill() else {
             return Ok(None);
         };
+        // A standby cannot write watermarks: what is pending waits for a primary.
+        if !upstream.can_snapshot() {
+            return Ok(None);
+        }
         // Progress without rows to carry it (an empty table, a chunk wholly dropped, a new
         // request): recorded on its own.
         if self.asm.recorded().backfill.as_ref() != Some(backfill)

@@ -506,6 +506,39 @@ async fn a_standby_can_be_captured_from_with_snapshots_off() -> anyhow::Result<(
     let events = cap.recorded_events("public.t").await?;
     assert!(events.iter().all(|e| e["op"] != "r"), "no snapshot row");
     assert_eq!(replay(&events).len(), 500 - 500 / 11 + 1);
+
+    // Recreating the slot there would leave a gap no snapshot can fill: refused.
+    let out = cap
+        .command()?
+        .env("CDC_RECREATE_SLOT", "true")
+        .arg("--exit-when-caught-up")
+        .output()
+        .await?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("new CDC_SLOT_NAME"), "{log}");
+
+    // The standby is promoted while the capture streams from it: it goes on, and a later start
+    // on the promoted server goes on too (its records are on that server's own WAL).
+    let child = cap.spawn(&[])?;
+    wait_for("the capture to stream", CAUGHT_UP, || async {
+        Ok(cap.log().contains("streaming slot=").then_some(()))
+    })
+    .await?;
+    primary.stop("immediate")?;
+    standby.promote()?;
+    standby
+        .execute(&db, "INSERT INTO t VALUES (9002, 'promoted', 0)")
+        .await?;
+    recorded_up_to_now(&cap, &standby).await?;
+    cap.stop(child, Duration::from_secs(30)).await?;
+    standby
+        .execute(&db, "INSERT INTO t VALUES (9003, 'after restart', 0)")
+        .await?;
+    cap.run_until_caught_up(CAUGHT_UP).await?;
+    let events = cap.recorded_events("public.t").await?;
+    assert_eq!(replay(&events).len(), 500 - 500 / 11 + 3, "{}", cap.log());
+    cap.compact_and_verify(&["public.t"]).await?;
     Ok(())
 }
 
