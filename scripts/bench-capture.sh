@@ -5,6 +5,10 @@
 # default settings, and pg_recvlogical with pgoutput draining a second slot to /dev/null.
 #
 #   ./scripts/bench-capture.sh [ROWS]        (default 1000000)
+#
+# BASELINE_BIN=path/to/capture also drains a third slot with another build of the capture (into
+# its own bucket and ledger), so a change is compared with what it replaces in the same run.
+# Each capture's CPU time (user, system) is printed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${1:-1000000}
@@ -26,6 +30,7 @@ CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, price numeric(10,
 CREATE PUBLICATION bench_pub FOR TABLE items;
 SELECT pg_create_logical_replication_slot('bench_capture', 'pgoutput');
 SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput');
+SELECT pg_create_logical_replication_slot('bench_baseline', 'pgoutput');
 SQL
 echo "building the backlog: $ROWS rows in 1,000-row transactions, plus updates and deletes" >&2
 psql_pg "$state/pg" bench >/dev/null <<SQL
@@ -52,19 +57,27 @@ wal_bytes=$(psql_pg "$state/pg" bench -At -c "SELECT pg_wal_lsn_diff('$target', 
 .venv/bin/python - <<'PY'
 import os, boto3
 kw = dict(endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
-boto3.client("s3", **kw).create_bucket(Bucket="bench-bucket")
-boto3.client("dynamodb", **kw).create_table(TableName="bench-ledger",
-    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
-    KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-    BillingMode="PAY_PER_REQUEST")
+for name in ("bench", "baseline"):
+    boto3.client("s3", **kw).create_bucket(Bucket=f"{name}-bucket")
+    boto3.client("dynamodb", **kw).create_table(TableName=f"{name}-ledger",
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        BillingMode="PAY_PER_REQUEST")
 PY
 
+# drain BINARY SLOT NAME: the capture BINARY drains SLOT into bucket and ledger NAME; its CPU
+# seconds (user system) land in $state/NAME.cpu.
+drain() {
+  POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=bench POSTGRES_USER=postgres POSTGRES_PASSWORD=postgres \
+  PGSSLMODE=disable CDC_SLOT_NAME=$2 CDC_PUBLICATION=bench_pub S3_BUCKET_NAME=$3-bucket \
+  LEDGER_TABLE=$3-ledger HEALTH_PORT=0 RUST_LOG=info \
+    /usr/bin/time -f "%U %S" -o "$state/$3.cpu" "$1" --exit-when-caught-up >/dev/null 2>"$state/$3.log"
+}
+
 start=$(date +%s.%N)
-POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=bench POSTGRES_USER=postgres POSTGRES_PASSWORD=postgres \
-PGSSLMODE=disable CDC_SLOT_NAME=bench_capture CDC_PUBLICATION=bench_pub S3_BUCKET_NAME=bench-bucket \
-LEDGER_TABLE=bench-ledger HEALTH_PORT=0 RUST_LOG=info \
-  ./target/release/capture --exit-when-caught-up >/dev/null 2>"$state/capture.log"
+drain ./target/release/capture bench_capture bench
 end=$(date +%s.%N)
+cp "$state/bench.log" "$state/capture.log"
 peak_kib=$(grep -o 'peak_rss_kib=[0-9]*' "$state/capture.log" | tail -n1 | cut -d= -f2)
 staged=$(.venv/bin/python -c "
 import os, boto3
@@ -80,12 +93,29 @@ PGPASSWORD=postgres "$(pg_bindir)/pg_recvlogical" -h 127.0.0.1 -p "$PG_PORT" -U 
   -f /dev/null --no-loop
 rend=$(date +%s.%N)
 
-python3 - "$changes" "$start" "$end" "$rstart" "$rend" "$peak_kib" "$wal_bytes" "$staged" <<'PY'
+bstart=0 bend=0
+if [ -n "${BASELINE_BIN:-}" ]; then
+  bstart=$(date +%s.%N)
+  drain "$BASELINE_BIN" bench_baseline baseline
+  bend=$(date +%s.%N)
+fi
+
+python3 - "$changes" "$start" "$end" "$rstart" "$rend" "$peak_kib" "$wal_bytes" "$staged" "$bstart" "$bend" "$state" <<'PY'
 import sys
-changes, s, e, rs, re_, peak, wal, staged = sys.argv[1:]
+changes, s, e, rs, re_, peak, wal, staged, bs, be, state = sys.argv[1:]
 changes = int(changes); cap = float(e) - float(s); rec = float(re_) - float(rs); wal = int(wal)
+def cpu(name):
+    try:
+        u, sy = open(f"{state}/{name}.cpu").read().split()[-2:]
+        return f"  CPU {float(u):.2f} s user {float(sy):.2f} s system"
+    except (OSError, ValueError):
+        return ""
 print(f"backlog: {changes:,} changes, {wal / 1e6:.1f} MB of WAL")
-print(f"capture        : {cap:6.2f} s  {changes / cap:10,.0f} changes/s  {wal / cap / 1e6:6.1f} MB/s of WAL  peak RSS {int(peak) / 1024:.0f} MiB  staged {int(staged) / 1e6:.1f} MB gzip")
+print(f"capture        : {cap:6.2f} s  {changes / cap:10,.0f} changes/s  {wal / cap / 1e6:6.1f} MB/s of WAL  peak RSS {int(peak) / 1024:.0f} MiB  staged {int(staged) / 1e6:.1f} MB gzip{cpu('bench')}")
 print(f"pg_recvlogical : {rec:6.2f} s  {changes / rec:10,.0f} changes/s  {wal / rec / 1e6:6.1f} MB/s of WAL  (to /dev/null)")
 print(f"ratio (capture rate / pg_recvlogical rate): {rec / cap:.2f}")
+if float(be) > 0:
+    base = float(be) - float(bs)
+    print(f"baseline build : {base:6.2f} s  {changes / base:10,.0f} changes/s{cpu('baseline')}")
+    print(f"ratio (capture rate / baseline rate): {base / cap:.2f}; baseline / pg_recvlogical: {rec / base:.2f}")
 PY
