@@ -340,6 +340,54 @@ impl PgCluster {
         Err(last_err.unwrap_or_else(|| anyhow::anyhow!("the standby did not start")))
     }
 
+    /// A copy of `primary` as it is now, started as a server of its own, replication slots
+    /// included: what restoring a backup (or a snapshot of the volume) taken now gives. The
+    /// primary is stopped for the copy and started again.
+    pub fn copy_of(primary: &PgCluster) -> anyhow::Result<Self> {
+        primary.stop("fast")?;
+        let dir = tempfile::Builder::new().prefix("pgcdc-test-").tempdir()?;
+        let mut copy = PgCluster {
+            bindir: primary.bindir.clone(),
+            dir,
+            os_user: primary.os_user.clone(),
+            port: 0,
+        };
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(primary.data_dir())
+            .arg(copy.data_dir())
+            .status()?;
+        primary.restart_stopped()?;
+        anyhow::ensure!(
+            copied.success(),
+            "copying the primary's data directory failed"
+        );
+        std::fs::create_dir_all(copy.socket_dir())?;
+        let data = copy.data_dir();
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str(&format!(
+            "\nunix_socket_directories = '{}'\n",
+            copy.socket_dir().display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        if copy.os_user.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(copy.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+        copy.chown(copy.dir.path())?;
+        let mut last_err = None;
+        for _ in 0..3 {
+            copy.port = free_port()?;
+            copy.write_port()?;
+            match copy.pg_ctl_start() {
+                Ok(()) => return Ok(copy),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("the copy did not start")))
+    }
+
     /// Promotes a standby to primary and waits until it is.
     pub fn promote(&self) -> anyhow::Result<()> {
         let mut cmd = self.command("pg_ctl");
