@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # Drain benchmark of the capture (a command, not a test): builds a backlog in a throwaway
-# PostgreSQL (ROWS rows of ~200 bytes in 1,000-row transactions, plus updates and deletes of a
-# tenth of them), then measures the capture draining it into the emulator (S3 + DynamoDB) at
-# default settings, and pg_recvlogical with pgoutput draining a second slot to /dev/null.
+# PostgreSQL, then measures the capture draining it into the emulator (S3 + DynamoDB) at default
+# settings, and pg_recvlogical with pgoutput draining a second slot to /dev/null. Workloads:
+#   readme  ROWS rows of ~200 bytes (bigint, text, int, numeric, a 120-character text,
+#           timestamptz) in 1,000-row transactions, plus updates and deletes of a tenth of them
+#   mixed   ROWS rows of bigint, text, numeric(12,2), a 60-character text, timestamptz and a
+#           small jsonb, in 1,000-row transactions (inserts only)
 #
-#   ./scripts/bench-capture.sh [ROWS]        (default 1000000)
+#   ./scripts/bench-capture.sh [--workload readme|mixed] [ROWS]     (default: readme, 1000000)
 #
 # BASELINE_BIN=path/to/capture also drains a third slot with another build of the capture (into
 # its own bucket and ledger), so a change is compared with what it replaces in the same run.
 # Each capture's CPU time (user, system) is printed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WORKLOAD=readme
+if [ "${1:-}" = --workload ]; then
+  WORKLOAD=${2:?--workload needs readme or mixed}
+  shift 2
+fi
+case "$WORKLOAD" in
+  readme | mixed) ;;
+  *) echo "unknown workload $WORKLOAD (readme, mixed)" >&2; exit 2 ;;
+esac
 ROWS=${1:-1000000}
 ./scripts/setup.sh
 cargo build --release -p capture --quiet
@@ -25,13 +37,19 @@ trap cleanup EXIT
 start_pg "$state/pg"
 start_moto "$state/moto.log"
 psql_pg "$state/pg" postgres -c "CREATE DATABASE bench" >/dev/null
-psql_pg "$state/pg" bench >/dev/null <<'SQL'
-CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, price numeric(10,2), note text, at timestamptz);
+if [ "$WORKLOAD" = readme ]; then
+  table_sql="CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, price numeric(10,2), note text, at timestamptz)"
+else
+  table_sql="CREATE TABLE items (id bigint PRIMARY KEY, kind text, amount numeric(12,2), note text, at timestamptz, attrs jsonb)"
+fi
+psql_pg "$state/pg" bench >/dev/null <<SQL
+$table_sql;
 CREATE PUBLICATION bench_pub FOR TABLE items;
 SELECT pg_create_logical_replication_slot('bench_capture', 'pgoutput');
 SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput');
 SELECT pg_create_logical_replication_slot('bench_baseline', 'pgoutput');
 SQL
+if [ "$WORKLOAD" = readme ]; then
 echo "building the backlog: $ROWS rows in 1,000-row transactions, plus updates and deletes" >&2
 psql_pg "$state/pg" bench >/dev/null <<SQL
 DO \$\$
@@ -51,6 +69,23 @@ END
 \$\$;
 SQL
 changes=$(( ROWS + ROWS / 10 ))
+else
+echo "building the backlog: $ROWS rows (jsonb, numeric, timestamptz) in 1,000-row transactions" >&2
+psql_pg "$state/pg" bench >/dev/null <<SQL
+DO \$\$
+BEGIN
+  FOR b IN 0..($ROWS / 1000 - 1) LOOP
+    INSERT INTO items
+      SELECT g, 'kind-' || (g % 7), (g % 1000000) / 100.0, repeat('n', 60), now(),
+             jsonb_build_object('k', g % 13, 'tag', 'x' || (g % 5), 'ok', g % 2 = 0)
+      FROM generate_series(b * 1000 + 1, b * 1000 + 1000) g;
+    COMMIT;
+  END LOOP;
+END
+\$\$;
+SQL
+changes=$ROWS
+fi
 target=$(psql_pg "$state/pg" bench -At -c "SELECT pg_current_wal_lsn()")
 wal_bytes=$(psql_pg "$state/pg" bench -At -c "SELECT pg_wal_lsn_diff('$target', confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = 'bench_capture'")
 
@@ -100,8 +135,8 @@ if [ -n "${BASELINE_BIN:-}" ]; then
   bend=$(date +%s.%N)
 fi
 
-python3 - "$changes" "$start" "$end" "$rstart" "$rend" "$peak_kib" "$wal_bytes" "$staged" "$bstart" "$bend" "$state" <<'PY'
-import sys
+WORKLOAD=$WORKLOAD python3 - "$changes" "$start" "$end" "$rstart" "$rend" "$peak_kib" "$wal_bytes" "$staged" "$bstart" "$bend" "$state" <<'PY'
+import os, sys
 changes, s, e, rs, re_, peak, wal, staged, bs, be, state = sys.argv[1:]
 changes = int(changes); cap = float(e) - float(s); rec = float(re_) - float(rs); wal = int(wal)
 def cpu(name):
@@ -110,7 +145,7 @@ def cpu(name):
         return f"  CPU {float(u):.2f} s user {float(sy):.2f} s system"
     except (OSError, ValueError):
         return ""
-print(f"backlog: {changes:,} changes, {wal / 1e6:.1f} MB of WAL")
+print(f"backlog ({os.environ.get('WORKLOAD', 'readme')}): {changes:,} changes, {wal / 1e6:.1f} MB of WAL")
 print(f"capture        : {cap:6.2f} s  {changes / cap:10,.0f} changes/s  {wal / cap / 1e6:6.1f} MB/s of WAL  peak RSS {int(peak) / 1024:.0f} MiB  staged {int(staged) / 1e6:.1f} MB gzip{cpu('bench')}")
 print(f"pg_recvlogical : {rec:6.2f} s  {changes / rec:10,.0f} changes/s  {wal / rec / 1e6:6.1f} MB/s of WAL  (to /dev/null)")
 print(f"ratio (capture rate / pg_recvlogical rate): {rec / cap:.2f}")
