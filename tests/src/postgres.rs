@@ -125,16 +125,8 @@ impl PgCluster {
             port: 0,
         };
         cluster.init(&opts)?;
-        let mut last_err = None;
-        for _ in 0..3 {
-            cluster.port = free_port()?;
-            cluster.write_port()?;
-            match cluster.pg_ctl_start() {
-                Ok(()) => return Ok(cluster),
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
+        cluster.start_on_free_port()?;
+        Ok(cluster)
     }
 
     /// The data directory.
@@ -284,69 +276,42 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        primary.stop("fast")?;
-        let dir = tempfile::Builder::new().prefix("pgcdc-test-").tempdir()?;
-        let mut standby = PgCluster {
-            bindir: primary.bindir.clone(),
-            dir,
-            os_user: primary.os_user.clone(),
-            port: 0,
-        };
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(primary.data_dir())
-            .arg(standby.data_dir())
-            .status()?;
-        primary.restart_stopped()?;
-        anyhow::ensure!(
-            copied.success(),
-            "copying the primary's data directory failed"
-        );
-        std::fs::create_dir_all(standby.socket_dir())?;
+        let mut standby = Self::copy_stopped(primary)?;
         let data = standby.data_dir();
-        let _ = std::fs::remove_file(data.join("postmaster.pid"));
         for slot in std::fs::read_dir(data.join("pg_replslot"))? {
             std::fs::remove_dir_all(slot?.path())?;
         }
-        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
-        conf.push_str(&format!(
-            "\nunix_socket_directories = '{}'\nhot_standby = on\nhot_standby_feedback = on\n\
+        let mut conf = format!(
+            "hot_standby = on\nhot_standby_feedback = on\n\
              primary_conninfo = 'host=127.0.0.1 port={} user=postgres password={} dbname=postgres'\n\
              primary_slot_name = '{physical}'\n",
-            standby.socket_dir().display(),
-            primary.port,
-            SUPERUSER_PASSWORD
-        ));
+            primary.port, SUPERUSER_PASSWORD
+        );
         for line in extra_conf {
             conf.push_str(line);
             conf.push('\n');
         }
-        std::fs::write(data.join("postgresql.conf"), conf)?;
+        standby.append_conf(&conf)?;
         std::fs::write(data.join("standby.signal"), "")?;
-        if standby.os_user.is_some() {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(standby.dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        }
-        standby.chown(standby.dir.path())?;
-        let mut last_err = None;
-        for _ in 0..3 {
-            standby.port = free_port()?;
-            standby.write_port()?;
-            match standby.pg_ctl_start() {
-                Ok(()) => return Ok(standby),
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("the standby did not start")))
+        standby.start_copy()?;
+        Ok(standby)
     }
 
     /// A copy of `primary` as it is now, started as a server of its own, replication slots
     /// included: what restoring a backup (or a snapshot of the volume) taken now gives. The
     /// primary is stopped for the copy and started again.
     pub fn copy_of(primary: &PgCluster) -> anyhow::Result<Self> {
+        let mut copy = Self::copy_stopped(primary)?;
+        copy.start_copy()?;
+        Ok(copy)
+    }
+
+    /// A copy of `primary`'s data directory, taken while it is stopped (it is started again),
+    /// with a socket directory of its own and no port yet.
+    fn copy_stopped(primary: &PgCluster) -> anyhow::Result<Self> {
         primary.stop("fast")?;
         let dir = tempfile::Builder::new().prefix("pgcdc-test-").tempdir()?;
-        let mut copy = PgCluster {
+        let copy = PgCluster {
             bindir: primary.bindir.clone(),
             dir,
             os_user: primary.os_user.clone(),
@@ -363,29 +328,45 @@ impl PgCluster {
             "copying the primary's data directory failed"
         );
         std::fs::create_dir_all(copy.socket_dir())?;
-        let data = copy.data_dir();
-        let _ = std::fs::remove_file(data.join("postmaster.pid"));
-        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
-        conf.push_str(&format!(
+        let _ = std::fs::remove_file(copy.data_dir().join("postmaster.pid"));
+        copy.append_conf(&format!(
             "\nunix_socket_directories = '{}'\n",
             copy.socket_dir().display()
-        ));
-        std::fs::write(data.join("postgresql.conf"), conf)?;
-        if copy.os_user.is_some() {
+        ))?;
+        Ok(copy)
+    }
+
+    fn append_conf(&self, lines: &str) -> anyhow::Result<()> {
+        let path = self.data_dir().join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&path)?;
+        conf.push_str(lines);
+        std::fs::write(&path, conf)?;
+        Ok(())
+    }
+
+    /// Starts a copy made by [`PgCluster::copy_stopped`] on a free port.
+    fn start_copy(&mut self) -> anyhow::Result<()> {
+        if self.os_user.is_some() {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(copy.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))?;
         }
-        copy.chown(copy.dir.path())?;
+        self.chown(self.dir.path())?;
+        self.start_on_free_port()
+    }
+
+    /// Starts the server on a free port (another process may take a port between the choice
+    /// and the start: three tries).
+    fn start_on_free_port(&mut self) -> anyhow::Result<()> {
         let mut last_err = None;
         for _ in 0..3 {
-            copy.port = free_port()?;
-            copy.write_port()?;
-            match copy.pg_ctl_start() {
-                Ok(()) => return Ok(copy),
+            self.port = free_port()?;
+            self.write_port()?;
+            match self.pg_ctl_start() {
+                Ok(()) => return Ok(()),
                 Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("the copy did not start")))
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
     }
 
     /// Promotes a standby to primary and waits until it is.

@@ -154,6 +154,30 @@ async fn recorded_up_to_now(cap: &CaptureSetup<'_>, server: &PgCluster) -> anyho
     .with_context(|| cap.log())
 }
 
+/// Waits until `standby` holds a synchronized copy of failover slot `slot`, ready for use
+/// after a promotion.
+async fn synchronized_slot(standby: &PgCluster, slot: &str) -> anyhow::Result<()> {
+    let on_standby = standby.connect("postgres").await?;
+    wait_for(
+        "the standby's synchronized slot",
+        Duration::from_secs(120),
+        || async {
+            let row = on_standby
+                .query_opt(
+                    "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?;
+            Ok(row
+                .map(|r| r.get::<_, bool>(0))
+                .filter(|ready| *ready)
+                .map(|_| ()))
+        },
+    )
+    .await
+    .with_context(|| standby.server_log())
+}
+
 #[tokio::test]
 async fn a_failover_slot_carries_the_capture_to_the_promoted_standby_exactly_once(
 ) -> anyhow::Result<()> {
@@ -203,22 +227,7 @@ async fn a_failover_slot_carries_the_capture_to_the_promoted_standby_exactly_onc
     })
     .await
     .with_context(|| cap.log())?;
-    let on_standby = standby.connect("postgres").await?;
-    wait_for(
-        "the standby's synchronized slot",
-        Duration::from_secs(120),
-        || async {
-            let row = on_standby
-            .query_opt(
-                "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?;
-            Ok(row.map(|r| r.get::<_, bool>(0)).filter(|ready| *ready))
-        },
-    )
-    .await
-    .with_context(|| standby.server_log())?;
+    synchronized_slot(&standby, &slot).await?;
     // Streaming under load, then the primary dies and the standby takes over at the endpoint.
     tokio::time::sleep(Duration::from_secs(2)).await;
     primary.stop("immediate")?;
@@ -341,21 +350,7 @@ async fn a_failover_to_a_standby_that_missed_recorded_changes_stops_the_capture(
         .await?;
     recorded_up_to_now(&cap, &primary).await?;
     let slot = cap.slot.clone();
-    let on_standby = standby.connect("postgres").await?;
-    wait_for(
-        "the standby's synchronized slot",
-        Duration::from_secs(120),
-        || async {
-            let row = on_standby
-            .query_opt(
-                "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?;
-            Ok(row.map(|r| r.get::<_, bool>(0)).filter(|ready| *ready))
-        },
-    )
-    .await?;
+    synchronized_slot(&standby, &slot).await?;
     standby_caught_up(&primary, &standby).await?;
     assert!(
         cap.log().contains("synchronized_standby_slots is empty"),
