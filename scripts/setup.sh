@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh machine, idempotently:
-# PostgreSQL's server binaries (Debian package) when missing, PostgreSQL 13, 14, 16, 17 and 18 in
-# ./.pg (scripts/pg-versions.sh), and ./.venv with moto (the AWS emulator), cargo-lambda,
-# cfn-lint, pyarrow and duckdb.
+# PostgreSQL's server binaries (Debian package) when missing, and ./.venv with moto (the AWS
+# emulator), cargo-lambda, cfn-lint, pyarrow and duckdb. The tests' other PostgreSQL versions
+# come from scripts/pg-versions.sh, which test.sh runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +38,4 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
   echo "$want" > "$stamp"
 fi
-# The other server versions the tests run against (13 to test its refusal, 14, 16, 17, 18).
-./scripts/pg-versions.sh
-log "ready: postgres binaries in $(pg_bindir) (other versions in .pg/), tools in .venv/bin"
+log "ready: postgres binaries in $(pg_bindir), tools in .venv/bin"

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 
 ./scripts/setup.sh
+# The other server versions the tests run against (13 to test its refusal, 14, 16, 17, 18).
+./scripts/pg-versions.sh
 
 # infra/ needs no cargo: run it beside the Rust build.
 mkdir -p target
