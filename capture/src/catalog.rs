@@ -203,6 +203,10 @@ pub struct Catalog {
     types: HashMap<u32, Resolved>,
 }
 
+/// SQL for the end of the WAL the server has: written on a primary, replayed on a standby.
+pub const WAL_END: &str =
+    "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)";
+
 impl Catalog {
     /// A catalog over `client`.
     pub fn new(client: Client) -> Self {
@@ -219,11 +223,6 @@ impl Catalog {
 
     /// The server's current WAL write position (on a standby: the position replayed so far).
     pub async fn current_wal_lsn(&self) -> Result<Lsn, tokio_postgres::Error> {
-        self.wal_end().await
-    }
-
-    /// The end of the WAL the server has: written on a primary, replayed on a standby.
-    pub async fn wal_end(&self) -> Result<Lsn, tokio_postgres::Error> {
         Ok(self.wal_position().await?.0)
     }
 
@@ -231,11 +230,7 @@ impl Catalog {
     pub async fn wal_position(&self) -> Result<(Lsn, bool), tokio_postgres::Error> {
         let row = self
             .client
-            .query_one(
-                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                 ELSE pg_current_wal_lsn() END)::text, pg_is_in_recovery()",
-                &[],
-            )
+            .query_one(&format!("SELECT {WAL_END}::text, pg_is_in_recovery()"), &[])
             .await?;
         let text: String = row.get(0);
         Ok((text.parse().unwrap_or(Lsn::ZERO), row.get(1)))

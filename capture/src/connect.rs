@@ -440,9 +440,11 @@ impl Upstream for PgUpstream<'_> {
             .catalog
             .client()
             .query_opt(
-                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                 ELSE pg_current_wal_lsn() END)::text, coalesce(wal_status, ''), safe_wal_size \
-                 FROM pg_replication_slots WHERE slot_name = $1",
+                &format!(
+                    "SELECT {}::text, coalesce(wal_status, ''), safe_wal_size \
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    crate::catalog::WAL_END
+                ),
                 &[&slot],
             )
             .await

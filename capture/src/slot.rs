@@ -52,21 +52,9 @@ pub async fn ensure_slot(
             || settings.flags.backfill_new_tables
             || settings.flags.recreate_slot,
     };
-    for finding in crate::checks::server_findings(&server, needs) {
-        match finding {
-            crate::checks::Finding::Fatal(message) => return Err(CaptureError::Setup(message)),
-            crate::checks::Finding::Warning(message) => tracing::warn!("start-up check: {message}"),
-        }
-    }
+    act_on(crate::checks::server_findings(&server, needs))?;
     tracing::info!(version = %server.version, standby = server.in_recovery, "connected to the server");
-    let findings =
-        crate::checks::run(client, &settings.flags.publication, &settings.tables).await?;
-    for finding in findings {
-        match finding {
-            crate::checks::Finding::Fatal(message) => return Err(CaptureError::Setup(message)),
-            crate::checks::Finding::Warning(message) => tracing::warn!("start-up check: {message}"),
-        }
-    }
+    act_on(crate::checks::run(client, &settings.flags.publication, &settings.tables).await?)?;
     // `failover` is a column from 17 on.
     let failover_column = if server.version_num >= 170_000 {
         "failover"
@@ -83,6 +71,7 @@ pub async fn ensure_slot(
         )
         .await?;
     if settings.flags.slot_failover {
+        // (A failover slot on a standby was refused above.)
         warn_unless_standbys_wait(client).await?;
     }
     if let Some(row) = &slot {
@@ -223,20 +212,49 @@ pub fn request_id() -> u64 {
         .unwrap_or(0)
 }
 
-async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
-    // The previous task's walsender may still hold the slot for a moment after a crash.
-    for attempt in 0..30u32 {
-        match client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if e.code().map(|c| c.code()) == Some("55006") && attempt < 29 => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e.into()),
+/// Stops at the first fatal start-up finding; logs the warnings.
+fn act_on(findings: Vec<crate::checks::Finding>) -> Result<(), CaptureError> {
+    for finding in findings {
+        match finding {
+            crate::checks::Finding::Fatal(message) => return Err(CaptureError::Setup(message)),
+            crate::checks::Finding::Warning(message) => tracing::warn!("start-up check: {message}"),
         }
     }
+    Ok(())
+}
+
+/// Runs `call` again, once a second for up to 30 s, while it fails because the slot is in use
+/// (SQLSTATE 55006): the previous task's walsender may hold the slot for a moment after a crash.
+async fn while_slot_in_use<T, E, F, Fut>(
+    mut call: F,
+    code: impl Fn(&E) -> Option<&str>,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match call().await {
+            Err(e) if code(&e) == Some("55006") && attempt < 29 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn drop_slot(client: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
+    while_slot_in_use(
+        || async move {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+        },
+        |e: &tokio_postgres::Error| e.code().map(|c| c.code()),
+    )
+    .await?;
     Ok(())
 }
 
@@ -263,26 +281,21 @@ pub(crate) async fn create_slot(
     Ok(())
 }
 
-/// Makes an existing slot a failover slot (17+). The previous task's walsender may hold the
-/// slot for a moment after a crash.
+/// Makes an existing slot a failover slot (17+).
 async fn make_failover(params: &ConnectParams, slot: &str) -> Result<(), CaptureError> {
     let sql = format!(
         "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
         quote_ident(slot)
     );
-    for attempt in 0..30u32 {
-        let mut conn = ReplicationConnection::connect(params).await?;
-        match conn.simple_query(&sql).await {
-            Ok(_) => {
-                tracing::info!(slot, "replication slot made a failover slot");
-                return Ok(());
-            }
-            Err(e) if e.code() == Some("55006") && attempt < 29 => {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    while_slot_in_use(
+        || async {
+            let mut conn = ReplicationConnection::connect(params).await?;
+            conn.simple_query(&sql).await
+        },
+        crate::replication::ReplicationError::code,
+    )
+    .await?;
+    tracing::info!(slot, "replication slot made a failover slot");
     Ok(())
 }
 
@@ -290,14 +303,14 @@ async fn make_failover(params: &ConnectParams, slot: &str) -> Result<(), Capture
 /// standbys (`synchronized_standby_slots`) before sending changes, the capture can record a
 /// transaction the promoted standby never received.
 async fn warn_unless_standbys_wait(client: &tokio_postgres::Client) -> Result<(), CaptureError> {
-    let row = client
+    let standbys: String = client
         .query_one(
-            "SELECT pg_is_in_recovery(), coalesce(current_setting('synchronized_standby_slots', true), '')",
+            "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
             &[],
         )
-        .await?;
-    let (in_recovery, standbys): (bool, String) = (row.get(0), row.get(1));
-    if !in_recovery && standbys.trim().is_empty() {
+        .await?
+        .get(0);
+    if standbys.trim().is_empty() {
         tracing::warn!("CDC_SLOT_FAILOVER: synchronized_standby_slots is empty on the primary, so changes can reach the capture before the standby has them; after a failover to that standby the capture stops rather than skip (the server's WAL is behind the checkpoint). Set synchronized_standby_slots to the standby's physical slot");
     }
     Ok(())

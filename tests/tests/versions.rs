@@ -100,6 +100,19 @@ fn spawn_writer(port: u16, db: String, stop: Arc<AtomicBool>) -> tokio::task::Jo
     })
 }
 
+/// A database named after `prefix` holding table `t` (the writer's) with 300 rows.
+async fn table_of_300_rows(primary: &PgCluster, prefix: &str) -> anyhow::Result<String> {
+    let db = primary.create_database(prefix).await?;
+    primary
+        .execute(
+            &db,
+            "CREATE TABLE t (id bigint PRIMARY KEY, v text, n int);
+             INSERT INTO t SELECT g, 'before', 0 FROM generate_series(1, 300) g;",
+        )
+        .await?;
+    Ok(db)
+}
+
 /// The physical slot a standby made by [`PgCluster::standby_of`] streams through.
 async fn physical_slot(primary: &PgCluster) -> anyhow::Result<String> {
     let client = primary.connect("postgres").await?;
@@ -183,14 +196,7 @@ async fn a_failover_slot_carries_the_capture_to_the_promoted_standby_exactly_onc
 ) -> anyhow::Result<()> {
     let primary = cluster_of(17, &[])?;
     let aws = AwsFixture::new().await?;
-    let db = primary.create_database("failover").await?;
-    primary
-        .execute(
-            &db,
-            "CREATE TABLE t (id bigint PRIMARY KEY, v text, n int);
-             INSERT INTO t SELECT g, 'before', 0 FROM generate_series(1, 300) g;",
-        )
-        .await?;
+    let db = table_of_300_rows(&primary, "failover").await?;
     let standby = PgCluster::standby_of(&primary, &["sync_replication_slots = on"])?;
     // The primary sends changes to the capture only once the standby has them.
     let physical = physical_slot(&primary).await?;
@@ -260,14 +266,7 @@ async fn without_a_failover_slot_a_failover_stops_the_capture_and_its_way_out_ke
 ) -> anyhow::Result<()> {
     let primary = PgCluster::start()?;
     let aws = AwsFixture::new().await?;
-    let db = primary.create_database("nofailover").await?;
-    primary
-        .execute(
-            &db,
-            "CREATE TABLE t (id bigint PRIMARY KEY, v text, n int);
-             INSERT INTO t SELECT g, 'before', 0 FROM generate_series(1, 300) g;",
-        )
-        .await?;
+    let db = table_of_300_rows(&primary, "nofailover").await?;
     let standby = PgCluster::standby_of(&primary, &[])?;
     let endpoint = Endpoint::start(primary.port).await?;
     let mut cap = CaptureSetup::new(&primary, &db, &aws);
@@ -275,6 +274,21 @@ async fn without_a_failover_slot_a_failover_stops_the_capture_and_its_way_out_ke
         ("POSTGRES_PORT".into(), endpoint.port.to_string()),
         ("HEARTBEAT_INTERVAL_MS".into(), "500".into()),
     ]);
+    if primary.version_num().await? < 170_000 {
+        // No failover slots before 17: asking for one is refused, naming the version.
+        let out = cap
+            .command()?
+            .env("CDC_SLOT_FAILOVER", "true")
+            .arg("--exit-when-caught-up")
+            .output()
+            .await?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{log}");
+        assert!(
+            log.contains("CDC_SLOT_FAILOVER needs PostgreSQL 17 or later"),
+            "{log}"
+        );
+    }
     let mut child = cap.spawn(&[])?;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(endpoint.port, db.clone(), stop.clone());
