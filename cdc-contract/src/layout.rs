@@ -82,6 +82,11 @@ impl Layout {
         ))
     }
 
+    /// `{base}/{schema}.{table}/{format}`: a table location for one format.
+    pub fn table_prefix(&self, table: &TableName, format: Format) -> String {
+        self.join(format_args!("{table}/{}", format.dir()))
+    }
+
     /// `{base}/{schema}.{table}/{format}/year=YYYY/month=MM/day=DD/hour=HH`
     pub fn hour_prefix(&self, table: &TableName, format: Format, hour: Hour) -> String {
         self.join(format_args!(

@@ -86,6 +86,8 @@ metric_names! {
     PENDING_HOURS = "PendingHours";
     /// Age of the oldest closed hour still pending after a run (seconds past its end).
     OLDEST_PENDING_HOUR_AGE = "OldestPendingHourAge";
+    /// Glue Data Catalog table updates that failed after their retries.
+    CATALOG_UPDATE_FAILURES = "CatalogUpdateFailures";
 }
 
 /// One CloudWatch Embedded Metric Format line with the slot and table dimensions (the opt-in

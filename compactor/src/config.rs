@@ -135,6 +135,18 @@ pub struct Flags {
         default_value = "2"
     )]
     pub concurrency: String,
+    /// Glue Data Catalog database in which to keep one table per captured table (over its
+    /// Parquet files, with partition projection); unset, no catalog calls are made.
+    #[arg(long = "glue-database", env = "GLUE_DATABASE")]
+    pub glue_database: Option<String>,
+    /// Compact hours that are still open every this many minutes (extra parts, like late
+    /// batches), so changes are queryable before their hour closes; 0 compacts closed hours only.
+    #[arg(
+        long = "open-hour-compact-minutes",
+        env = "OPEN_HOUR_COMPACT_MINUTES",
+        default_value = "0"
+    )]
+    pub open_hour_compact_minutes: String,
 }
 
 /// A setting that cannot be used.
@@ -191,6 +203,10 @@ pub struct Settings {
     pub deadline_margin: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// The Glue database the catalog tables are kept in, if any.
+    pub glue_database: Option<String>,
+    /// How often an open hour is compacted (None: only closed hours).
+    pub open_hour_every: Option<Duration>,
 }
 
 impl Settings {
@@ -214,6 +230,8 @@ impl Settings {
             concurrency: 2,
             deadline_margin: Duration::from_secs(60),
             log_format: LogFormat::Text,
+            glue_database: None,
+            open_hour_every: None,
         }
     }
 }
@@ -316,6 +334,31 @@ impl Flags {
             return Err(bad("COMPACT_CONCURRENCY", "must be between 1 and 64"));
         }
         let margin: u64 = number("DEADLINE_MARGIN_SECONDS", &self.deadline_margin_seconds)?;
+        let glue_database = match self.glue_database.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(db)
+                if db.len() <= 255
+                    && db
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
+            {
+                Some(db.to_owned())
+            }
+            Some(db) => {
+                return Err(bad(
+                    "GLUE_DATABASE",
+                    format!("{db:?} is not a Glue database name (lowercase letters, digits, _)"),
+                ))
+            }
+        };
+        let open_minutes: u64 =
+            number("OPEN_HOUR_COMPACT_MINUTES", &self.open_hour_compact_minutes)?;
+        if open_minutes > 60 {
+            return Err(bad(
+                "OPEN_HOUR_COMPACT_MINUTES",
+                "must be between 0 (off) and 60",
+            ));
+        }
         Ok(Settings {
             bucket,
             base_path: shared.base_path.trim().to_owned(),
@@ -334,6 +377,8 @@ impl Flags {
             concurrency,
             deadline_margin: Duration::from_secs(margin),
             log_format: shared.log_format,
+            glue_database,
+            open_hour_every: (open_minutes > 0).then(|| Duration::from_secs(open_minutes * 60)),
         })
     }
 }
@@ -387,6 +432,15 @@ mod tests {
         );
         assert_eq!(with(&["--part-max-bytes", "12MB"]), "PART_MAX_BYTES");
         assert_eq!(with(&["--jsonl-gzip-level", "0"]), "JSONL_GZIP_LEVEL");
+        assert_eq!(with(&["--glue-database", "My-DB"]), "GLUE_DATABASE");
+        assert_eq!(
+            with(&["--open-hour-compact-minutes", "61"]),
+            "OPEN_HOUR_COMPACT_MINUTES"
+        );
+        assert_eq!(
+            with(&["--open-hour-compact-minutes", "5m"]),
+            "OPEN_HOUR_COMPACT_MINUTES"
+        );
         assert_eq!(
             with(&["--aws-attempt-timeout-ms", "5"]),
             "AWS_ATTEMPT_TIMEOUT_MS"

@@ -73,6 +73,12 @@ pub trait Ledger: Send + Sync {
         table: &TableName,
         hour: Hour,
     ) -> Result<Option<HourRecord>, LedgerError>;
+    /// Every hour record of a table, in hour order.
+    async fn hour_records(
+        &self,
+        slot: &str,
+        table: &TableName,
+    ) -> Result<Vec<HourRecord>, LedgerError>;
     /// The hour's recorded parts, in part order.
     async fn parts(
         &self,
@@ -145,21 +151,6 @@ impl DynamoLedger {
     /// Fails with a clear error when the table does not exist or cannot be reached.
     pub async fn check(&self) -> Result<(), LedgerError> {
         self.table.check().await
-    }
-
-    /// Every hour record of a table (one query; used by `cdc-verify`), in hour order.
-    pub async fn hour_records(
-        &self,
-        slot: &str,
-        table: &TableName,
-    ) -> Result<Vec<HourRecord>, LedgerError> {
-        let items = self.table.query(items::hour_pk(slot, table), None).await?;
-        let mut records = items
-            .iter()
-            .map(HourRecord::from_item)
-            .collect::<Result<Vec<_>, _>>()?;
-        records.sort_by_key(|r| r.hour);
-        Ok(records)
     }
 
     async fn part_is(&self, slot: &str, part: &PartItem) -> Result<bool, LedgerError> {
@@ -291,6 +282,20 @@ impl Ledger for DynamoLedger {
             None => Ok(None),
             Some(item) => Ok(Some(SchemaItem::from_item(&item)?.schema)),
         }
+    }
+
+    async fn hour_records(
+        &self,
+        slot: &str,
+        table: &TableName,
+    ) -> Result<Vec<HourRecord>, LedgerError> {
+        let items = self.table.query(items::hour_pk(slot, table), None).await?;
+        let mut records = items
+            .iter()
+            .map(HourRecord::from_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by_key(|r| r.hour);
+        Ok(records)
     }
 
     async fn hour_record(

@@ -8,6 +8,7 @@
 //! [`ledger::Ledger`] seams, implemented over the AWS SDK.
 
 pub mod background_gzip;
+pub mod catalog;
 pub mod columns;
 pub mod compact;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod plan;
 pub mod retry;
 pub mod store;
 pub mod upload;
+pub mod views;
 
 use std::sync::Arc;
 
@@ -32,7 +34,7 @@ use serde::Serialize;
 
 use cdc_contract::layout::Layout;
 use cdc_contract::metrics as names;
-use cdc_contract::{Hour, TableName};
+use cdc_contract::{Hour, Position, TableName};
 
 pub use compact::{HourError, HourJob, HourReport, HourState};
 pub use config::Settings;
@@ -59,6 +61,7 @@ pub struct Compactor {
     pub(crate) notifier: Option<Arc<dyn DeadLetterNotifier>>,
     pub(crate) batch_ttl_seconds: i64,
     pub(crate) schemas: SchemaCache,
+    pub(crate) catalog: Option<catalog::CatalogKeeper>,
 }
 
 /// What a sweep is asked to do.
@@ -102,6 +105,10 @@ pub struct SweepReport {
     pub pending_closed_hours: usize,
     /// Seconds since the end of the oldest of them (0 when none).
     pub oldest_pending_age_seconds: u64,
+    /// Catalog tables created or updated.
+    pub catalog_updates: usize,
+    /// Catalog updates that failed (compaction went on; the next compaction tries again).
+    pub catalog_failures: usize,
     /// Failures.
     pub failures: Vec<Failure>,
 }
@@ -129,7 +136,14 @@ impl Compactor {
             notifier,
             batch_ttl_seconds: BATCH_TTL_SECONDS,
             schemas: SchemaCache::default(),
+            catalog: None,
         }
+    }
+
+    /// The same compactor keeping catalog tables in `catalog`.
+    pub fn with_catalog(mut self, catalog: Arc<dyn catalog::Catalog>) -> Self {
+        self.catalog = Some(catalog::CatalogKeeper::new(catalog, &self.config.bucket));
+        self
     }
 
     /// A compactor over the AWS SDK's clients for `sdk` (S3 path-style when an endpoint such as
@@ -153,7 +167,17 @@ impl Compactor {
             dynamodb,
             config.ledger_table.clone(),
         ));
-        Compactor::new(config, store, ledger, notifier)
+        let glue = config.glue_database.as_ref().map(|db| {
+            Arc::new(catalog::GlueCatalog::new(
+                aws_sdk_glue::Client::new(sdk),
+                db,
+            ))
+        });
+        let compactor = Compactor::new(config, store, ledger, notifier);
+        match glue {
+            Some(g) => compactor.with_catalog(g),
+            None => compactor,
+        }
     }
 
     /// Checks at start-up that the bucket can be reached.
@@ -169,6 +193,45 @@ impl Compactor {
     /// The S3 layout.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The schema version of `table`'s last compacted part (over the slots served), with its
+    /// Parquet layout.
+    pub async fn latest_schema(
+        &self,
+        table: &TableName,
+    ) -> Result<Option<(String, Arc<parquet_schema::PartSchema>)>, HourError> {
+        let slots = match &self.config.slot {
+            Some(s) => vec![s.clone()],
+            None => retry::retry("list slots", || self.ledger.slots()).await?,
+        };
+        let mut latest: Option<(Position, String, String)> = None;
+        for slot in slots {
+            let records = retry::retry("list hour records", || {
+                self.ledger.hour_records(&slot, table)
+            })
+            .await?;
+            let Some(record) = records.iter().rev().find(|r| r.next_part > 0) else {
+                continue;
+            };
+            let parts = retry::retry("list parts", || {
+                self.ledger.parts(&slot, table, record.hour)
+            })
+            .await?;
+            if let Some(part) = parts.last() {
+                if latest.as_ref().is_none_or(|(p, _, _)| part.last > *p) {
+                    latest = Some((part.last, slot.clone(), part.schema_id.clone()));
+                }
+            }
+        }
+        let Some((_, slot, schema_id)) = latest else {
+            return Ok(None);
+        };
+        let schema = self
+            .schemas
+            .get(&*self.ledger, &slot, table, &schema_id)
+            .await?;
+        Ok(Some((schema_id, schema)))
     }
 
     /// Compacts every closed pending hour of every slot served (and what `req` adds). Fails
@@ -212,20 +275,24 @@ impl Compactor {
             return Ok(());
         };
         let first_open = plan::first_open_hour(&checkpoint, self.config.close_grace);
+        let every_open = req.include_open || self.config.open_hour_every.is_some();
         let markers = retry::retry("list pending hours", || {
             self.ledger
-                .pending_hours(slot, (!req.include_open).then_some(first_open))
+                .pending_hours(slot, (!every_open).then_some(first_open))
         })
         .await?;
-        let mut jobs: Vec<HourJob> = markers
-            .into_iter()
-            .map(|m| HourJob {
+        let mut jobs: Vec<HourJob> = Vec::with_capacity(markers.len());
+        for m in markers {
+            if m.hour >= first_open && !req.include_open && !self.open_hour_due(slot, &m).await? {
+                continue;
+            }
+            jobs.push(HourJob {
                 table: m.table.clone(),
                 hour: m.hour,
                 marker: Some(m),
                 stop_at: req.stop_at,
-            })
-            .collect();
+            });
+        }
         if let Some((table, hour)) = &req.only {
             if !jobs.iter().any(|j| j.table == *table && j.hour == *hour) {
                 // The marker, if any, is read so the hour can be cleared once done.
@@ -259,6 +326,7 @@ impl Compactor {
             .buffer_unordered(self.config.concurrency)
             .collect()
             .await;
+        self.update_catalog(slot, &results, report).await;
         let mut pending = 0usize;
         let mut oldest: Option<Hour> = None;
         for (job, result) in results {
@@ -298,5 +366,96 @@ impl Compactor {
             ],
         );
         Ok(())
+    }
+
+    /// True when an open hour is due for compaction under `OPEN_HOUR_COMPACT_MINUTES`: that
+    /// long has passed since the later of the hour's start and its last compaction.
+    async fn open_hour_due(
+        &self,
+        slot: &str,
+        marker: &cdc_contract::ledger::PendingHour,
+    ) -> Result<bool, LedgerError> {
+        let Some(every) = self.config.open_hour_every else {
+            return Ok(false);
+        };
+        let record = retry::retry("get hour record", || {
+            self.ledger.hour_record(slot, &marker.table, marker.hour)
+        })
+        .await?;
+        let last = record.map_or(0, |r| r.updated_ms);
+        let since = last.max(marker.hour.start_millis());
+        Ok(now_ms() - since >= every.as_millis() as i64)
+    }
+
+    /// Brings the catalog tables of the tables these hours wrote Parquet parts for up to date.
+    /// Failures are logged and counted, never returned: compaction does not wait on the catalog.
+    async fn update_catalog(
+        &self,
+        slot: &str,
+        results: &[(HourJob, Result<HourReport, HourError>)],
+        report: &mut SweepReport,
+    ) {
+        let Some(keeper) = &self.catalog else {
+            return;
+        };
+        if !self
+            .config
+            .formats
+            .contains(&cdc_contract::layout::Format::Parquet)
+        {
+            return;
+        }
+        let mut failures = 0usize;
+        for w in keeper.take_failed().await {
+            match keeper.ensure(&w).await {
+                Ok(_) => report.catalog_updates += 1,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(slot, table = %w.table, error = %error, "catalog table update failed again");
+                }
+            }
+        }
+        for (job, result) in results {
+            let Ok(HourReport {
+                latest_part: Some((schema_id, position)),
+                ..
+            }) = result
+            else {
+                continue;
+            };
+            let written = match self
+                .schemas
+                .get(&*self.ledger, slot, &job.table, schema_id)
+                .await
+            {
+                Ok(schema) => Ok(catalog::Written {
+                    table: job.table.clone(),
+                    prefix: self
+                        .layout
+                        .table_prefix(&job.table, cdc_contract::layout::Format::Parquet),
+                    schema_id: schema_id.clone(),
+                    schema,
+                    position: *position,
+                    hour: job.hour,
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            let outcome = match &written {
+                Ok(w) => keeper.ensure(w).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            match outcome {
+                Ok(true) => report.catalog_updates += 1,
+                Ok(false) => {}
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(slot, table = %job.table, error = %error, "catalog table update failed; the next compaction of the table tries again");
+                }
+            }
+        }
+        if failures > 0 {
+            report.catalog_failures += failures;
+            metrics::emit(slot, &[(names::CATALOG_UPDATE_FAILURES, failures as f64)]);
+        }
     }
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use compactor::config::{Flags, LogFormat, Settings};
+use compactor::views::{self, Dialect};
 use compactor::{Compactor, SweepRequest};
 
 /// Rolls staging micro-batches into hour-partitioned final JSONL.gz and Parquet files.
@@ -37,6 +38,24 @@ enum Command {
         /// Compact open hours too.
         #[arg(long)]
         include_open: bool,
+    },
+    /// Prints the SQL of a table's current-state view (latest change per key, deletes removed)
+    /// from the schema version of its last compacted part.
+    View {
+        /// The table, `schema.table`.
+        #[arg(long)]
+        table: String,
+        /// `athena` (Trino) or `duckdb`.
+        #[arg(long, default_value = "duckdb")]
+        dialect: String,
+        /// DuckDB: the table's Parquet prefix to read (a local directory or an `s3://` URL);
+        /// by default the bucket's.
+        #[arg(long)]
+        root: Option<String>,
+        /// The view's name (default `{schema}__{table}_current`, in the Glue database for
+        /// Athena).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -108,6 +127,56 @@ async fn main() -> anyhow::Result<()> {
             if !report.failures.is_empty() {
                 bail!("{} hour(s) or slot(s) failed", report.failures.len());
             }
+            Ok(())
+        }
+        Some(Command::View {
+            table,
+            dialect,
+            root,
+            name,
+        }) => {
+            let table: cdc_contract::TableName = table.parse().context("--table")?;
+            let dialect: Dialect = dialect.parse().map_err(anyhow::Error::msg)?;
+            let c = compactor(config).await?;
+            let Some((schema_id, schema)) = c
+                .latest_schema(&table)
+                .await
+                .context("reading the table's schema versions from the ledger")?
+            else {
+                bail!("{table} has no compacted part yet: nothing to build a view from");
+            };
+            let catalog_name = compactor::catalog::table_name(&table);
+            let config = c.config();
+            let (view, source) = match dialect {
+                Dialect::Athena => {
+                    let db = config
+                        .glue_database
+                        .as_deref()
+                        .context("the Athena view reads the catalog table: set GLUE_DATABASE")?;
+                    let view = name.unwrap_or_else(|| format!("{catalog_name}_current"));
+                    (
+                        format!("{}.{}", views::ident(db), views::ident(&view)),
+                        format!("{}.{}", views::ident(db), views::ident(&catalog_name)),
+                    )
+                }
+                Dialect::DuckDb => {
+                    let root = root.unwrap_or_else(|| {
+                        format!(
+                            "s3://{}/{}",
+                            config.bucket,
+                            c.layout()
+                                .table_prefix(&table, cdc_contract::layout::Format::Parquet)
+                        )
+                    });
+                    let view = name.unwrap_or_else(|| format!("{catalog_name}_current"));
+                    (views::ident(&view), views::duckdb_source(&root))
+                }
+            };
+            let sql = views::current_state_sql(&table, &schema, dialect, &view, &source)
+                .with_context(|| {
+                    format!("{table} has no key columns (schema version {schema_id}): no view")
+                })?;
+            println!("{sql}");
             Ok(())
         }
         None if under_lambda => {

@@ -19,9 +19,13 @@ pub const TX_ID: &str = "_tx_id";
 pub const COMMIT_TS: &str = "_commit_ts";
 /// Metadata column: text forms of values the typed column cannot hold.
 pub const RAW: &str = "_raw";
+/// Metadata column: the key an update moved the row away from (a struct of the key columns,
+/// typed like them), null unless the update changed the key. Present when the table has key
+/// columns.
+pub const KEY_BEFORE: &str = "_key_before";
 
 /// The metadata columns, in order.
-pub const METADATA: [&str; 6] = [OP, LSN, SEQ, TX_ID, COMMIT_TS, RAW];
+pub const METADATA: [&str; 7] = [OP, LSN, SEQ, TX_ID, COMMIT_TS, RAW, KEY_BEFORE];
 
 /// The widest decimal Decimal128 holds.
 const MAX_DECIMAL_PRECISION: u8 = 38;
@@ -195,6 +199,8 @@ pub struct PartColumn {
     pub file_name: String,
     /// Its type.
     pub ty: ColumnType,
+    /// True for a key (replica identity) column.
+    pub key: bool,
 }
 
 /// The layout of a part's rows for one schema version.
@@ -202,6 +208,10 @@ pub struct PartColumn {
 pub struct PartSchema {
     /// Table columns, in table order.
     pub columns: Vec<PartColumn>,
+    /// Positions (in `columns`) of the key columns, in table order.
+    pub key_columns: Vec<usize>,
+    /// The fields of the `_key_before` struct (the key columns), when the table has a key.
+    pub key_before: Option<Fields>,
     /// The Arrow schema: metadata columns, then table columns.
     pub arrow: SchemaRef,
 }
@@ -222,8 +232,18 @@ impl PartSchema {
                 name: c.name.clone(),
                 file_name,
                 ty: ColumnType::for_column(c),
+                key: c.key,
             });
         }
+        let key_columns: Vec<usize> = (0..columns.len()).filter(|&i| columns[i].key).collect();
+        let key_before = (!key_columns.is_empty()).then(|| {
+            Fields::from(
+                key_columns
+                    .iter()
+                    .map(|&i| Field::new(&columns[i].file_name, columns[i].ty.data_type(), true))
+                    .collect::<Vec<_>>(),
+            )
+        });
         let mut fields = vec![
             Field::new(OP, DataType::Utf8, false),
             Field::new(LSN, DataType::Int64, false),
@@ -236,6 +256,9 @@ impl PartSchema {
             ),
             Field::new(RAW, raw_type(), true),
         ];
+        if let Some(k) = &key_before {
+            fields.push(Field::new(KEY_BEFORE, DataType::Struct(k.clone()), true));
+        }
         fields.extend(
             columns
                 .iter()
@@ -243,6 +266,8 @@ impl PartSchema {
         );
         PartSchema {
             columns,
+            key_columns,
+            key_before,
             arrow: Arc::new(Schema::new(fields)),
         }
     }

@@ -9,8 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, NullBufferBuilder, StringBuilder,
+    StructArray, TimestampMicrosecondBuilder,
 };
+use arrow::datatypes::Fields;
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -18,7 +20,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use cdc_contract::event::UNAVAILABLE_VALUE;
+use cdc_contract::event::{Op, UNAVAILABLE_VALUE};
 use cdc_contract::layout::Format;
 use cdc_contract::Position;
 
@@ -105,9 +107,51 @@ struct ParquetPart {
     tx_id: Int64Builder,
     commit_ts: TimestampMicrosecondBuilder,
     raw: MapBuilder<StringBuilder, StringBuilder>,
+    key_before: Option<KeyBefore>,
     columns: Vec<ColumnBuilder>,
     drained: u64,
     estimate: u64,
+}
+
+/// The `_key_before` struct column being built.
+struct KeyBefore {
+    fields: Fields,
+    children: Vec<ColumnBuilder>,
+    nulls: NullBufferBuilder,
+}
+
+impl KeyBefore {
+    fn new(fields: &Fields, schema: &PartSchema) -> Result<Self, ArrowError> {
+        Ok(KeyBefore {
+            fields: fields.clone(),
+            children: schema
+                .key_columns
+                .iter()
+                .map(|&i| ColumnBuilder::new(&schema.columns[i].ty))
+                .collect::<Result<_, _>>()?,
+            nulls: NullBufferBuilder::new(0),
+        })
+    }
+
+    fn append_null(&mut self) {
+        for c in &mut self.children {
+            c.append_null();
+        }
+        self.nulls.append_null();
+    }
+
+    fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
+        let arrays = self
+            .children
+            .iter_mut()
+            .map(ColumnBuilder::finish)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(StructArray::try_new(
+            self.fields.clone(),
+            arrays,
+            self.nulls.finish(),
+        )?))
+    }
 }
 
 struct JsonlPart {
@@ -188,6 +232,11 @@ impl PartWriter {
                 tx_id: Int64Builder::new(),
                 commit_ts: TimestampMicrosecondBuilder::new().with_timezone(utc()),
                 raw: raw_builder(),
+                key_before: schema
+                    .key_before
+                    .as_ref()
+                    .map(|f| KeyBefore::new(f, &schema))
+                    .transpose()?,
                 columns: schema
                     .columns
                     .iter()
@@ -286,7 +335,12 @@ impl PartWriter {
                 values: Vec::with_capacity(self.schema.columns.len()),
                 unknown: Vec::new(),
             };
-            if let Err(bad) = push_row(p, &self.schema, &self.lookup, &mut row, env, pos, commit_us)
+            let before_key = match moved_key(&self.schema, &self.lookup, env) {
+                Ok(k) => k,
+                Err(bad) => return Ok(Err(bad)),
+            };
+            let at = (pos, commit_us);
+            if let Err(bad) = push_row(p, &self.schema, &self.lookup, &mut row, env, at, before_key)
             {
                 return Ok(Err(bad));
             }
@@ -324,6 +378,9 @@ impl PartWriter {
             Arc::new(p.commit_ts.finish()),
             Arc::new(p.raw.finish()),
         ];
+        if let Some(k) = p.key_before.as_mut() {
+            arrays.push(k.finish()?);
+        }
         for c in &mut p.columns {
             arrays.push(c.finish()?);
         }
@@ -398,14 +455,52 @@ impl PartWriter {
     }
 }
 
+/// The key values an update moved its row away from: `before`'s key columns, when the update
+/// has a `before` image whose key differs from `after`'s (a key change, or any change under
+/// REPLICA IDENTITY FULL, whose key is the whole row).
+fn moved_key<'a>(
+    schema: &PartSchema,
+    lookup: &HashMap<String, usize>,
+    env: &Envelope<'a>,
+) -> Result<Option<Vec<Option<&'a serde_json::value::RawValue>>>, BadRow> {
+    let (Op::Update, Some(before), Some(after)) = (env.op, env.before, env.after) else {
+        return Ok(None);
+    };
+    if schema.key_columns.is_empty() {
+        return Ok(None);
+    }
+    let split = |image| {
+        let mut row = RowValues {
+            values: vec![None; schema.columns.len()],
+            unknown: Vec::new(),
+        };
+        split_row(image, lookup, &mut row).map_err(|e| BadRow(e.to_string()))?;
+        Ok::<_, BadRow>(row.values)
+    };
+    let (old, new) = (split(before)?, split(after)?);
+    let key = |values: &[Option<&'a serde_json::value::RawValue>]| {
+        schema
+            .key_columns
+            .iter()
+            .map(|&i| values[i])
+            .collect::<Vec<_>>()
+    };
+    let (old_key, new_key) = (key(&old), key(&new));
+    let same = old_key
+        .iter()
+        .zip(&new_key)
+        .all(|(a, b)| a.map(|v| v.get()) == b.map(|v| v.get()));
+    Ok((!same).then_some(old_key))
+}
+
 fn push_row<'a>(
     p: &mut ParquetPart,
     schema: &PartSchema,
     lookup: &HashMap<String, usize>,
     row: &mut RowValues<'a>,
     env: &Envelope<'a>,
-    pos: Position,
-    commit_us: i64,
+    (pos, commit_us): (Position, i64),
+    before_key: Option<Vec<Option<&'a serde_json::value::RawValue>>>,
 ) -> Result<(), BadRow> {
     row.values.clear();
     row.values.resize(schema.columns.len(), None);
@@ -454,6 +549,22 @@ fn push_row<'a>(
     }
     // Keys and values always have equal lengths here.
     let _ = p.raw.append(raw_entries > 0);
+    if let Some(k) = p.key_before.as_mut() {
+        match before_key {
+            None => k.append_null(),
+            Some(values) => {
+                for ((builder, value), &i) in
+                    k.children.iter_mut().zip(values).zip(&schema.key_columns)
+                {
+                    match value.and_then(|v| convert(&schema.columns[i].ty, v.get()).ok()) {
+                        Some(v) => builder.append(&v),
+                        None => builder.append_null(),
+                    }
+                }
+                k.nulls.append_non_null();
+            }
+        }
+    }
     Ok(())
 }
 
@@ -603,6 +714,74 @@ mod tests {
         );
         let extra = raw.value(3);
         assert_eq!(extra.column(0).as_string::<i32>().value(0), "extra");
+    }
+
+    #[test]
+    fn an_update_that_moves_its_key_names_the_old_key() {
+        let mut w = PartWriter::new(
+            0,
+            "sid".into(),
+            schema(),
+            &[Format::Parquet],
+            limits(1 << 20),
+            "t",
+        )
+        .unwrap();
+        let lines = [
+            // Key 1 becomes 7.
+            line(
+                "u",
+                10,
+                1,
+                r#"{"id":1}"#,
+                r#"{"id":7,"price":"1.00","note":"a"}"#,
+                "",
+            ),
+            // No before image: the key stayed.
+            line(
+                "u",
+                11,
+                1,
+                "null",
+                r#"{"id":7,"price":"2.00","note":"a"}"#,
+                "",
+            ),
+            // A full before image with the same key (REPLICA IDENTITY FULL-like): stayed.
+            line(
+                "u",
+                12,
+                1,
+                r#"{"id":7,"price":"2.00","note":"a"}"#,
+                r#"{"id":7,"price":"3.00","note":"a"}"#,
+                "",
+            ),
+            line("d", 13, 1, r#"{"id":7}"#, "null", ""),
+        ];
+        for l in &lines {
+            let env: Envelope<'_> = serde_json::from_str(l).unwrap();
+            w.push(l, &env).unwrap().unwrap();
+        }
+        let finished = w.finish().unwrap();
+        let (_, pq, _) = &finished.tails[0];
+        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(pq.clone()))
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let names: Vec<&str> = b
+            .schema_ref()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(names[6], "_key_before");
+        let moved = b.column_by_name("_key_before").unwrap().as_struct();
+        assert!(moved.is_valid(0));
+        assert_eq!(moved.column(0).as_primitive::<Int32Type>().value(0), 1);
+        assert!(moved.is_null(1) && moved.is_null(2) && moved.is_null(3));
+        let id = b.column_by_name("id").unwrap().as_primitive::<Int32Type>();
+        assert_eq!(id.value(0), 7);
     }
 
     #[test]

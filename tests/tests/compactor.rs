@@ -780,6 +780,14 @@ impl Ledger for MortalLedger {
         self.1.check(LedgerError::Definite)?;
         self.0.checkpoint(slot).await
     }
+    async fn hour_records(
+        &self,
+        slot: &str,
+        table: &TableName,
+    ) -> Result<Vec<HourRecord>, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.hour_records(slot, table).await
+    }
     async fn snapshot(&self, slot: &str) -> Result<Option<SnapshotState>, LedgerError> {
         self.1.check(LedgerError::Definite)?;
         self.0.snapshot(slot).await

@@ -136,6 +136,9 @@ pub struct HourReport {
     pub orphans_removed: usize,
     /// Files of dead attempts removed.
     pub stale_files_removed: usize,
+    /// The schema version and last position of the last part written, if any.
+    #[serde(skip)]
+    pub latest_part: Option<(String, Position)>,
 }
 
 impl HourReport {
@@ -153,6 +156,7 @@ impl HourReport {
             consumed_batches: 0,
             orphans_removed: 0,
             stale_files_removed: 0,
+            latest_part: None,
         }
     }
 }

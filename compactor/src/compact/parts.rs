@@ -254,6 +254,7 @@ impl Claimed<'_> {
                 self.last_renew_ms = now;
                 self.parts.push(part);
                 self.report.parts += 1;
+                self.report.latest_part = Some((stats.schema_id.clone(), stats.last));
                 self.report.rows += stats.rows;
                 self.report.bytes += bytes;
                 self.write_manifests().await
@@ -520,7 +521,7 @@ pub(crate) struct SchemaCache(Mutex<HashMap<(String, TableName, String), Arc<Par
 
 impl SchemaCache {
     /// The Parquet layout of a schema version, read from `ledger` the first time.
-    async fn get(
+    pub(crate) async fn get(
         &self,
         ledger: &dyn Ledger,
         slot: &str,
