@@ -130,6 +130,20 @@ export interface PipelineConfig {
     parquetCompression: string;
     /** CDC_SLOT_NAME for the compactor: compact only this slot (default: every slot in the ledger). */
     slotFilter?: string;
+    /** OPEN_HOUR_COMPACT_MINUTES: compact hours still open every N minutes (default 15; 0: closed hours only). */
+    openHourCompactMinutes: number;
+  };
+  catalog: {
+    /**
+     * A Glue database the compactor keeps one table per captured table in (GLUE_DATABASE; the
+     * Parquet files, partition projection), and an Athena workgroup to query it (default: on when
+     * compactor.outputFormats includes parquet).
+     */
+    enabled: boolean;
+    /** The Glue database's name (default: the stack name in lower case, - as _). */
+    databaseName: string;
+    /** Days the Athena workgroup's query results are kept (default 30). */
+    resultsRetentionDays: number;
   };
   queue: {
     /** Receives before a notification goes to the dead-letter queue (default 5). */
@@ -177,7 +191,9 @@ export const DEFAULTS = {
     closeGraceSeconds: 300,
     partMaxBytes: 128 * 1024 * 1024,
     parquetCompression: 'snappy',
+    openHourCompactMinutes: 15,
   },
+  catalog: { resultsRetentionDays: 30 },
   queue: { maxReceiveCount: 5 },
   alarms: { replicationLagSeconds: 900, captureDownMinutes: 15, pendingHourAgeSeconds: 7200 },
   source: {
@@ -265,6 +281,9 @@ const SLOT_RE = /^[a-z0-9_]{1,63}$/;
 const NAME_RE = /^[A-Za-z][A-Za-z0-9-]{0,31}$/;
 // An unquoted PostgreSQL identifier on each side; the capture validates the same form.
 const TABLE_RE = /^[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*$/;
+// Glue and Athena keep database names in lower case; [a-z0-9_] needs no quoting in Athena SQL and
+// no escaping in an IAM resource ARN.
+const GLUE_DATABASE_RE = /^[a-z0-9_]{1,255}$/;
 // S3 key characters that need no special handling, and no IAM wildcard characters.
 const BASE_PATH_RE = /^[A-Za-z0-9!_.'()=-]+(\/[A-Za-z0-9!_.'()=-]+)*$/;
 
@@ -370,7 +389,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
   onlyKeys('', c, [
     '$schema', 'comment', 'stackName', 'account', 'region', 'basePath', 'bucketName', 'versioned',
     'stagingExpirationDays', 'stagingMaxAgeDays', 'removalPolicy', 'logRetentionDays', 'vpc', 'maxAzs', 'capture',
-    'compactor', 'queue', 'alarms', 'sources',
+    'compactor', 'catalog', 'queue', 'alarms', 'sources',
   ]);
 
   const stackName = str('stackName', c.stackName, DEFAULTS.stackName);
@@ -400,6 +419,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
   onlyKeys('compactor.', cmp, [
     'asset', 'memoryMiB', 'timeoutSeconds', 'reservedConcurrency', 'maxConcurrency', 'batchSize', 'maxBatchingWindowSeconds',
     'sweepMinutes', 'outputFormats', 'closeGraceSeconds', 'partMaxBytes', 'parquetCompression', 'slotFilter',
+    'openHourCompactMinutes',
   ]);
   const outputFormats = str('compactor.outputFormats', cmp.outputFormats, DEFAULTS.compactor.outputFormats);
   const formats = outputFormats.split(',').map((f) => f.trim());
@@ -433,7 +453,9 @@ export function parseConfig(raw: unknown): PipelineConfig {
     partMaxBytes: int('compactor.partMaxBytes', cmp.partMaxBytes, DEFAULTS.compactor.partMaxBytes, 4096, 5 * 1024 ** 3),
     parquetCompression,
     slotFilter,
-  };  if (compactor.reservedConcurrency !== undefined && compactor.reservedConcurrency < compactor.maxConcurrency) {
+    openHourCompactMinutes: int('compactor.openHourCompactMinutes', cmp.openHourCompactMinutes, DEFAULTS.compactor.openHourCompactMinutes, 0, 60),
+  };
+  if (compactor.reservedConcurrency !== undefined && compactor.reservedConcurrency < compactor.maxConcurrency) {
     throw new ConfigError(
       'compactor.reservedConcurrency',
       `must be at least compactor.maxConcurrency (${compactor.maxConcurrency}): SQS pollers beyond it are throttled into false dead-letter alarms`,
@@ -443,6 +465,30 @@ export function parseConfig(raw: unknown): PipelineConfig {
   if (compactor.batchSize > 10 && compactor.maxBatchingWindowSeconds === 0) {
     throw new ConfigError('compactor.batchSize', 'above 10 needs compactor.maxBatchingWindowSeconds of at least 1');
   }
+
+  const cat = obj('catalog', c.catalog);
+  onlyKeys('catalog.', cat, ['enabled', 'databaseName', 'resultsRetentionDays']);
+  // The catalog's tables are the Parquet files: without them it would describe nothing.
+  const writesParquet = formats.includes('parquet');
+  const catalogEnabled = bool('catalog.enabled', cat.enabled, writesParquet);
+  if (catalogEnabled && !writesParquet) {
+    throw new ConfigError(
+      'catalog.enabled',
+      'the catalog\'s tables are the Parquet files: add parquet to compactor.outputFormats, or set catalog.enabled to false',
+    );
+  }
+  const databaseName = str('catalog.databaseName', cat.databaseName, stackName.toLowerCase().replace(/-/g, '_'));
+  if (!GLUE_DATABASE_RE.test(databaseName)) {
+    throw new ConfigError(
+      'catalog.databaseName',
+      `${JSON.stringify(databaseName)} is not a Glue database name for Athena (lower-case letters, digits and _, at most 255)`,
+    );
+  }
+  const catalog = {
+    enabled: catalogEnabled,
+    databaseName,
+    resultsRetentionDays: int('catalog.resultsRetentionDays', cat.resultsRetentionDays, DEFAULTS.catalog.resultsRetentionDays, 1, 3650),
+  };
 
   const q = obj('queue', c.queue);
   onlyKeys('queue.', q, ['maxReceiveCount']);
@@ -519,6 +565,7 @@ export function parseConfig(raw: unknown): PipelineConfig {
     maxAzs: int('maxAzs', c.maxAzs, DEFAULTS.maxAzs, 1, 6),
     capture,
     compactor,
+    catalog,
     queue,
     alarms,
     sources,

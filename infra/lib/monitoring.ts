@@ -113,6 +113,25 @@ export class Monitoring extends Construct {
         evaluationPeriods: 1,
         treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
       });
+      if (config.catalog.enabled) {
+        alarm(`${s.name}CatalogUpdates`, {
+          alarmName: `${config.stackName}-${s.name}-catalog-updates`,
+          alarmDescription:
+            `The compactor failed to create or update Glue tables of ${s.name} (slot ${s.slotName}) in the database ` +
+            `${config.catalog.databaseName} after its retries: compaction goes on, but Athena may not see new ` +
+            'tables or columns; see the compactor log.',
+          metric: pipelineMetric('CatalogUpdateFailures', s.slotName, 'Sum'),
+          threshold: 0,
+          comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+          // Any failure alarms (each is one after retries), and the alarm clears only after three
+          // periods without one: a lasting failure recurs at the next runs (the compactor tries a
+          // failed update again at its next sweep and at each compaction of the table) and holds
+          // the alarm instead of flapping. The metric is emitted only on failure.
+          evaluationPeriods: 3,
+          datapointsToAlarm: 1,
+          treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+        });
+      }
     }
 
     const depth = (q: sqs.IQueue, label?: string) =>

@@ -1,5 +1,6 @@
 // The whole pipeline in one stack: the bucket, the DynamoDB ledger, the notification queues, one
-// capture service per source database, the compactor Lambda, the dashboard and the alarms.
+// capture service per source database, the compactor Lambda, the Glue database and Athena
+// workgroup (unless catalog.enabled is false), the dashboard and the alarms.
 // Cost at rest is part of the contract: no NAT gateway, no interface endpoint, no KMS key, no
 // Container Insights; see DEPLOY.md for the figures.
 
@@ -19,6 +20,7 @@ import * as sqs from 'aws-cdk-lib/aws-sqs';
 import { NagSuppressions } from 'cdk-nag';
 import { Construct } from 'constructs';
 import { CaptureService, LEDGER_ACTIONS } from './capture';
+import { Catalog } from './catalog';
 import { ConfigError, PipelineConfig, REPO_ROOT, compactorAssetPath, underBase } from './config';
 import { MetricCatalogue, loadMetrics } from './metrics';
 import { Monitoring } from './monitoring';
@@ -60,6 +62,8 @@ export class PipelineStack extends Stack {
   readonly deadLetterNotices: sqs.Queue;
   readonly compactor: lambda.Function;
   readonly captures: CaptureService[] = [];
+  /** The Glue database and the Athena workgroup; absent with catalog.enabled false. */
+  readonly catalog?: Catalog;
   readonly monitoring: Monitoring;
 
   constructor(scope: Construct, id: string, props: PipelineStackProps) {
@@ -134,6 +138,16 @@ export class PipelineStack extends Stack {
       deletionProtection: removalPolicy === RemovalPolicy.RETAIN ? true : undefined,
       removalPolicy,
     });
+
+    // ---- Catalog: the Glue database the compactor keeps, the Athena workgroup --------------------
+    if (config.catalog.enabled) {
+      this.catalog = new Catalog(this, 'Catalog', {
+        databaseName: config.catalog.databaseName,
+        workGroupName: config.stackName,
+        resultsRetentionDays: config.catalog.resultsRetentionDays,
+        removalPolicy,
+      });
+    }
 
     // ---- Queues -------------------------------------------------------------------------------
     const compactorTimeout = Duration.seconds(config.compactor.timeoutSeconds);
@@ -307,6 +321,8 @@ export class PipelineStack extends Stack {
         resources: [this.deadLetterNotices.queueArn],
       }),
     );
+    // Without the catalog, no Glue permission at all (and no GLUE_DATABASE: no catalog call).
+    if (this.catalog) compactorRole.addToPrincipalPolicy(this.catalog.compactorStatement());
 
     const environment: Record<string, string> = {
       S3_BUCKET_NAME: this.bucket.bucketName,
@@ -320,9 +336,12 @@ export class PipelineStack extends Stack {
       // An attempt that lost its claim lives at most the function's timeout: past it, no late
       // upload can land, and the hour is listed once more for strays.
       STRAGGLER_WINDOW_SECONDS: String(config.compactor.timeoutSeconds + 60),
+      OPEN_HOUR_COMPACT_MINUTES: String(config.compactor.openHourCompactMinutes),
       LOG_FORMAT: 'json',
     };
     if (config.compactor.slotFilter) environment.CDC_SLOT_NAME = config.compactor.slotFilter;
+    // A reference to the database: the function is created after it, so no run finds it missing.
+    if (this.catalog) environment.GLUE_DATABASE = this.catalog.databaseName;
 
     this.compactor = new lambda.Function(this, 'Compactor', {
       description: 'Rolls staging micro-batches into hour-partitioned JSONL.gz and Parquet files',
@@ -383,6 +402,17 @@ export class PipelineStack extends Stack {
           reason: 'Log stream ARNs of the compactor\'s own log group end in a wildcard.',
           appliesTo: [{ regex: '/^Resource::<CompactorLogs.+\\.Arn>(:\\*)?$/' }],
         },
+        ...(this.catalog
+          ? [
+              {
+                id: 'AwsSolutions-IAM5',
+                reason:
+                  'The compactor names a Glue table after each captured table at run time; the grant is ' +
+                  'GetTable, CreateTable and UpdateTable on the tables of this stack\'s database only.',
+                appliesTo: [{ regex: `/^Resource::arn:.+:glue:.+:table\\/${config.catalog.databaseName}\\/\\*$/` }],
+              },
+            ]
+          : []),
       ],
       true,
     );
@@ -416,6 +446,17 @@ export class PipelineStack extends Stack {
       description: 'The ECS cluster of the capture services (aws ecs update-service --cluster)',
     });
     new CfnOutput(this, 'CompactorLogGroupName', { value: compactorLogs.logGroupName });
+    if (this.catalog) {
+      new CfnOutput(this, 'GlueDatabaseName', {
+        value: this.catalog.databaseName,
+        description: 'The Glue database the compactor keeps one table per captured table in (GLUE_DATABASE)',
+      });
+      new CfnOutput(this, 'AthenaWorkGroupName', {
+        value: this.catalog.workGroup.ref,
+        description: 'Query in this workgroup (aws athena start-query-execution --work-group)',
+      });
+      new CfnOutput(this, 'AthenaResultsBucketName', { value: this.catalog.resultsBucket.bucketName });
+    }
     this.captures.forEach((c, i) => {
       const name = config.sources[i].name.replace(/[^A-Za-z0-9]/g, '');
       new CfnOutput(this, `CaptureService${name}`, { value: c.service.serviceName });

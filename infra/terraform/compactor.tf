@@ -69,6 +69,16 @@ data "aws_iam_policy_document" "compactor" {
     actions   = ["sqs:ReceiveMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueUrl", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
     resources = [aws_sqs_queue.notify.arn]
   }
+  # Only with the catalog (catalog.tf): without it, no Glue permission at all.
+  dynamic "statement" {
+    for_each = local.catalog_enabled ? [1] : []
+    content {
+      # Read a table's definition, create it, update its schema: in this database only.
+      sid       = "GlueCatalog"
+      actions   = ["glue:GetTable", "glue:CreateTable", "glue:UpdateTable"]
+      resources = ["${local.glue_arn_prefix}:catalog", aws_glue_catalog_database.this[0].arn, "${local.glue_arn_prefix}:table/${local.glue_database_name}/*"]
+    }
+  }
 }
 
 resource "aws_iam_role_policy" "compactor" {
@@ -90,10 +100,13 @@ locals {
       DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letter_notices.url
       # An attempt that lost its claim lives at most the function's timeout: past it, no late
       # upload can land, and the hour is listed once more for strays.
-      STRAGGLER_WINDOW_SECONDS = tostring(var.compactor.timeout_seconds + 60)
-      LOG_FORMAT               = "json"
+      STRAGGLER_WINDOW_SECONDS  = tostring(var.compactor.timeout_seconds + 60)
+      OPEN_HOUR_COMPACT_MINUTES = tostring(var.compactor.open_hour_compact_minutes)
+      LOG_FORMAT                = "json"
     },
     var.compactor.slot_filter != null ? { CDC_SLOT_NAME = var.compactor.slot_filter } : {},
+    # Without it the compactor makes no catalog call.
+    local.catalog_enabled ? { GLUE_DATABASE = aws_glue_catalog_database.this[0].name } : {},
   )
 }
 

@@ -151,6 +151,29 @@ resource "aws_cloudwatch_metric_alarm" "slot_wal" {
   tags                = local.tags
 }
 
+# Only with the catalog. Any failure alarms (each is one after the compactor's retries), and the
+# alarm clears only after three periods without one: a lasting failure recurs at the next runs (the
+# compactor tries a failed update again at its next sweep and at each compaction of the table) and
+# holds the alarm instead of flapping. The metric is emitted only on failure.
+resource "aws_cloudwatch_metric_alarm" "catalog_updates" {
+  for_each            = local.catalog_enabled ? local.sources : {}
+  alarm_name          = "${var.name}-${each.key}-catalog-updates"
+  alarm_description   = "The compactor failed to create or update Glue tables of ${each.key} (slot ${each.value.slot_name}) in the database ${local.glue_database_name} after its retries: compaction goes on, but Athena may not see new tables or columns; see the compactor log."
+  namespace           = local.namespace
+  metric_name         = "CatalogUpdateFailures"
+  dimensions          = { (local.dimension) = each.value.slot_name }
+  statistic           = "Sum"
+  period              = local.period
+  threshold           = 0
+  comparison_operator = "GreaterThanThreshold"
+  evaluation_periods  = 3
+  datapoints_to_alarm = 1
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = local.alarm_actions
+  ok_actions          = local.alarm_actions
+  tags                = local.tags
+}
+
 # ---- Pipeline-wide ------------------------------------------------------------------------------
 
 resource "aws_cloudwatch_metric_alarm" "notify_dead_letters" {
@@ -216,6 +239,7 @@ locals {
       aws_cloudwatch_metric_alarm.pending_hour_age[k].arn,
       aws_cloudwatch_metric_alarm.slot_wal[k].arn,
     ]]),
+    [for a in values(aws_cloudwatch_metric_alarm.catalog_updates) : a.arn],
     [
       aws_cloudwatch_metric_alarm.notify_dead_letters.arn,
       aws_cloudwatch_metric_alarm.dead_letter_records.arn,

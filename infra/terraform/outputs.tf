@@ -57,6 +57,21 @@ output "CompactorLogGroupName" {
   value       = aws_cloudwatch_log_group.compactor.name
 }
 
+output "GlueDatabaseName" {
+  description = "The Glue database the compactor keeps one table per captured table in (GLUE_DATABASE); null without the catalog."
+  value       = one(aws_glue_catalog_database.this[*].name)
+}
+
+output "AthenaWorkGroupName" {
+  description = "The Athena workgroup to query in (aws athena start-query-execution --work-group); null without the catalog."
+  value       = one(aws_athena_workgroup.this[*].name)
+}
+
+output "AthenaResultsBucketName" {
+  description = "The bucket of the workgroup's query results; null without the catalog."
+  value       = one(aws_s3_bucket.athena_results[*].bucket)
+}
+
 output "CaptureService" {
   description = "The capture service of each source, by source name."
   value       = { for k, s in local.sources : s.key => aws_ecs_service.capture[k].name }

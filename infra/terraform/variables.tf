@@ -103,23 +103,23 @@ variable "vpc" {
   default = null
 
   validation {
-    condition     = var.vpc == null || can(regex("^vpc-[0-9a-f]+$", var.vpc.vpc_id))
+    condition     = var.vpc == null ? true : can(regex("^vpc-[0-9a-f]+$", var.vpc.vpc_id))
     error_message = "vpc.vpc_id is not a VPC id."
   }
   validation {
-    condition     = var.vpc == null || length(var.vpc.availability_zones) > 0
+    condition     = var.vpc == null ? true : length(var.vpc.availability_zones) > 0
     error_message = "vpc.availability_zones is required."
   }
   validation {
-    condition     = var.vpc == null || ((length(var.vpc.public_subnet_ids) == 0) != (length(var.vpc.private_subnet_ids) == 0))
+    condition     = var.vpc == null ? true : ((length(var.vpc.public_subnet_ids) == 0) != (length(var.vpc.private_subnet_ids) == 0))
     error_message = "vpc: give either public_subnet_ids or private_subnet_ids."
   }
   validation {
-    condition     = var.vpc == null || length(concat(var.vpc.public_subnet_ids, var.vpc.private_subnet_ids)) == length(var.vpc.availability_zones)
+    condition     = var.vpc == null ? true : length(concat(var.vpc.public_subnet_ids, var.vpc.private_subnet_ids)) == length(var.vpc.availability_zones)
     error_message = "vpc: give one subnet per availability zone, in the same order as vpc.availability_zones."
   }
   validation {
-    condition     = var.vpc == null || alltrue([for id in concat(var.vpc.public_subnet_ids, var.vpc.private_subnet_ids) : can(regex("^subnet-[0-9a-f]+$", id))])
+    condition     = var.vpc == null ? true : alltrue([for id in concat(var.vpc.public_subnet_ids, var.vpc.private_subnet_ids) : can(regex("^subnet-[0-9a-f]+$", id))])
     error_message = "vpc: a subnet id is not a subnet id."
   }
 }
@@ -174,7 +174,7 @@ variable "compactor_zip" {
 }
 
 variable "compactor" {
-  description = "The compactor Lambda: memory (MiB), timeout, reserved concurrency (null: none), the SQS trigger's maximum concurrency, batch size and batching window, the sweep's period, and its OUTPUT_FORMATS, CLOSE_GRACE_SECONDS, PART_MAX_BYTES, PARQUET_COMPRESSION and CDC_SLOT_NAME (slot_filter)."
+  description = "The compactor Lambda: memory (MiB), timeout, reserved concurrency (null: none), the SQS trigger's maximum concurrency, batch size and batching window, the sweep's period, and its OUTPUT_FORMATS, CLOSE_GRACE_SECONDS, PART_MAX_BYTES, PARQUET_COMPRESSION, CDC_SLOT_NAME (slot_filter) and OPEN_HOUR_COMPACT_MINUTES (open_hour_compact_minutes: compact hours still open every N minutes, 0 for closed hours only)."
   type = object({
     memory_mib                  = optional(number, 1024)
     timeout_seconds             = optional(number, 300)
@@ -188,6 +188,7 @@ variable "compactor" {
     part_max_bytes              = optional(number, 134217728)
     parquet_compression         = optional(string, "snappy")
     slot_filter                 = optional(string)
+    open_hour_compact_minutes   = optional(number, 15)
   })
   default  = {}
   nullable = false
@@ -235,6 +236,36 @@ variable "compactor" {
   validation {
     condition     = var.compactor.slot_filter == null || can(regex("^[a-z0-9_]{1,63}$", coalesce(var.compactor.slot_filter, "-")))
     error_message = "compactor.slot_filter is not a valid slot name."
+  }
+  validation {
+    condition     = var.compactor.open_hour_compact_minutes >= 0 && var.compactor.open_hour_compact_minutes <= 60 && floor(var.compactor.open_hour_compact_minutes) == var.compactor.open_hour_compact_minutes
+    error_message = "compactor.open_hour_compact_minutes must be an integer between 0 and 60 (0: closed hours only)."
+  }
+}
+
+variable "catalog" {
+  description = "The query side: enabled (a Glue database the compactor keeps one table per captured table in, GLUE_DATABASE, and an Athena workgroup with its own results bucket; null: on when compactor.output_formats includes parquet), database_name (null: name in lower case, - as _) and results_retention_days (days the query results are kept)."
+  type = object({
+    enabled                = optional(bool)
+    database_name          = optional(string)
+    results_retention_days = optional(number, 30)
+  })
+  default  = {}
+  nullable = false
+
+  validation {
+    # The catalog's tables are the Parquet files: without them it would describe nothing.
+    condition     = var.catalog.enabled != true || contains([for f in split(",", var.compactor.output_formats) : trimspace(f)], "parquet")
+    error_message = "catalog.enabled: the catalog's tables are the Parquet files: add parquet to compactor.output_formats, or set catalog.enabled to false."
+  }
+  validation {
+    # Glue and Athena keep database names in lower case; [a-z0-9_] needs no quoting in Athena SQL.
+    condition     = var.catalog.database_name == null || can(regex("^[a-z0-9_]{1,255}$", coalesce(var.catalog.database_name, "-")))
+    error_message = "catalog.database_name is not a Glue database name for Athena (lower-case letters, digits and _, at most 255)."
+  }
+  validation {
+    condition     = var.catalog.results_retention_days >= 1 && var.catalog.results_retention_days <= 3650 && floor(var.catalog.results_retention_days) == var.catalog.results_retention_days
+    error_message = "catalog.results_retention_days must be an integer between 1 and 3650."
   }
 }
 

@@ -31,6 +31,8 @@ describe('configuration', () => {
     assert.equal(c.compactor.timeoutSeconds, 300);
     assert.equal(c.compactor.memoryMiB, 1024);
     assert.equal(c.compactor.sweepMinutes, 5);
+    assert.equal(c.compactor.openHourCompactMinutes, 15);
+    assert.deepEqual(c.catalog, { enabled: true, databaseName: 'pgcdcs3', resultsRetentionDays: 30 });
     assert.equal(c.compactor.asset, '../target/lambda/compactor/bootstrap.zip');
     assert.equal(c.alarms.replicationLagSeconds, 900);
     const s = c.sources[0];
@@ -67,6 +69,33 @@ describe('configuration', () => {
     fails({ stagingMaxAgeDays: 2, alarms: { pendingHourAgeSeconds: 86400 }, sources: [source] }, /stagingMaxAgeDays.*pendingHourAgeSeconds/);
     fails({ capture: { spot: 'yes' }, sources: [source] }, /capture\.spot/);
     fails({ basePath: 'cdc/*', sources: [source] }, /basePath/);
+  });
+
+  it('catalog: the database name follows the stack name; off without Parquet unless asked for', () => {
+    // Glue and Athena keep names in lower case, and - would need quoting in every query.
+    assert.equal(parseConfig({ stackName: 'Orders-Pipeline-2', sources: [source] }).catalog.databaseName, 'orders_pipeline_2');
+    const named = parseConfig({ catalog: { databaseName: 'cdc_lake', resultsRetentionDays: 7 }, sources: [source] });
+    assert.deepEqual(named.catalog, { enabled: true, databaseName: 'cdc_lake', resultsRetentionDays: 7 });
+    assert.equal(parseConfig({ catalog: { enabled: false }, sources: [source] }).catalog.enabled, false);
+    // The catalog describes the Parquet files: JSONL only turns it off by default...
+    assert.equal(parseConfig({ compactor: { outputFormats: 'jsonl' }, sources: [source] }).catalog.enabled, false);
+    // ...and asking for it then is an error.
+    fails({ compactor: { outputFormats: 'jsonl' }, catalog: { enabled: true }, sources: [source] }, /catalog\.enabled: .*add parquet to compactor\.outputFormats/);
+    assert.equal(parseConfig({ compactor: { openHourCompactMinutes: 0 }, sources: [source] }).compactor.openHourCompactMinutes, 0);
+  });
+
+  it('catalog and open-hour errors name the setting', () => {
+    fails({ catalog: { databaseName: 'Orders' }, sources: [source] }, /catalog\.databaseName: "Orders" is not a Glue database name/);
+    fails({ catalog: { databaseName: 'orders-db' }, sources: [source] }, /catalog\.databaseName: "orders-db"/);
+    fails({ catalog: { databaseName: 'x'.repeat(256) }, sources: [source] }, /catalog\.databaseName/);
+    fails({ catalog: { enabled: 'yes' }, sources: [source] }, /catalog\.enabled: must be true or false/);
+    fails({ catalog: { resultsRetentionDays: 0 }, sources: [source] }, /catalog\.resultsRetentionDays: must be between 1 and 3650/);
+    fails({ catalog: { resultsRetentionDays: 1.5 }, sources: [source] }, /catalog\.resultsRetentionDays: must be an integer/);
+    fails({ catalog: { database: 'x' }, sources: [source] }, /catalog\.database: unknown setting/);
+    fails({ catalog: true, sources: [source] }, /catalog: must be an object/);
+    fails({ compactor: { openHourCompactMinutes: 61 }, sources: [source] }, /compactor\.openHourCompactMinutes: must be between 0 and 60/);
+    fails({ compactor: { openHourCompactMinutes: -1 }, sources: [source] }, /compactor\.openHourCompactMinutes/);
+    fails({ compactor: { openHourCompactMinutes: '15' }, sources: [source] }, /compactor\.openHourCompactMinutes: must be an integer/);
   });
 
   it('accepts tables as a list or a comma-separated string', () => {

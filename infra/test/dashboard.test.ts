@@ -52,7 +52,7 @@ describe('dashboard', () => {
   it('an alarm status widget', () => {
     const alarms = body.widgets.filter((w: any) => w.type === 'alarm');
     assert.equal(alarms.length, 1);
-    assert.equal(alarms[0].properties.alarms.length, 11, "4 per source (2) and 3 for the pipeline");
+    assert.equal(alarms[0].properties.alarms.length, 13, '5 per source (2; the catalog\'s included) and 3 for the pipeline');
   });
 
   it('follows metrics.json: a metric added there appears without a code change', () => {

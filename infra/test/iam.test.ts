@@ -14,7 +14,8 @@ const LEDGER_ACTIONS = [
   'dynamodb:Query',
   'dynamodb:UpdateItem',
 ];
-const DATA_PLANE = /^(s3|dynamodb|sqs|sns|secretsmanager|kms|logs|lambda|ecs|ssm):/;
+const GLUE_ACTIONS = ['glue:GetTable', 'glue:CreateTable', 'glue:UpdateTable'];
+const DATA_PLANE = /^(s3|dynamodb|sqs|sns|secretsmanager|kms|logs|lambda|ecs|ssm|glue|athena):/;
 
 /** action -> sorted resources, over the statements of one role. */
 function grants(statements: Statement[], role: string): Map<string, string[]> {
@@ -79,7 +80,7 @@ describe('IAM with a base path', () => {
     assert.ok(![...g.keys()].some((a) => a.startsWith('s3:') || a.startsWith('dynamodb:')));
   });
 
-  it('compactor role: staging, final and dead-letter prefixes, the ledger, the two queues', () => {
+  it('compactor role: staging, final and dead-letter prefixes, the ledger, the two queues, its Glue database', () => {
     const queue = logicalId(s.json, 'AWS::SQS::Queue', 'NotifyQueue');
     const notices = logicalId(s.json, 'AWS::SQS::Queue', 'DeadLetterNotices');
     const logs = logicalId(s.json, 'AWS::Logs::LogGroup', 'CompactorLogs');
@@ -98,7 +99,11 @@ describe('IAM with a base path', () => {
       assert.deepEqual(g.get(a), [`<${queue}.Arn>`], a);
     }
     assert.deepEqual(g.get('logs:PutLogEvents'), [`<${logs}.Arn>`]);
+    // The catalog's calls, in its database only (catalog.test.ts checks the statement itself).
+    const glue = ['catalog', 'database/pgcdcs3', 'table/pgcdcs3/*'].map((r) => `arn:<AWS::Partition>:glue:<AWS::Region>:<AWS::AccountId>:${r}`).sort();
+    for (const a of GLUE_ACTIONS) assert.deepEqual(g.get(a), glue, a);
     const allowed = new Set([
+      ...GLUE_ACTIONS,
       ...LEDGER_ACTIONS,
       's3:GetObject', 's3:DeleteObject', 's3:PutObjectTagging', 's3:PutObject', 's3:AbortMultipartUpload', 's3:ListBucket',
       'sqs:SendMessage', 'sqs:ReceiveMessage', 'sqs:DeleteMessage', 'sqs:ChangeMessageVisibility',

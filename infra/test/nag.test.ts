@@ -13,7 +13,7 @@ const variants: [string, () => Record<string, any>][] = [
     () => ({ ...minimalConfig(), basePath: '', versioned: true, removalPolicy: 'destroy' }),
   ],
   [
-    'existing VPC with private subnets, secret by name with a KMS key',
+    'existing VPC with private subnets, secret by name with a KMS key, no catalog',
     () => {
       const raw = minimalConfig();
       raw.vpc = {
@@ -24,6 +24,7 @@ const variants: [string, () => Record<string, any>][] = [
       raw.sources[0].passwordSecretName = 'pgcdc/app';
       raw.capture = { spot: true };
       raw.sources[0].passwordSecretKmsKeyArn = 'arn:aws:kms:eu-west-1:123456789012:key/11111111-2222-3333-4444-555555555555';
+      raw.catalog = { enabled: false };
       return raw;
     },
   ],

@@ -14,7 +14,10 @@ describe('config.example.json', () => {
 
   describe('bucket', () => {
     it('is encrypted, blocks public access, has no versioning by default', () => {
-      s.template.resourceCountIs('AWS::S3::Bucket', 1);
+      // The data bucket and the Athena results bucket (catalog.test.ts).
+      s.template.resourceCountIs('AWS::S3::Bucket', 2);
+      const bucket = s.json.Resources[logicalId(s.json, 'AWS::S3::Bucket', 'Bucket')].Properties;
+      assert.equal(bucket.VersioningConfiguration, undefined);
       s.template.hasResourceProperties('AWS::S3::Bucket', {
         BucketEncryption: {
           ServerSideEncryptionConfiguration: [{ ServerSideEncryptionByDefault: { SSEAlgorithm: 'AES256' } }],
@@ -45,7 +48,7 @@ describe('config.example.json', () => {
     });
 
     it('expires only staging: compacted objects soon, everything else after a safe age', () => {
-      const bucket = Object.values<any>(s.json.Resources).find((r) => r.Type === 'AWS::S3::Bucket');
+      const bucket = s.json.Resources[logicalId(s.json, 'AWS::S3::Bucket', 'Bucket')];
       const rules: any[] = bucket.Properties.LifecycleConfiguration.Rules;
       const expiring = rules.filter((r) => r.ExpirationInDays !== undefined || r.ExpirationDate !== undefined);
       assert.equal(expiring.length, 2);
@@ -266,6 +269,7 @@ describe('config.example.json', () => {
       const bucket = logicalId(s.json, 'AWS::S3::Bucket', 'Bucket');
       const table = logicalId(s.json, 'AWS::DynamoDB::Table', 'Ledger');
       const notices = logicalId(s.json, 'AWS::SQS::Queue', 'DeadLetterNotices');
+      const database = logicalId(s.json, 'AWS::Glue::Database', 'CatalogDatabase');
       assert.deepEqual(env, {
         S3_BUCKET_NAME: `<${bucket}>`,
         S3_BASE_PATH: 'cdc',
@@ -276,6 +280,8 @@ describe('config.example.json', () => {
         PARQUET_COMPRESSION: 'snappy',
         DEAD_LETTER_QUEUE_URL: `<${notices}>`,
         STRAGGLER_WINDOW_SECONDS: '360',
+        OPEN_HOUR_COMPACT_MINUTES: '15',
+        GLUE_DATABASE: `<${database}>`,
         LOG_FORMAT: 'json',
       });
     });
@@ -387,6 +393,9 @@ describe('config.example.json', () => {
       'DashboardName',
       'ClusterName',
       'CompactorLogGroupName',
+      'GlueDatabaseName',
+      'AthenaWorkGroupName',
+      'AthenaResultsBucketName',
       'CaptureServiceorders',
       'CaptureServicebilling',
       'CaptureLogGrouporders',
@@ -418,6 +427,7 @@ describe('configuration overrides', () => {
       outputFormats: 'parquet',
       parquetCompression: 'zstd',
       slotFilter: 'cdc_orders',
+      openHourCompactMinutes: 0,
     };
     raw.alarms = { replicationLagSeconds: 600, captureDownMinutes: 30 };
     const { json, template } = synth('overrides', raw);
@@ -429,7 +439,12 @@ describe('configuration overrides', () => {
       MemorySize: 1024,
       ReservedConcurrentExecutions: 4,
       Environment: {
-        Variables: Match.objectLike({ OUTPUT_FORMATS: 'parquet', PARQUET_COMPRESSION: 'zstd', CDC_SLOT_NAME: 'cdc_orders' }),
+        Variables: Match.objectLike({
+          OUTPUT_FORMATS: 'parquet',
+          PARQUET_COMPRESSION: 'zstd',
+          CDC_SLOT_NAME: 'cdc_orders',
+          OPEN_HOUR_COMPACT_MINUTES: '0',
+        }),
       },
     });
     template.hasResourceProperties('AWS::Lambda::EventSourceMapping', {

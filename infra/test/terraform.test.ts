@@ -1,7 +1,8 @@
 // The Terraform module (infra/terraform), checked offline: parsed, every block against the AWS
 // provider's schema, every reference resolved, the example's module call against the module's
-// variables, and parity with the CDK stack's synthesized template (resource kinds, IAM actions per
-// role, environment variables, alarm metrics, outputs). checkov runs in scripts/test.sh.
+// variables, and parity with the CDK stack's synthesized template with the catalog on and off
+// (resource kinds, IAM actions per role, environment variables, alarm metrics, outputs). checkov
+// runs in scripts/test.sh.
 
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
@@ -227,16 +228,25 @@ const KINDS: Record<string, string[]> = {
   'AWS::SNS::Subscription': ['aws_sns_topic_subscription'],
   'AWS::CloudWatch::Alarm': ['aws_cloudwatch_metric_alarm'],
   'AWS::CloudWatch::Dashboard': ['aws_cloudwatch_dashboard'],
+  'AWS::Glue::Database': ['aws_glue_catalog_database'],
+  'AWS::Athena::WorkGroup': ['aws_athena_workgroup'],
 };
 /** Terraform resources with no CloudFormation resource of their own: versioning is a bucket property there. */
 const TF_ONLY = new Set(['aws_s3_bucket_versioning']);
 
 const sorted = (xs: Iterable<string>) => [...new Set(xs)].sort();
 
-/** The actions of the statements of a policy document data source, `dynamic` ones included. */
-function documentActions(body: Hcl): string[] {
+/** Whether a count, for_each or expression depends on the catalog being on (catalog.tf). */
+const onCatalog = (v: unknown): boolean => /\blocal\.catalog_enabled\b/.test(JSON.stringify(v ?? ''));
+
+/**
+ * The actions of the statements of a policy document data source, `dynamic` ones included unless
+ * `live` rules out their for_each.
+ */
+function documentActions(body: Hcl, live: (forEach: unknown) => boolean = () => true): string[] {
   const out: string[] = [];
-  const statements = [...(body.statement ?? []), ...(body.dynamic?.statement ?? []).flatMap((d: any) => d.content ?? [])];
+  const dynamic = (body.dynamic?.statement ?? []).filter((d: any) => live(d.for_each));
+  const statements = [...(body.statement ?? []), ...dynamic.flatMap((d: any) => d.content ?? [])];
   for (const s of statements) {
     if ((s.effect ?? 'Allow') !== 'Allow') continue;
     const actions = s.actions;
@@ -248,16 +258,29 @@ function documentActions(body: Hcl): string[] {
 /** The keys of the map literals in an expression's text (`NAME = ...` after a line start, `{` or `,`). */
 const envKeys = (expr: unknown): string[] => [...String(expr).matchAll(/(?:^|[{,])\s*([A-Z][A-Z0-9_]+)\s*=(?!=)/gm)].map((m) => m[1]);
 
-describe('terraform: parity with the CDK stack (config.example.json)', () => {
+/**
+ * The module against the stack of a configuration; with the catalog off, what the module makes
+ * only with local.catalog_enabled (resources counted on it, the dynamic IAM statement, the
+ * GLUE_DATABASE variable, the alarm) is left out of the comparison, and checked to be all it lacks.
+ */
+const PARITY: [label: string, config: () => Record<string, any>, catalog: boolean][] = [
+  ['config.example.json', exampleConfig, true],
+  ['config.example.json with catalog.enabled false', () => ({ ...exampleConfig(), catalog: { enabled: false } }), false],
+];
+
+for (const [label, config, catalog] of PARITY) describe(`terraform: parity with the CDK stack (${label})`, () => {
   let s: Synthesized;
   let module: Record<string, Hcl>;
   let ledgerActions: string[];
   before(async () => {
-    s = synth('example-terraform-parity', exampleConfig());
+    s = synth(`example-terraform-parity${catalog ? '' : '-no-catalog'}`, config());
     module = (await loadModule(TERRAFORM_DIR)).files;
     ledgerActions = JSON.parse(JSON.stringify(locals(module).get('ledger_actions')));
   });
 
+  /** Whether a block (by its count, for_each) or a dynamic block (by its for_each) exists in this variant. */
+  const live = (repeat: unknown) => catalog || !onCatalog(repeat);
+  const liveResources = () => blocks(module, 'resource').filter((b) => live(b.body.count ?? b.body.for_each));
   const cdkTypes = () => sorted(Object.values<any>(s.json.Resources).map((r) => r.Type));
   const tfTypes = () => sorted(blocks(module, 'resource').map((b) => b.type));
 
@@ -268,6 +291,20 @@ describe('terraform: parity with the CDK stack (config.example.json)', () => {
     }
     const mapped = new Set(Object.values(KINDS).flat());
     for (const t of tfTypes()) assert.ok(mapped.has(t) || TF_ONLY.has(t), `${t} has no CloudFormation counterpart`);
+    // The buckets, their policies, the Glue database and the workgroup, one for one.
+    const count = (cfn: string) => Object.values<any>(s.json.Resources).filter((r) => r.Type === cfn).length;
+    for (const [cfn, tf] of [
+      ['AWS::S3::Bucket', 'aws_s3_bucket'],
+      ['AWS::S3::BucketPolicy', 'aws_s3_bucket_policy'],
+      ['AWS::Glue::Database', 'aws_glue_catalog_database'],
+      ['AWS::Athena::WorkGroup', 'aws_athena_workgroup'],
+    ]) {
+      assert.equal(liveResources().filter((b) => b.type === tf).length, count(cfn), `${cfn} vs ${tf}`);
+    }
+    // Everything of the catalog hangs on local.catalog_enabled, so catalog.enabled false removes it all.
+    for (const b of blocks(module, 'resource').filter((b) => ['aws_glue_catalog_database', 'aws_athena_workgroup'].includes(b.type) || b.name === 'athena_results')) {
+      assert.ok(onCatalog(b.body.count), `${b.type}.${b.name} is counted on local.catalog_enabled`);
+    }
   });
 
   it('the same IAM actions per role', () => {
@@ -277,7 +314,7 @@ describe('terraform: parity with the CDK stack (config.example.json)', () => {
     const resolve = (actions: string[]) => actions.flatMap((a) => (a === '${local.ledger_actions}' ? ledgerActions : [a]));
     const tfActions = (name: string) => {
       const body = doc(name);
-      const out = [...documentActions(body)];
+      const out = [...documentActions(body, live)];
       // `actions = local.ledger_actions` is an expression: resolve it from the local.
       for (const st of body.statement ?? []) if (typeof st.actions === 'string') out.push(...resolve([st.actions]));
       return sorted(resolve(out));
@@ -304,8 +341,10 @@ describe('terraform: parity with the CDK stack (config.example.json)', () => {
     assert.deepEqual(sorted(envKeys(locals(module).get('capture_environment'))), sorted(cdkCapture));
     const fn = logicalId(s.json, 'AWS::Lambda::Function', 'Compactor');
     const cdkCompactor = Object.keys(s.json.Resources[fn].Properties.Environment.Variables);
-    // CDC_SLOT_NAME is set only with compactor.slotFilter, in both.
-    assert.deepEqual(sorted(envKeys(locals(module).get('compactor_environment'))), sorted([...cdkCompactor, 'CDC_SLOT_NAME']));
+    // CDC_SLOT_NAME is set only with compactor.slotFilter, GLUE_DATABASE only with the catalog, in both.
+    const conditional = ['CDC_SLOT_NAME', ...(catalog ? [] : ['GLUE_DATABASE'])];
+    assert.deepEqual(sorted(envKeys(locals(module).get('compactor_environment'))), sorted([...cdkCompactor, ...conditional]));
+    assert.match(String(locals(module).get('compactor_environment')), /local\.catalog_enabled \? \{ GLUE_DATABASE = /);
     const secrets = s.json.Resources[task].Properties.ContainerDefinitions[0].Secrets.map((x: any) => x.Name);
     const def = blocks(module, 'resource').find((b) => b.type === 'aws_ecs_task_definition')!.body.container_definitions;
     for (const name of secrets) assert.match(def, new RegExp(`name = "${name}"`));
@@ -319,7 +358,7 @@ describe('terraform: parity with the CDK stack (config.example.json)', () => {
       .map((r) => r.Properties)
       .filter((p) => p.Dimensions[0].Name !== 'Slot' || p.Dimensions[0].Value === 'cdc_orders')
       .map((p) => key({ namespace: p.Namespace, metric: p.MetricName, statistic: p.Statistic, comparison: p.ComparisonOperator, missing: p.TreatMissingData }));
-    const tf = blocks(module, 'resource')
+    const tf = liveResources()
       .filter((b) => b.type === 'aws_cloudwatch_metric_alarm')
       .map((b) => b.body)
       .map((p) => key({
@@ -330,9 +369,9 @@ describe('terraform: parity with the CDK stack (config.example.json)', () => {
         missing: p.treat_missing_data,
       }));
     assert.deepEqual(tf.sort(), cdk.sort());
-    // Per-source alarms are per source, on the slot dimension.
+    // Per-source alarms are per source, on the slot dimension (the catalog's only with the catalog).
     for (const b of blocks(module, 'resource').filter((b) => b.type === 'aws_cloudwatch_metric_alarm' && b.body.namespace === '${local.namespace}')) {
-      assert.equal(b.body.for_each, '${local.sources}', b.name);
+      assert.ok(['${local.sources}', '${local.catalog_enabled ? local.sources : {}}'].includes(b.body.for_each), b.name);
     }
   });
 
@@ -343,6 +382,12 @@ describe('terraform: parity with the CDK stack (config.example.json)', () => {
       const prefix = perSource.find((p) => name.startsWith(p) && name !== p);
       assert.ok(tf.has(prefix ?? name), `output ${name}`);
     }
-    for (const name of tf) assert.ok(perSource.includes(name) || name in s.json.Outputs, `output ${name} is not the CDK stack's`);
+    // The catalog's outputs are null without it; the CDK stack has none then.
+    const catalogOutputs = blocks(module, 'output').filter((o) => /aws_(glue_catalog_database|athena_workgroup|s3_bucket\.athena_results)\b/.test(o.body.value)).map((o) => o.name);
+    assert.deepEqual(sorted(catalogOutputs), ['AthenaResultsBucketName', 'AthenaWorkGroupName', 'GlueDatabaseName']);
+    for (const name of tf) {
+      const absent = perSource.includes(name) || (!catalog && catalogOutputs.includes(name));
+      assert.ok(absent || name in s.json.Outputs, `output ${name} is not the CDK stack's`);
+    }
   });
 });

@@ -88,9 +88,10 @@ describe('variants', () => {
     template.hasResourceProperties('AWS::DynamoDB::Table', { DeletionProtectionEnabled: Match.absent() });
   });
 
-  it('removalPolicy destroy empties the bucket before deleting it', () => {
+  it('removalPolicy destroy empties the buckets before deleting them', () => {
     const { template } = synth('destroy-empties', { ...minimalConfig(), removalPolicy: 'destroy' });
-    template.resourceCountIs('Custom::S3AutoDeleteObjects', 1);
+    // The data bucket and the Athena results bucket.
+    template.resourceCountIs('Custom::S3AutoDeleteObjects', 2);
     const retained = synth('retain-keeps', minimalConfig());
     retained.template.resourceCountIs('Custom::S3AutoDeleteObjects', 0);
   });

@@ -37,7 +37,13 @@ module "pipeline" {
   compactor_zip = "${path.module}/../../../../target/lambda/compactor/bootstrap.zip"
 
   compactor = {
-    output_formats = "jsonl,parquet"
+    output_formats            = "jsonl,parquet"
+    open_hour_compact_minutes = 15
+  }
+
+  catalog = {
+    enabled                = true
+    results_retention_days = 30
   }
 
   alarms = {
@@ -97,4 +103,12 @@ output "DashboardName" {
 
 output "CaptureService" {
   value = module.pipeline.CaptureService
+}
+
+output "GlueDatabaseName" {
+  value = module.pipeline.GlueDatabaseName
+}
+
+output "AthenaWorkGroupName" {
+  value = module.pipeline.AthenaWorkGroupName
 }
