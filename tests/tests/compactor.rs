@@ -1306,6 +1306,69 @@ async fn open_hours_wait_unless_asked() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `OPEN_HOUR_COMPACT_MINUTES` (here a 5-second interval): an open hour is compacted once that
+/// long has passed since its start or its last compaction, each time into extra parts, and not
+/// before; every change lands once.
+#[tokio::test]
+async fn open_hours_are_compacted_at_the_set_interval() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_fresh").await?;
+    let schema = notes_schema();
+    let mut config = config(&aws);
+    let every = Duration::from_secs(5);
+    config.open_hour_every = Some(every);
+    let c = compactor_with(&aws, config);
+    let current = Hour::from_millis(now_ms());
+    let sweep_rows = || async {
+        let r = c.sweep(&SweepRequest::default()).await?;
+        anyhow::ensure!(r.failures.is_empty(), "{:?}", r.failures);
+        Ok::<u64, anyhow::Error>(r.rows())
+    };
+    let write = |stager: &mut Stager<'_>, id: i64| {
+        stager.tx(
+            now_ms() * 1000,
+            vec![Change::insert(&schema, json!({"id": id, "body": "x"}))],
+        );
+    };
+    write(&mut stager, 1);
+    stager.flush(Some(now_ms())).await?;
+    // Due once the interval has passed since the hour began (at once, unless the hour is
+    // younger than that).
+    let started = std::time::Instant::now();
+    while sweep_rows().await? == 0 {
+        anyhow::ensure!(started.elapsed() < 2 * every, "the open hour was never compacted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if Hour::from_millis(now_ms()) != current {
+        // The hour closed meanwhile: what follows would test closed hours.
+        return Ok(());
+    }
+    // A change right after: not due yet, then due once the interval has passed.
+    write(&mut stager, 2);
+    stager.flush(Some(now_ms())).await?;
+    let compacted_at = std::time::Instant::now();
+    assert_eq!(sweep_rows().await?, 0, "compacted again before the interval");
+    let mut rows = 0;
+    while rows == 0 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rows = sweep_rows().await?;
+        if rows == 0 {
+            anyhow::ensure!(compacted_at.elapsed() < 3 * every, "never compacted again");
+        }
+    }
+    assert!(compacted_at.elapsed() >= every - Duration::from_millis(600));
+    assert_eq!(rows, 1);
+    if Hour::from_millis(now_ms()) != current {
+        return Ok(());
+    }
+    let recorded = parts(&aws, "slot_fresh", &schema.table, current).await?;
+    assert_eq!(recorded.len(), 2, "one extra part per compaction");
+    let events = final_events(&aws, &schema.table, current).await?;
+    assert_eq!(events.len(), 2);
+    assert_each_once_in_order(&events)?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn unreadable_lines_go_to_the_dead_letter_prefix_and_the_hour_completes() -> anyhow::Result<()>
 {
