@@ -1336,7 +1336,10 @@ async fn open_hours_are_compacted_at_the_set_interval() -> anyhow::Result<()> {
     // younger than that).
     let started = std::time::Instant::now();
     while sweep_rows().await? == 0 {
-        anyhow::ensure!(started.elapsed() < 2 * every, "the open hour was never compacted");
+        anyhow::ensure!(
+            started.elapsed() < 2 * every,
+            "the open hour was never compacted"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     if Hour::from_millis(now_ms()) != current {
@@ -1347,7 +1350,11 @@ async fn open_hours_are_compacted_at_the_set_interval() -> anyhow::Result<()> {
     write(&mut stager, 2);
     stager.flush(Some(now_ms())).await?;
     let compacted_at = std::time::Instant::now();
-    assert_eq!(sweep_rows().await?, 0, "compacted again before the interval");
+    assert_eq!(
+        sweep_rows().await?,
+        0,
+        "compacted again before the interval"
+    );
     let mut rows = 0;
     while rows == 0 {
         tokio::time::sleep(Duration::from_millis(500)).await;
