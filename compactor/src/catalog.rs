@@ -101,6 +101,14 @@ pub enum CatalogError {
     /// The table was created or changed by someone else between the read and the write.
     #[error("the catalog table changed meanwhile")]
     Conflict,
+    /// The table's column names cannot be written as a catalog table.
+    #[error("{table} cannot have a catalog table: {reason}")]
+    Unsupported {
+        /// The table.
+        table: String,
+        /// Why.
+        reason: String,
+    },
     /// The catalog name is taken by a table of another source table.
     #[error("catalog table {name} belongs to {owner}, not {table}")]
     NameTaken {
@@ -118,7 +126,7 @@ impl crate::retry::Transient for CatalogError {
         match self {
             CatalogError::Aws(e) => e.is_transient(),
             CatalogError::Conflict => true,
-            CatalogError::NameTaken { .. } => false,
+            CatalogError::NameTaken { .. } | CatalogError::Unsupported { .. } => false,
         }
     }
 }
@@ -257,6 +265,46 @@ struct Known {
     schema_id: String,
     position: Mark,
     years: (i32, i32),
+    /// When the catalog was last read or written for it: another process may have changed the
+    /// table since, so what is known is trusted for [`KNOWN_FOR`] only.
+    at: std::time::Instant,
+}
+
+/// How long what the catalog said of a table saves reading it again.
+const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Refuses column names a catalog table cannot hold: one equal to a partition key, two equal once
+/// lowercased (Glue lowercases), or a key column name a Hive `struct<...>` type cannot spell.
+pub fn check_names(table: &TableName, schema: &PartSchema) -> Result<(), CatalogError> {
+    let unsupported = |reason: String| CatalogError::Unsupported {
+        table: table.to_string(),
+        reason,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for c in &schema.columns {
+        let lower = c.file_name.to_lowercase();
+        if PARTITIONS.iter().any(|(k, _, _)| *k == lower) {
+            return Err(unsupported(format!(
+                "column {:?} has the name of a partition key (year, month, day, hour)",
+                c.file_name
+            )));
+        }
+        if !seen.insert(lower) {
+            return Err(unsupported(format!(
+                "two columns are named {:?} once lowercased",
+                c.file_name
+            )));
+        }
+    }
+    for &i in &schema.key_columns {
+        let name = &schema.columns[i].file_name;
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(unsupported(format!(
+                "key column {name:?} cannot be a field of the _key_before struct type"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the catalog tables of the compacted tables up to date.
@@ -317,10 +365,14 @@ impl CatalogKeeper {
         let year = year_of(w.hour);
         if let Some(k) = known.get(&w.table) {
             let schema_current = k.schema_id == w.schema_id || k.position >= w.mark();
-            if schema_current && (k.years.0..=k.years.1).contains(&year) {
+            if schema_current
+                && (k.years.0..=k.years.1).contains(&year)
+                && k.at.elapsed() < KNOWN_FOR
+            {
                 return Ok(false);
             }
         }
+        check_names(&w.table, &w.schema)?;
         match crate::retry::retry("update catalog table", || self.ensure_once(w, year)).await {
             Ok((wrote, now)) => {
                 known.insert(w.table.clone(), now);
@@ -354,6 +406,7 @@ impl CatalogKeeper {
                     schema_id: w.schema_id.clone(),
                     position: w.mark(),
                     years: (year, year),
+                    at: std::time::Instant::now(),
                 },
             ));
         };
@@ -409,6 +462,7 @@ impl CatalogKeeper {
                 .unwrap_or_default(),
             position: desired.schema_position().unwrap_or(w.mark()),
             years,
+            at: std::time::Instant::now(),
         };
         if desired == stored.def {
             return Ok((false, known));
@@ -573,5 +627,61 @@ impl Catalog for GlueCatalog {
             .await
             .map_err(|e| glue_error("update table", e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdc_contract::schema::{ColumnSchema, TableSchema};
+
+    fn schema(names: &[(&str, bool)]) -> PartSchema {
+        PartSchema::new(&TableSchema {
+            table: TableName::new("public", "t"),
+            columns: names
+                .iter()
+                .map(|(n, key)| ColumnSchema {
+                    name: (*n).into(),
+                    type_name: String::new(),
+                    type_oid: 23,
+                    typmod: -1,
+                    key: *key,
+                    base_oid: 23,
+                    element_oid: None,
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn names_a_catalog_table_cannot_hold_are_refused() {
+        let t = TableName::new("public", "t");
+        assert!(check_names(&t, &schema(&[("id", true), ("body", false)])).is_ok());
+        for bad in [
+            schema(&[("id", true), ("Day", false)]),
+            schema(&[("id", true), ("ID", false)]),
+            schema(&[("my id", true), ("v", false)]),
+        ] {
+            assert!(matches!(
+                check_names(&t, &bad),
+                Err(CatalogError::Unsupported { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn names_and_types_follow_glue() {
+        assert_eq!(
+            table_name(&TableName::new("Sales", "Order-Lines")),
+            "sales__order_lines"
+        );
+        assert_eq!(
+            hive_type(&ColumnType::List(Box::new(ColumnType::Decimal {
+                precision: 12,
+                scale: 2
+            }))),
+            "array<decimal(12,2)>"
+        );
+        assert_eq!(hive_type(&ColumnType::Time64), "bigint");
     }
 }

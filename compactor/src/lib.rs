@@ -283,7 +283,7 @@ impl Compactor {
         .await?;
         let mut jobs: Vec<HourJob> = Vec::with_capacity(markers.len());
         for m in markers {
-            if m.hour >= first_open && !req.include_open && !self.open_hour_due(slot, &m).await? {
+            if m.hour >= first_open && !req.include_open && !self.open_hour_due(slot, &m).await {
                 continue;
             }
             jobs.push(HourJob {
@@ -326,10 +326,9 @@ impl Compactor {
             .buffer_unordered(self.config.concurrency)
             .collect()
             .await;
-        self.update_catalog(slot, &results, report).await;
         let mut pending = 0usize;
         let mut oldest: Option<Hour> = None;
-        for (job, result) in results {
+        for (job, result) in &results {
             let closed = job.hour < first_open;
             match result {
                 Ok(hour) => {
@@ -337,7 +336,7 @@ impl Compactor {
                         pending += 1;
                         oldest = Some(oldest.map_or(job.hour, |o| o.min(job.hour)));
                     }
-                    report.hours.push(hour);
+                    report.hours.push(hour.clone());
                 }
                 Err(e) => {
                     if closed {
@@ -365,26 +364,36 @@ impl Compactor {
                 (names::OLDEST_PENDING_HOUR_AGE, age as f64),
             ],
         );
+        // Past the invocation's stop time, the catalog waits for the next run (its tables are
+        // brought up to date by the table's next compaction or the retry of failed updates).
+        if req.stop_at.is_none_or(|t| std::time::Instant::now() < t) {
+            self.update_catalog(slot, &results, report).await;
+        }
         Ok(())
     }
 
     /// True when an open hour is due for compaction under `OPEN_HOUR_COMPACT_MINUTES`: that
     /// long has passed since the later of the hour's start and its last compaction.
-    async fn open_hour_due(
-        &self,
-        slot: &str,
-        marker: &cdc_contract::ledger::PendingHour,
-    ) -> Result<bool, LedgerError> {
+    /// An hour record that cannot be read makes the hour not due (it is tried again by the next
+    /// sweep), never the whole sweep fail.
+    async fn open_hour_due(&self, slot: &str, marker: &cdc_contract::ledger::PendingHour) -> bool {
         let Some(every) = self.config.open_hour_every else {
-            return Ok(false);
+            return false;
         };
-        let record = retry::retry("get hour record", || {
+        let record = match retry::retry("get hour record", || {
             self.ledger.hour_record(slot, &marker.table, marker.hour)
         })
-        .await?;
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(slot, table = %marker.table, hour = %marker.hour, error = %e, "could not read an open hour's record; it waits for the next sweep");
+                return false;
+            }
+        };
         let last = record.map_or(0, |r| r.updated_ms);
         let since = last.max(marker.hour.start_millis());
-        Ok(now_ms() - since >= every.as_millis() as i64)
+        now_ms() - since >= every.as_millis() as i64
     }
 
     /// Brings the catalog tables of the tables these hours wrote Parquet parts for up to date.

@@ -13,17 +13,19 @@
 //! 6. Text columns whose value the typed column could not hold get it back from `_raw`; `_raw`
 //!    keeps the rest (numeric NaN, infinite timestamps: values a typed column cannot hold).
 //!
-//! Limits: a table without key columns has no view (no key to take the latest change of); an
-//! update that changed the key *and* left a TOASTed value unchanged shows that value as null
-//! (its old value is under the old key); a key swapped between rows inside one statement
-//! (deferrable keys) is not followed.
+//! Limits: a table without key columns, or whose key is every column (REPLICA IDENTITY FULL),
+//! has no view (equal rows cannot be told apart); an unchanged TOASTed value no earlier change of
+//! the key carried (after a key change, or before the capture's first change of the row) stays
+//! unavailable: the placeholder in a text column, null in others; a key the typed column cannot
+//! hold (numeric NaN) is null there, and such keys fall together; a key swapped between rows
+//! inside one statement (deferrable keys) is not followed.
 
 use std::fmt::Write as _;
 
 use cdc_contract::event::UNAVAILABLE_VALUE;
 use cdc_contract::TableName;
 
-use crate::parquet_schema::{ColumnType, PartSchema, KEY_BEFORE, RAW};
+use crate::parquet_schema::{ColumnType, PartColumn, PartSchema, KEY_BEFORE, RAW};
 
 /// Which SQL engine the view is written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +101,9 @@ pub fn current_state_sql(
     view: &str,
     source: &str,
 ) -> Option<String> {
-    if schema.key_columns.is_empty() {
+    // Without a key, or with every column in it (REPLICA IDENTITY FULL), equal rows cannot be
+    // told apart: the latest change per key is not the table.
+    if schema.key_columns.is_empty() || schema.key_columns.len() == schema.columns.len() {
         return None;
     }
     let keys: Vec<&str> = schema
@@ -111,11 +115,12 @@ pub fn current_state_sql(
     let others: Vec<&crate::parquet_schema::PartColumn> =
         schema.columns.iter().filter(|c| !c.key).collect();
     let placeholder = literal(UNAVAILABLE_VALUE);
-    let is_placeholder = |c: &str| {
+    // `_raw` is keyed by the column's name in the events, the typed column by its file name.
+    let is_placeholder = |c: &PartColumn| {
         format!(
             "({} IS NULL AND {} = {placeholder})",
-            ident(c),
-            dialect.raw_get(c)
+            ident(&c.file_name),
+            dialect.raw_get(&c.name)
         )
     };
 
@@ -188,10 +193,10 @@ pub fn current_state_sql(
     let _ = writeln!(sql, "),");
     // 4. TOAST groups: each change that carries a value starts a group its placeholders join.
     let order = "ORDER BY _lsn, _seq";
-    let toasted: Vec<&str> = others
+    let toasted: Vec<&PartColumn> = others
         .iter()
+        .copied()
         .filter(|c| toastable(&c.ty))
-        .map(|c| c.file_name.as_str())
         .collect();
     let _ = writeln!(sql, "grouped AS (");
     let mut grouped = vec!["keyed.*".to_owned()];
@@ -215,14 +220,14 @@ pub fn current_state_sql(
     ];
     for c in &others {
         let name = ident(&c.file_name);
-        match toasted.iter().position(|t| *t == c.file_name) {
+        match toasted.iter().position(|t| t.file_name == c.file_name) {
             Some(i) => {
                 filled.push(format!(
                     "first_value({name}) OVER (PARTITION BY {key_list}, _g{i} {order}) AS {name}"
                 ));
                 filled.push(format!(
                     "first_value({}) OVER (PARTITION BY {key_list}, _g{i} {order}) AS {}",
-                    dialect.raw_get(&c.file_name),
+                    dialect.raw_get(&c.name),
                     ident(&format!("_raw_{i}"))
                 ));
             }
@@ -239,19 +244,18 @@ pub fn current_state_sql(
          DESC) AS _rn FROM filled"
     );
     let _ = writeln!(sql, ")");
-    // 6. The row: text restored from `_raw`, the rest of `_raw` kept.
+    // 6. The row: text restored from `_raw` (an unchanged TOAST value no change carried stays the
+    // placeholder, as in the JSONL), the rest of `_raw` kept.
     let mut out: Vec<String> = Vec::new();
     for c in &schema.columns {
         let name = ident(&c.file_name);
         let text = matches!(c.ty, ColumnType::Utf8 | ColumnType::Json);
-        let raw = match toasted.iter().position(|t| *t == c.file_name) {
+        let raw = match toasted.iter().position(|t| t.file_name == c.file_name) {
             Some(i) => ident(&format!("_raw_{i}")),
-            None => dialect.raw_get(&c.file_name),
+            None => dialect.raw_get(&c.name),
         };
         if text && !c.key {
-            out.push(format!(
-                "coalesce({name}, CASE WHEN {raw} <> {placeholder} THEN {raw} END) AS {name}"
-            ));
+            out.push(format!("coalesce({name}, {raw}) AS {name}"));
         } else {
             out.push(name);
         }
@@ -269,10 +273,12 @@ pub fn current_state_sql(
 }
 
 /// The view's source for DuckDB: every Parquet part under `root` (the table's `parquet`
-/// prefix, local or `s3://`), with hive partitioning and columns merged by name.
+/// prefix, local or `s3://`), columns merged by name. Without hive partitioning: the view needs
+/// no partition column, and a table column named `year`, `month`, `day` or `hour` keeps its own
+/// values.
 pub fn duckdb_source(root: &str) -> String {
     format!(
-        "read_parquet({}, hive_partitioning = true, union_by_name = true)",
+        "read_parquet({}, hive_partitioning = false, union_by_name = true)",
         literal(&format!(
             "{}/year=*/month=*/day=*/hour=*/*.parquet",
             root.trim_end_matches('/')
@@ -303,6 +309,35 @@ mod tests {
                 col("n", 20, false),
             ],
         })
+    }
+
+    #[test]
+    fn a_whole_row_key_has_no_view_and_raw_values_are_found_by_event_name() {
+        let t = TableName::new("public", "t");
+        let col = |name: &str, key: bool| ColumnSchema {
+            name: name.into(),
+            type_name: String::new(),
+            type_oid: 25,
+            typmod: -1,
+            key,
+            base_oid: 25,
+            element_oid: None,
+        };
+        let full = PartSchema::new(&TableSchema {
+            table: t.clone(),
+            columns: vec![col("a", true), col("b", true)],
+        });
+        assert!(current_state_sql(&t, &full, Dialect::DuckDb, "v", "s").is_none());
+        let renamed = PartSchema::new(&TableSchema {
+            table: t.clone(),
+            columns: vec![col("id", true), col("_op", false)],
+        });
+        let sql = current_state_sql(&t, &renamed, Dialect::DuckDb, "v", "s").unwrap();
+        assert!(
+            sql.contains(r#"("_op_" IS NULL AND _raw['_op'] = "#),
+            "{sql}"
+        );
+        assert!(!sql.contains("_raw['_op_']"), "{sql}");
     }
 
     #[test]
