@@ -95,6 +95,19 @@ def queryable():
                 ids.update(pq.read_table(io.BytesIO(body), columns=["id"]).column("id").to_pylist())
     return ids, parts
 
+def requests():
+    """Requests the emulator has answered so far: S3 (path-style, under the bucket) and the rest
+    (DynamoDB, SQS and Glue all POST to /). The capture's own requests during a sweep count too."""
+    s3_n = other = 0
+    with open(os.path.join(env["WORK"], "moto.log")) as f:
+        for line in f:
+            if f'"GET /{bucket}' in line or f'"PUT /{bucket}' in line or f'"DELETE /{bucket}' in line or f'"HEAD /{bucket}' in line or f'"POST /{bucket}' in line:
+                s3_n += 1
+            elif '"POST / ' in line:
+                other += 1
+    return (s3_n, other)
+
+costs = {}
 committed, latency, sweeps = {}, {}, 0
 start = time.time()
 next_write, next_sweep, next_id = start, start + sweep_every, 1
@@ -109,11 +122,16 @@ while True:
         next_id += 1
         next_write += write_every
     if now >= next_sweep:
+        before = requests()
         out = subprocess.run([env["COMPACTOR"], "sweep"], capture_output=True, text=True)
+        after = requests()
         sweeps += 1
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
             sys.exit("a sweep failed")
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        kind = "compacting" if any(h["parts"] > 0 for h in report["hours"]) else "idle"
+        costs.setdefault(kind, []).append(tuple(a - b for a, b in zip(after, before)))
         seen = time.time()
         ids, parts = queryable()
         for i in ids:
@@ -132,6 +150,10 @@ q = lambda f: values[min(len(values) - 1, int(f * len(values)))]
 print()
 print(f"commit-to-queryable latency, OPEN_HOUR_COMPACT_MINUTES={minutes}, sweeps every {sweep_every:.0f} s, {len(values)} rows over {duration/60:.0f} min:")
 print(f"  min {values[0]/60:.1f} min, median {statistics.median(values)/60:.1f} min, p90 {q(0.9)/60:.1f} min, max {values[-1]/60:.1f} min")
+for kind, runs in sorted(costs.items()):
+    n = len(runs)
+    print(f"{kind} sweeps: {n}, on average {sum(r[0] for r in runs) / n:.1f} S3 requests and "
+          f"{sum(r[1] for r in runs) / n:.1f} DynamoDB/Glue requests each")
 print("parts per table-hour (Parquet manifests):")
 for k, n in sorted(parts.items()):
     print(f"  {k.split('/parquet/')[1].rsplit('/', 1)[0]}: {n} part(s)")
