@@ -607,6 +607,16 @@ mod tests {
         )
     }
 
+    /// A Parquet file's rows as one batch.
+    fn read_back(pq: &[u8]) -> RecordBatch {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(pq.to_vec()))
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+    }
+
     fn limits(part_max_bytes: u64) -> Limits {
         Limits {
             part_max_bytes,
@@ -675,12 +685,7 @@ mod tests {
         assert_eq!(text, lines.join("\n") + "\n");
 
         let (_, pq, _) = &finished.tails[1];
-        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(pq.clone()))
-            .unwrap()
-            .build()
-            .unwrap();
-        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let b = read_back(pq);
         assert_eq!(b.num_rows(), 4);
         let ops = b.column_by_name("_op").unwrap().as_string::<i32>();
         assert_eq!(
@@ -763,12 +768,7 @@ mod tests {
         }
         let finished = w.finish().unwrap();
         let (_, pq, _) = &finished.tails[0];
-        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(pq.clone()))
-            .unwrap()
-            .build()
-            .unwrap();
-        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
-        let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let b = read_back(pq);
         let names: Vec<&str> = b
             .schema_ref()
             .fields()

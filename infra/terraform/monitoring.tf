@@ -344,12 +344,12 @@ locals {
       {
         type = "text", width = 24, height = 2, x = 0, y = 0
         properties = {
-          markdown = "# ${var.name}: PostgreSQL change data capture to S3\nNamespace `${local.namespace}`, one line per slot (dimension `${local.dimension}`): ${join(", ", [for s in local.source_list : "${s.name} = `${s.slot_name}`"])}"
+          markdown   = "# ${var.name}: PostgreSQL change data capture to S3\nNamespace `${local.namespace}`, one line per slot (dimension `${local.dimension}`): ${join(", ", [for s in local.source_list : "${s.name} = `${s.slot_name}`"])}"
           background = "transparent"
         }
       },
       {
-        type = "alarm", width = 24, height = 3, x = 0, y = 2
+        type       = "alarm", width = 24, height = 3, x = 0, y = 2
         properties = { title = "Alarms", alarms = local.alarm_arns }
       },
     ],

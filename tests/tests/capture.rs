@@ -1759,8 +1759,14 @@ async fn healthz_stays_healthy_throughout_a_long_snapshot() -> anyhow::Result<()
         .port();
     cap.env.push(("HEALTH_PORT".into(), port.to_string()));
     let mut child = cap.spawn(&[])?;
+    // From the moment the stream is up: before it (the snapshot is announced first), the task is
+    // starting, which ECS's health check grace period covers.
     pipeline_tests::wait_for("the snapshot to start", Duration::from_secs(60), || async {
-        Ok(cap.log().contains("initial snapshot started").then_some(()))
+        let log = cap.log();
+        Ok(
+            (log.contains("initial snapshot started") && log.contains("streaming slot="))
+                .then_some(()),
+        )
     })
     .await?;
     let mut polls = 0;
