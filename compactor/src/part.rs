@@ -335,13 +335,8 @@ impl PartWriter {
                 values: Vec::with_capacity(self.schema.columns.len()),
                 unknown: Vec::new(),
             };
-            let before_key = match moved_key(&self.schema, &self.lookup, env) {
-                Ok(k) => k,
-                Err(bad) => return Ok(Err(bad)),
-            };
             let at = (pos, commit_us);
-            if let Err(bad) = push_row(p, &self.schema, &self.lookup, &mut row, env, at, before_key)
-            {
+            if let Err(bad) = push_row(p, &self.schema, &self.lookup, &mut row, env, at) {
                 return Ok(Err(bad));
             }
         }
@@ -457,40 +452,30 @@ impl PartWriter {
 
 /// The key values an update moved its row away from: `before`'s key columns, when the update
 /// has a `before` image whose key differs from `after`'s (a key change, or any change under
-/// REPLICA IDENTITY FULL, whose key is the whole row).
+/// REPLICA IDENTITY FULL, whose key is the whole row). `after` is the update's row, already
+/// split; only `before` is split here.
 fn moved_key<'a>(
     schema: &PartSchema,
     lookup: &HashMap<String, usize>,
     env: &Envelope<'a>,
+    after: &[Option<&'a serde_json::value::RawValue>],
 ) -> Result<Option<Vec<Option<&'a serde_json::value::RawValue>>>, BadRow> {
-    let (Op::Update, Some(before), Some(after)) = (env.op, env.before, env.after) else {
+    let (Op::Update, Some(before), Some(_)) = (env.op, env.before, env.after) else {
         return Ok(None);
     };
     if schema.key_columns.is_empty() {
         return Ok(None);
     }
-    let split = |image| {
-        let mut row = RowValues {
-            values: vec![None; schema.columns.len()],
-            unknown: Vec::new(),
-        };
-        split_row(image, lookup, &mut row).map_err(|e| BadRow(e.to_string()))?;
-        Ok::<_, BadRow>(row.values)
+    let mut old = RowValues {
+        values: vec![None; schema.columns.len()],
+        unknown: Vec::new(),
     };
-    let (old, new) = (split(before)?, split(after)?);
-    let key = |values: &[Option<&'a serde_json::value::RawValue>]| {
-        schema
-            .key_columns
-            .iter()
-            .map(|&i| values[i])
-            .collect::<Vec<_>>()
-    };
-    let (old_key, new_key) = (key(&old), key(&new));
-    let same = old_key
+    split_row(before, lookup, &mut old).map_err(|e| BadRow(e.to_string()))?;
+    let same = schema
+        .key_columns
         .iter()
-        .zip(&new_key)
-        .all(|(a, b)| a.map(|v| v.get()) == b.map(|v| v.get()));
-    Ok((!same).then_some(old_key))
+        .all(|&i| old.values[i].map(|v| v.get()) == after[i].map(|v| v.get()));
+    Ok((!same).then(|| schema.key_columns.iter().map(|&i| old.values[i]).collect()))
 }
 
 fn push_row<'a>(
@@ -500,7 +485,6 @@ fn push_row<'a>(
     row: &mut RowValues<'a>,
     env: &Envelope<'a>,
     (pos, commit_us): (Position, i64),
-    before_key: Option<Vec<Option<&'a serde_json::value::RawValue>>>,
 ) -> Result<(), BadRow> {
     row.values.clear();
     row.values.resize(schema.columns.len(), None);
@@ -508,6 +492,12 @@ fn push_row<'a>(
     if let Some(image) = env.image() {
         split_row(image, lookup, row).map_err(|e| BadRow(e.to_string()))?;
     }
+    // Still before anything is appended: a bad `before` image leaves the builders untouched.
+    let before_key = if p.key_before.is_some() {
+        moved_key(schema, lookup, env, &row.values)?
+    } else {
+        None
+    };
     p.op.append_value(env.op.code());
     p.lsn.append_value(pos.commit_lsn.0 as i64);
     p.seq.append_value(i64::from(pos.ordinal));
