@@ -4,6 +4,11 @@
 //! Input is handed over in chunks of [`CHUNK`] bytes through a channel of [`IN_FLIGHT`] chunks
 //! (the caller blocks when the thread falls that far behind), so memory stays bounded. The output
 //! is the same gzip stream a [`GzEncoder`] fed on the caller's thread would produce.
+//!
+//! A complete gzip member compressed elsewhere (a staged batch going into a part whole) can be
+//! appended as it is ([`BackgroundGzip::append_member`]): the member being compressed ends
+//! there and the next input starts a new one. A file of several members is one gzip file
+//! (RFC 1952, 2.2); every gzip reader reads on to the end.
 
 use std::io::Write;
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -16,13 +21,22 @@ pub const CHUNK: usize = 1024 * 1024;
 /// Chunks handed over and not compressed yet, at most.
 pub const IN_FLIGHT: usize = 4;
 
-/// What the thread sends back: for a chunk of `raw` input bytes, the compressed bytes it produced.
-type Piece = std::io::Result<(u64, Vec<u8>)>;
+/// What the thread sends back: for `raw` input bytes and `member` bytes of a member appended
+/// whole, the bytes it produced.
+type Piece = std::io::Result<(u64, u64, Vec<u8>)>;
+
+/// What the thread is handed.
+enum Input {
+    /// Bytes to compress.
+    Raw(Vec<u8>),
+    /// A complete gzip member to append as it is.
+    Member(Vec<u8>),
+}
 
 /// A gzip stream being compressed on a background thread.
 pub struct BackgroundGzip {
     pending: Vec<u8>,
-    tx: Option<SyncSender<Vec<u8>>>,
+    tx: Option<SyncSender<Input>>,
     rx: Receiver<Piece>,
     thread: Option<JoinHandle<()>>,
     /// Compressed bytes received and not taken.
@@ -34,6 +48,9 @@ pub struct BackgroundGzip {
     /// Raw bytes the thread has compressed, and the compressed bytes they gave.
     raw_done: u64,
     compressed_done: u64,
+    /// Bytes of whole members handed to the thread, and received back.
+    members_sent: u64,
+    members_done: u64,
 }
 
 fn stopped() -> std::io::Error {
@@ -43,23 +60,45 @@ fn stopped() -> std::io::Error {
 impl BackgroundGzip {
     /// Starts the thread, compressing at `level`.
     pub fn new(level: u32) -> std::io::Result<Self> {
-        let (tx, input) = mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
+        let (tx, input) = mpsc::sync_channel::<Input>(IN_FLIGHT);
         let (output, rx) = mpsc::channel::<Piece>();
+        let compression = flate2::Compression::new(level);
         let thread = std::thread::Builder::new()
             .name("jsonl-gzip".into())
             .spawn(move || {
-                let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+                let mut gz: Option<GzEncoder<Vec<u8>>> = None;
+                let mut any_member = false;
                 for chunk in input {
-                    let piece = gz
-                        .write_all(&chunk)
-                        .map(|()| (chunk.len() as u64, std::mem::take(gz.get_mut())));
+                    let piece = match chunk {
+                        Input::Raw(chunk) => {
+                            let e =
+                                gz.get_or_insert_with(|| GzEncoder::new(Vec::new(), compression));
+                            e.write_all(&chunk)
+                                .map(|()| (chunk.len() as u64, 0, std::mem::take(e.get_mut())))
+                        }
+                        Input::Member(member) => {
+                            any_member = true;
+                            gz.take()
+                                .map_or(Ok(Vec::new()), GzEncoder::finish)
+                                .map(|mut out| {
+                                    out.extend_from_slice(&member);
+                                    (0, member.len() as u64, out)
+                                })
+                        }
+                    };
                     let failed = piece.is_err();
                     if output.send(piece).is_err() || failed {
                         return;
                     }
                 }
-                // The caller closed the input: the stream's end.
-                let _ = output.send(gz.finish().map(|tail| (0, tail)));
+                // The caller closed the input: the stream's end. A stream of no input at all
+                // is still a gzip file (one empty member).
+                let tail = match gz.take() {
+                    Some(e) => e.finish(),
+                    None if !any_member => GzEncoder::new(Vec::new(), compression).finish(),
+                    None => Ok(Vec::new()),
+                };
+                let _ = output.send(tail.map(|tail| (0, 0, tail)));
             })?;
         Ok(BackgroundGzip {
             pending: Vec::with_capacity(CHUNK),
@@ -71,6 +110,8 @@ impl BackgroundGzip {
             raw_sent: 0,
             raw_done: 0,
             compressed_done: 0,
+            members_sent: 0,
+            members_done: 0,
         })
     }
 
@@ -92,15 +133,28 @@ impl BackgroundGzip {
         self.tx
             .as_ref()
             .ok_or_else(stopped)?
-            .send(chunk)
+            .send(Input::Raw(chunk))
+            .map_err(|_| stopped())?;
+        self.collect()
+    }
+
+    /// Appends a complete gzip member as it is, after the bytes written so far.
+    pub fn append_member(&mut self, member: &[u8]) -> std::io::Result<()> {
+        self.send_pending()?;
+        self.members_sent += member.len() as u64;
+        self.tx
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Input::Member(member.to_vec()))
             .map_err(|_| stopped())?;
         self.collect()
     }
 
     fn receive(&mut self, piece: Piece) -> std::io::Result<()> {
-        let (raw, bytes) = piece?;
+        let (raw, member, bytes) = piece?;
         self.raw_done += raw;
-        self.compressed_done += bytes.len() as u64;
+        self.members_done += member;
+        self.compressed_done += bytes.len() as u64 - member;
         self.ready.extend_from_slice(&bytes);
         Ok(())
     }
@@ -122,7 +176,7 @@ impl BackgroundGzip {
         } else {
             waiting / 4
         };
-        self.taken + self.ready.len() as u64 + estimate
+        self.taken + self.ready.len() as u64 + estimate + (self.members_sent - self.members_done)
     }
 
     /// Compressed bytes produced and not taken yet.

@@ -101,6 +101,15 @@ pub struct FinishedPart {
 
 struct ParquetPart {
     writer: ArrowWriter<Vec<u8>>,
+    drained: u64,
+    estimate: u64,
+}
+
+/// The Arrow columns of rows being gathered for the typed formats: the metadata columns,
+/// `_key_before` and the table's columns. [`RowBuilders::finish`] gives them as one batch.
+/// Rows can be gathered apart from the part (on another thread) and handed over as a batch.
+pub struct RowBuilders {
+    schema: Arc<PartSchema>,
     op: StringBuilder,
     lsn: Int64Builder,
     seq: Int64Builder,
@@ -109,8 +118,84 @@ struct ParquetPart {
     raw: MapBuilder<StringBuilder, StringBuilder>,
     key_before: Option<KeyBefore>,
     columns: Vec<ColumnBuilder>,
-    drained: u64,
-    estimate: u64,
+    rows: usize,
+}
+
+impl RowBuilders {
+    /// Empty builders for rows of `schema`.
+    pub fn new(schema: &Arc<PartSchema>) -> Result<Self, ArrowError> {
+        Ok(RowBuilders {
+            schema: schema.clone(),
+            op: StringBuilder::new(),
+            lsn: Int64Builder::new(),
+            seq: Int64Builder::new(),
+            tx_id: Int64Builder::new(),
+            commit_ts: TimestampMicrosecondBuilder::new().with_timezone(utc()),
+            raw: raw_builder(),
+            key_before: schema
+                .key_before
+                .as_ref()
+                .map(|f| KeyBefore::new(f, schema))
+                .transpose()?,
+            columns: schema
+                .columns
+                .iter()
+                .map(|c| ColumnBuilder::new(&c.ty))
+                .collect::<Result<_, _>>()?,
+            rows: 0,
+        })
+    }
+
+    /// Rows gathered and not finished yet.
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// True when no row is gathered.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Appends one change's row. Fails (appending nothing) when a row image is not an object.
+    pub fn push(
+        &mut self,
+        lookup: &HashMap<String, usize>,
+        env: &Envelope<'_>,
+        at: (Position, i64),
+    ) -> Result<(), BadRow> {
+        let mut row = RowValues {
+            values: Vec::with_capacity(self.schema.columns.len()),
+            unknown: Vec::new(),
+        };
+        let schema = self.schema.clone();
+        push_row(self, &schema, lookup, &mut row, env, at)?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// The rows gathered so far as one batch (none when no row is gathered); the builders are
+    /// empty again.
+    pub fn finish(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        self.rows = 0;
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(self.op.finish()),
+            Arc::new(self.lsn.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.tx_id.finish()),
+            Arc::new(self.commit_ts.finish()),
+            Arc::new(self.raw.finish()),
+        ];
+        if let Some(k) = self.key_before.as_mut() {
+            arrays.push(k.finish()?);
+        }
+        for c in &mut self.columns {
+            arrays.push(c.finish()?);
+        }
+        RecordBatch::try_new(self.schema.arrow.clone(), arrays).map(Some)
+    }
 }
 
 /// The `_key_before` struct column being built.
@@ -166,6 +251,8 @@ pub struct PartWriter {
     lookup: Arc<HashMap<String, usize>>,
     limits: Limits,
     jsonl: Option<JsonlPart>,
+    /// The rows of the typed formats not encoded yet (when there is a typed format).
+    builders: Option<RowBuilders>,
     parquet: Option<ParquetPart>,
     rows: u64,
     first: Option<(Position, i64)>,
@@ -226,31 +313,21 @@ impl PartWriter {
             let writer = ArrowWriter::try_new(Vec::new(), schema.arrow.clone(), Some(props))?;
             Some(ParquetPart {
                 writer,
-                op: StringBuilder::new(),
-                lsn: Int64Builder::new(),
-                seq: Int64Builder::new(),
-                tx_id: Int64Builder::new(),
-                commit_ts: TimestampMicrosecondBuilder::new().with_timezone(utc()),
-                raw: raw_builder(),
-                key_before: schema
-                    .key_before
-                    .as_ref()
-                    .map(|f| KeyBefore::new(f, &schema))
-                    .transpose()?,
-                columns: schema
-                    .columns
-                    .iter()
-                    .map(|c| ColumnBuilder::new(&c.ty))
-                    .collect::<Result<_, _>>()?,
                 drained: 0,
                 estimate: 0,
             })
         } else {
             None
         };
+        let builders = if parquet.is_some() {
+            Some(RowBuilders::new(&schema)?)
+        } else {
+            None
+        };
         Ok(PartWriter {
             part,
             schema_id,
+            builders,
             lookup: Arc::new(column_lookup(&schema)),
             schema,
             limits,
@@ -316,7 +393,7 @@ impl PartWriter {
 
     /// True once the part has reached its size limit.
     pub fn is_full(&self) -> bool {
-        self.rows > 0 && self.estimated_bytes() >= self.limits.part_max_bytes
+        self.is_full_with(0)
     }
 
     /// Appends one change: `line` as staged, `env` its parsed envelope. Fails (writing nothing)
@@ -328,15 +405,10 @@ impl PartWriter {
     ) -> Result<Result<(), BadRow>, PartError> {
         let pos = env.position();
         let commit_us = env.commit_us();
-        if let Some(p) = self.parquet.as_mut() {
+        if let Some(b) = self.builders.as_mut() {
             // The row is split before anything is appended: a bad image leaves every builder
             // untouched.
-            let mut row = RowValues {
-                values: Vec::with_capacity(self.schema.columns.len()),
-                unknown: Vec::new(),
-            };
-            let at = (pos, commit_us);
-            if let Err(bad) = push_row(p, &self.schema, &self.lookup, &mut row, env, at) {
+            if let Err(bad) = b.push(&self.lookup, env, (pos, commit_us)) {
                 return Ok(Err(bad));
             }
         }
@@ -358,37 +430,101 @@ impl PartWriter {
         Ok(Ok(()))
     }
 
-    /// Encodes the rows gathered so far into the Parquet writer, writing a row group when full.
+    /// Encodes the rows gathered so far into the typed writers, writing a row group when full.
     fn flush_batch(&mut self) -> Result<(), PartError> {
         self.pending_rows = 0;
         self.pending_bytes = 0;
-        let Some(p) = self.parquet.as_mut() else {
+        let Some(b) = self.builders.as_mut() else {
             return Ok(());
         };
-        let mut arrays: Vec<ArrayRef> = vec![
-            Arc::new(p.op.finish()),
-            Arc::new(p.lsn.finish()),
-            Arc::new(p.seq.finish()),
-            Arc::new(p.tx_id.finish()),
-            Arc::new(p.commit_ts.finish()),
-            Arc::new(p.raw.finish()),
-        ];
-        if let Some(k) = p.key_before.as_mut() {
-            arrays.push(k.finish()?);
+        if let Some(batch) = b.finish()? {
+            self.write_typed(&batch)?;
         }
-        for c in &mut p.columns {
-            arrays.push(c.finish()?);
+        Ok(())
+    }
+
+    /// Writes a batch of rows (in this part's Arrow schema) to the typed writers.
+    fn write_typed(&mut self, batch: &RecordBatch) -> Result<(), PartError> {
+        if let Some(p) = self.parquet.as_mut() {
+            p.writer.write(batch)?;
+            if p.writer.in_progress_size() as u64 >= self.limits.row_group_bytes {
+                p.writer.flush()?;
+            }
+            p.estimate = p.writer.bytes_written() as u64 + p.writer.in_progress_size() as u64;
         }
-        if arrays[0].is_empty() {
+        Ok(())
+    }
+
+    /// True when the typed formats need rows as Arrow batches.
+    pub fn wants_rows(&self) -> bool {
+        self.builders.is_some()
+    }
+
+    /// The column lookup of the part's schema (event column name to position).
+    pub fn lookup(&self) -> &Arc<HashMap<String, usize>> {
+        &self.lookup
+    }
+
+    /// True when JSONL is an output and it is gzip, so whole gzip members can be appended.
+    pub fn jsonl_takes_gzip_members(&self) -> bool {
+        self.jsonl.is_some()
+    }
+
+    /// Appends changes gathered apart from the part: `batch` their typed rows (given when
+    /// [`PartWriter::wants_rows`]), `rows` their number, `first` and `last` their positions
+    /// and commit times (ms). Their JSONL goes through [`PartWriter::write_jsonl`] or
+    /// [`PartWriter::write_jsonl_member`].
+    pub fn append_rows(
+        &mut self,
+        batch: Option<&RecordBatch>,
+        rows: u64,
+        first: (Position, i64),
+        last: (Position, i64),
+    ) -> Result<(), PartError> {
+        if rows == 0 {
             return Ok(());
         }
-        let batch = RecordBatch::try_new(self.schema.arrow.clone(), arrays)?;
-        p.writer.write(&batch)?;
-        if p.writer.in_progress_size() as u64 >= self.limits.row_group_bytes {
-            p.writer.flush()?;
+        // Rows pushed one by one before these go first.
+        if self.pending_rows > 0 {
+            self.flush_batch()?;
         }
-        p.estimate = p.writer.bytes_written() as u64 + p.writer.in_progress_size() as u64;
+        if let Some(batch) = batch {
+            self.write_typed(batch)?;
+        }
+        self.rows += rows;
+        if self.first.is_none() {
+            self.first = Some(first);
+        }
+        self.last = Some(last);
         Ok(())
+    }
+
+    /// Appends JSONL text (whole lines, each ending with a newline) to the JSONL file.
+    pub fn write_jsonl(&mut self, text: &[u8]) -> Result<(), PartError> {
+        if let Some(j) = self.jsonl.as_mut() {
+            j.gz.write(text)?;
+        }
+        Ok(())
+    }
+
+    /// Appends a complete gzip member (of whole lines) to the JSONL file as it is.
+    pub fn write_jsonl_member(&mut self, member: &[u8]) -> Result<(), PartError> {
+        if let Some(j) = self.jsonl.as_mut() {
+            j.gz.append_member(member)?;
+        }
+        Ok(())
+    }
+
+    /// True once the part has reached its size limit, counting `jsonl_extra` more compressed
+    /// bytes of JSONL to come.
+    pub fn is_full_with(&self, jsonl_extra: u64) -> bool {
+        let jsonl = self
+            .jsonl
+            .as_ref()
+            .map(|j| j.gz.estimated_len() + jsonl_extra)
+            .unwrap_or(0);
+        let parquet = self.parquet.as_ref().map(|p| p.estimate).unwrap_or(0);
+        self.rows > 0 && jsonl.max(parquet) >= self.limits.part_max_bytes
     }
 
     /// Takes the encoded bytes of `format` produced so far.
@@ -479,7 +615,7 @@ fn moved_key<'a>(
 }
 
 fn push_row<'a>(
-    p: &mut ParquetPart,
+    p: &mut RowBuilders,
     schema: &PartSchema,
     lookup: &HashMap<String, usize>,
     row: &mut RowValues<'a>,

@@ -27,6 +27,7 @@
 mod claim;
 mod finish;
 mod parts;
+mod whole;
 
 use std::sync::Arc;
 use std::time::Instant;

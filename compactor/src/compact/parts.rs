@@ -12,6 +12,7 @@ use cdc_contract::ledger::{BatchItem, HourRecord, PartFile, PartItem};
 use cdc_contract::{Position, TableName};
 
 use super::claim::Claimed;
+use super::whole;
 use super::HourError;
 use crate::dead_letter::{record_name, DeadLetter};
 use crate::envelope::Envelope;
@@ -24,19 +25,57 @@ use crate::retry::retry;
 use crate::store::StoreError;
 use crate::upload::FileUpload;
 
+/// A staging object handed to the CPU work: its batch item and what the download gave.
+type Download = (BatchItem, Result<Option<Staged>, StoreError>);
+
+/// Staging objects downloaded at once, ahead of the one being read.
+const DOWNLOADS_AHEAD: usize = 4;
+
 /// The output of one batch's CPU work.
-struct BatchWork {
-    writer: PartWriter,
-    finished: Vec<FinishedPart>,
-    dead: Vec<DeadLetter>,
+pub(super) struct BatchWork {
+    pub(super) writer: PartWriter,
+    pub(super) finished: Vec<FinishedPart>,
+    pub(super) dead: Vec<DeadLetter>,
     /// The staging object is unreadable from some line on: copy it whole beside the record.
-    copy_object: bool,
+    pub(super) copy_object: bool,
+    pub(super) last: Option<Position>,
+    pub(super) duplicates: u64,
+}
+
+/// A downloaded staging object, and its text when it was gunzipped whole (see
+/// [`whole::gunzip_whole`]).
+pub(super) struct Staged {
+    data: Bytes,
+    text: Option<Vec<u8>>,
+}
+
+impl Staged {
+    /// `data`, gunzipped whole when it can be.
+    fn new(data: Bytes) -> Self {
+        let text = whole::gunzip_whole(&data, whole::WHOLE_MAX_BYTES);
+        Staged { data, text }
+    }
+}
+
+/// Reads one staged batch into the part writer, rolling parts as they fill: whole and in
+/// parallel when it was gunzipped whole, else line by line.
+fn process_batch(
+    writer: PartWriter,
+    table: &str,
+    staging_key: &str,
+    staged: &Staged,
+    watermark: Option<Position>,
     last: Option<Position>,
-    duplicates: u64,
+) -> Result<BatchWork, PartError> {
+    let data = &staged.data;
+    match &staged.text {
+        Some(text) => whole::process_whole(writer, table, staging_key, data, text, watermark, last),
+        None => process_lines(writer, table, staging_key, data, watermark, last),
+    }
 }
 
 /// Reads one staged batch line by line into the part writer, rolling parts as they fill.
-fn process_batch(
+pub(super) fn process_lines(
     mut writer: PartWriter,
     table: &str,
     staging_key: &str,
@@ -275,13 +314,36 @@ impl Claimed<'_> {
         let limits = self.deps.limits;
         let table_text = self.table.to_string();
 
-        // Downloads run ahead of the CPU work, two batches at most.
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<(BatchItem, Result<Option<Bytes>, StoreError>)>(1);
+        // Downloads run ahead of the CPU work: up to DOWNLOADS_AHEAD at once, handed over in
+        // order, each gunzipped (when it can be read whole) before it is handed over: at most
+        // three batches' text are held, the one being read, the one handed over and the one
+        // being gunzipped.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Download>(1);
         let store = self.deps.store.clone();
         let downloader = tokio::spawn(async move {
-            for batch in todo {
-                let got = retry("get staging object", || store.get(&batch.key)).await;
+            use futures::StreamExt;
+            let mut gets = futures::stream::iter(todo)
+                .map(|batch| {
+                    let store = store.clone();
+                    async move {
+                        let got = retry("get staging object", || store.get(&batch.key)).await;
+                        (batch, got)
+                    }
+                })
+                .buffered(DOWNLOADS_AHEAD);
+            while let Some((batch, got)) = gets.next().await {
+                let got = match got {
+                    Ok(Some(data)) => {
+                        let bytes = data.clone();
+                        // Should the task fail, the batch is read line by line instead.
+                        let staged = tokio::task::spawn_blocking(move || Staged::new(bytes))
+                            .await
+                            .unwrap_or(Staged { data, text: None });
+                        Ok(Some(staged))
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
                 let failed = got.is_err();
                 if tx.send((batch, got)).await.is_err() || failed {
                     break;
@@ -322,7 +384,7 @@ impl Claimed<'_> {
 
     pub(super) async fn write_parts_from(
         &mut self,
-        rx: &mut tokio::sync::mpsc::Receiver<(BatchItem, Result<Option<Bytes>, StoreError>)>,
+        rx: &mut tokio::sync::mpsc::Receiver<Download>,
         watermark: Option<Position>,
         limits: Limits,
         table_text: &str,
@@ -371,7 +433,7 @@ impl Claimed<'_> {
                 let key = batch.key.clone();
                 let table = table_text.to_owned();
                 let task = tokio::task::spawn_blocking(move || {
-                    process_batch(w, &table, &key, &data, watermark, last).map(|work| (work, data))
+                    process_batch(w, &table, &key, &data, watermark, last).map(|work| (work, data.data))
                 });
                 let output = std::mem::take(&mut pending_output);
                 let this: &Claimed<'_> = self;

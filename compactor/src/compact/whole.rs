@@ -1,0 +1,626 @@
+//! A staged batch read whole: gunzipped into memory, its lines parsed in chunks on several
+//! threads, the chunks appended to the part in their order.
+//!
+//! The result is the one reading the batch line by line gives (`process_batch` in parts.rs):
+//! the same changes in the same order, the same duplicates skipped, the same dead letters with
+//! the same line numbers. Only where a part rolls can differ: the part-size check runs before
+//! each chunk (about [`CHUNK_BYTES`] of staged text) instead of before each line.
+//!
+//! When every line of the batch goes into one part as it was staged, the JSONL file gets the
+//! staged gzip member itself instead of compressing the lines again.
+//!
+//! A batch larger than [`WHOLE_MAX_BYTES`] once gunzipped, or one that does not gunzip, is left
+//! to the line-by-line reading (which also finds where an unreadable object breaks off).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+
+use cdc_contract::Position;
+
+use super::parts::BatchWork;
+use crate::dead_letter::DeadLetter;
+use crate::envelope::Envelope;
+use crate::parquet_schema::PartSchema;
+use crate::part::{PartError, PartWriter, RowBuilders};
+
+/// A staged batch larger than this once gunzipped is read line by line.
+pub(super) const WHOLE_MAX_BYTES: usize = 64 << 20;
+/// Staged text per chunk (a chunk ends at the first line end after this).
+pub(super) const CHUNK_BYTES: usize = 1 << 20;
+/// Parsing threads at most.
+const MAX_THREADS: usize = 4;
+/// Parsed chunks each thread may hold ahead of the one being appended.
+const AHEAD: usize = 2;
+
+/// `data` gunzipped, when it is gzip, gunzips without error and is at most `limit` bytes.
+pub(super) fn gunzip_whole(data: &[u8], limit: usize) -> Option<Vec<u8>> {
+    if !data.starts_with(&[0x1f, 0x8b]) {
+        return None;
+    }
+    let mut text = Vec::with_capacity((data.len() * 6).min(limit + 1));
+    let mut reader = flate2::read::MultiGzDecoder::new(data).take(limit as u64 + 1);
+    match reader.read_to_end(&mut text) {
+        Ok(n) if n <= limit => Some(text),
+        _ => None,
+    }
+}
+
+/// The chunks of `text`: about `size` bytes each, ending after a line end (or at the end).
+fn chunks(text: &[u8], size: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(text.len() / size + 1);
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + size).min(text.len());
+        if end < text.len() {
+            end = memchr::memchr(b'\n', &text[end..]).map_or(text.len(), |i| end + i + 1);
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// A line that could not be read, by its number within its chunk (1-based).
+struct BadLine {
+    line: u64,
+    reason: String,
+    raw: Vec<u8>,
+}
+
+/// One chunk, parsed.
+struct Parsed {
+    /// Typed rows, when the part wants them.
+    batch: Option<RecordBatch>,
+    /// The accepted lines, as ranges of the batch's text (without the line end).
+    lines: Vec<Range<usize>>,
+    /// Position and commit time (ms) of the first and last accepted change.
+    first: Option<(Position, i64)>,
+    last: Option<(Position, i64)>,
+    bad: Vec<BadLine>,
+    duplicates: u64,
+    /// Lines in the chunk, blank ones included.
+    line_count: u64,
+    /// Every line was accepted as staged (none skipped, none blank, no `\r` removed).
+    whole: bool,
+    /// The earliest position above the watermark and the floor, of any line.
+    min_above_floor: Option<Position>,
+}
+
+/// What a chunk is parsed against.
+struct Context<'a> {
+    schema: &'a Arc<PartSchema>,
+    lookup: &'a HashMap<String, usize>,
+    wants_rows: bool,
+    watermark: Option<Position>,
+}
+
+/// Parses the lines of `text[range]`: changes at or below the watermark are skipped, and
+/// changes at or below `floor` (the last change before the chunk) counted as duplicates.
+fn parse_chunk(
+    cx: &Context<'_>,
+    text: &[u8],
+    range: Range<usize>,
+    floor: Option<Position>,
+) -> Result<Parsed, PartError> {
+    let mut builders = if cx.wants_rows {
+        Some(RowBuilders::new(cx.schema)?)
+    } else {
+        None
+    };
+    let mut out = Parsed {
+        batch: None,
+        lines: Vec::with_capacity(range.len() / 256 + 1),
+        first: None,
+        last: None,
+        bad: Vec::new(),
+        duplicates: 0,
+        line_count: 0,
+        whole: true,
+        min_above_floor: None,
+    };
+    let mut last = floor;
+    let mut start = range.start;
+    while start < range.end {
+        let end = memchr::memchr(b'\n', &text[start..range.end]).map_or(range.end, |i| start + i);
+        let this = start..end;
+        start = end + 1;
+        out.line_count += 1;
+        let mut stop = this.end;
+        while stop > this.start && text[stop - 1] == b'\r' {
+            stop -= 1;
+            out.whole = false;
+        }
+        let this = this.start..stop;
+        let bytes = &text[this.clone()];
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            out.whole = false;
+            continue;
+        }
+        let number = out.line_count;
+        let line = match std::str::from_utf8(bytes) {
+            Ok(l) => l,
+            Err(e) => {
+                out.whole = false;
+                out.bad.push(BadLine {
+                    line: number,
+                    reason: format!("not UTF-8: {e}"),
+                    raw: bytes.to_vec(),
+                });
+                continue;
+            }
+        };
+        let env: Envelope<'_> = match serde_json::from_str(line) {
+            Ok(env) => env,
+            Err(e) => {
+                out.whole = false;
+                out.bad.push(BadLine {
+                    line: number,
+                    reason: format!("not a change event: {e}"),
+                    raw: bytes.to_vec(),
+                });
+                continue;
+            }
+        };
+        let pos = env.position();
+        if cx.watermark.is_some_and(|w| pos <= w) {
+            out.whole = false;
+            continue;
+        }
+        if floor.is_none_or(|f| pos > f) {
+            out.min_above_floor = Some(out.min_above_floor.map_or(pos, |m| m.min(pos)));
+        }
+        if last.is_some_and(|l| pos <= l) {
+            out.whole = false;
+            out.duplicates += 1;
+            continue;
+        }
+        let commit_us = env.commit_us();
+        if let Some(b) = builders.as_mut() {
+            if let Err(e) = b.push(cx.lookup, &env, (pos, commit_us)) {
+                out.whole = false;
+                out.bad.push(BadLine {
+                    line: number,
+                    reason: e.to_string(),
+                    raw: bytes.to_vec(),
+                });
+                continue;
+            }
+        }
+        let at = (pos, commit_us.div_euclid(1000));
+        out.first.get_or_insert(at);
+        out.last = Some(at);
+        out.lines.push(this);
+        last = Some(pos);
+    }
+    if let Some(b) = builders.as_mut() {
+        out.batch = b.finish()?;
+    }
+    Ok(out)
+}
+
+/// Writes the JSONL of `lines` (ranges of `text`) to the part.
+fn write_lines(
+    writer: &mut PartWriter,
+    text: &[u8],
+    lines: &[Range<usize>],
+) -> Result<(), PartError> {
+    for l in lines {
+        writer.write_jsonl(&text[l.clone()])?;
+        writer.write_jsonl(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Reads a whole batch: `data` as staged (gzip), `text` gunzipped. `last` is the last change
+/// written before it.
+pub(super) fn process_whole(
+    writer: PartWriter,
+    table: &str,
+    staging_key: &str,
+    data: &[u8],
+    text: &[u8],
+    watermark: Option<Position>,
+    last: Option<Position>,
+) -> Result<BatchWork, PartError> {
+    let batch = Batch {
+        table,
+        staging_key,
+        data,
+        text,
+    };
+    process_chunks(writer, &batch, watermark, last, CHUNK_BYTES)
+}
+
+/// A staged batch: the table's name, its staging key, the object as staged and gunzipped.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    table: &'a str,
+    staging_key: &'a str,
+    data: &'a [u8],
+    text: &'a [u8],
+}
+
+/// [`process_whole`] with chunks of about `chunk_bytes`.
+fn process_chunks(
+    mut writer: PartWriter,
+    batch: &Batch<'_>,
+    watermark: Option<Position>,
+    mut last: Option<Position>,
+    chunk_bytes: usize,
+) -> Result<BatchWork, PartError> {
+    let Batch {
+        table,
+        staging_key,
+        data,
+        text,
+    } = *batch;
+    let ranges = chunks(text, chunk_bytes);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, MAX_THREADS)
+        .min(ranges.len().max(1));
+    let schema = writer.schema().clone();
+    let lookup = writer.lookup().clone();
+    let cx = Context {
+        schema: &schema,
+        lookup: &lookup,
+        wants_rows: writer.wants_rows(),
+        watermark,
+    };
+    let floor = last;
+
+    let mut finished = Vec::new();
+    let mut dead = Vec::new();
+    let mut duplicates = 0;
+    let mut line_base = 0u64;
+    // The staged member goes into the JSONL file as it is while every line so far is accepted
+    // as staged into this part; until then its lines wait here.
+    let mut copy = writer.jsonl_takes_gzip_members() && text.ends_with(b"\n");
+    let mut waiting: Vec<Range<usize>> = Vec::new();
+    let mut waiting_bytes = 0u64;
+    let ratio = data.len() as f64 / text.len().max(1) as f64;
+
+    std::thread::scope(|scope| -> Result<(), PartError> {
+        let mut results = Vec::with_capacity(threads);
+        for k in 0..threads {
+            let (tx, rx) = mpsc::sync_channel::<Result<Parsed, PartError>>(AHEAD);
+            results.push(rx);
+            let (cx, ranges) = (&cx, &ranges);
+            scope.spawn(move || {
+                for range in ranges.iter().skip(k).step_by(threads) {
+                    let parsed = parse_chunk(cx, text, range.clone(), floor);
+                    let failed = parsed.is_err();
+                    if tx.send(parsed).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+        for (i, range) in ranges.iter().enumerate() {
+            let mut parsed = results[i % threads]
+                .recv()
+                .map_err(|_| std::io::Error::other("a parsing thread stopped"))??;
+            // Parsed against the last change before the batch. A line of this chunk above
+            // that but not after the chunks before it is a duplicate the chunk could not see:
+            // read the chunk again against the real last change (what reading line by line
+            // does).
+            if let (Some(l), Some(m)) = (last, parsed.min_above_floor) {
+                if m <= l {
+                    parsed = parse_chunk(&cx, text, range.clone(), last)?;
+                }
+            }
+            copy &= parsed.whole;
+            for b in parsed.bad.drain(..) {
+                dead.push(DeadLetter {
+                    reason: b.reason,
+                    staging_key: staging_key.to_owned(),
+                    line: line_base + b.line,
+                    raw: Some(String::from_utf8_lossy(&b.raw).into_owned()),
+                });
+            }
+            line_base += parsed.line_count;
+            duplicates += parsed.duplicates;
+            let (Some(first), Some(end)) = (parsed.first, parsed.last) else {
+                continue;
+            };
+            let waiting_estimate = (waiting_bytes as f64 * ratio) as u64;
+            if writer.is_full_with(waiting_estimate) {
+                write_lines(&mut writer, text, &waiting)?;
+                waiting.clear();
+                waiting_bytes = 0;
+                copy = false;
+                let next = writer.next(table)?;
+                finished.push(std::mem::replace(&mut writer, next).finish()?);
+            }
+            writer.append_rows(parsed.batch.as_ref(), parsed.lines.len() as u64, first, end)?;
+            if copy {
+                waiting_bytes += parsed.lines.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
+                waiting.extend(parsed.lines);
+            } else {
+                write_lines(&mut writer, text, &waiting)?;
+                waiting.clear();
+                waiting_bytes = 0;
+                write_lines(&mut writer, text, &parsed.lines)?;
+            }
+            last = Some(end.0);
+        }
+        Ok(())
+    })?;
+    if copy && !waiting.is_empty() {
+        writer.write_jsonl_member(data)?;
+    } else {
+        write_lines(&mut writer, text, &waiting)?;
+    }
+    Ok(BatchWork {
+        writer,
+        finished,
+        dead,
+        copy_object: false,
+        last,
+        duplicates,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    use arrow::compute::concat_batches;
+    use bytes::Bytes;
+    use cdc_contract::layout::Format;
+    use cdc_contract::schema::{ColumnSchema, TableSchema};
+    use cdc_contract::{Lsn, TableName};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use proptest::prelude::*;
+
+    use crate::compact::parts::process_lines;
+    use crate::config::Compression;
+    use crate::part::{FinishedPart, Limits};
+
+    fn schema() -> Arc<PartSchema> {
+        let col = |name: &str, oid: u32, typmod: i32| ColumnSchema {
+            name: name.into(),
+            type_name: String::new(),
+            type_oid: oid,
+            typmod,
+            key: name == "id",
+            base_oid: oid,
+            element_oid: None,
+        };
+        Arc::new(PartSchema::new(&TableSchema {
+            table: TableName::new("public", "t"),
+            columns: vec![
+                col("id", 23, -1),
+                col("price", 1700, ((10 << 16) | 2) + 4),
+                col("note", 25, -1),
+            ],
+        }))
+    }
+
+    /// What a staged line is, in a generated batch.
+    #[derive(Debug, Clone)]
+    enum Kind {
+        /// A change `step` positions after the previous one (0: the same position again,
+        /// negative: an earlier one).
+        Change {
+            step: i8,
+            note_len: u8,
+            crlf: bool,
+        },
+        Blank,
+        NotJson,
+        /// A change whose row image is not an object.
+        NotAnObject,
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            20 => (-2i8..4, 0u8..200, proptest::bool::weighted(0.05))
+                .prop_map(|(step, note_len, crlf)| Kind::Change { step, note_len, crlf }),
+            1 => Just(Kind::Blank),
+            1 => Just(Kind::NotJson),
+            1 => Just(Kind::NotAnObject),
+        ]
+    }
+
+    fn change(lsn: u64, ord: u32, after: &str) -> String {
+        format!(
+            r#"{{"before":null,"after":{after},"source":{{"version":"x","connector":"postgresql","name":"s","ts_ms":1000,"ts_us":1000123,"snapshot":"false","db":"d","sequence":"[]","schema":"public","table":"t","txId":5,"lsn":{lsn},"commit_lsn":{lsn}}},"op":"c","ts_ms":1,"transaction":{{"id":"5:{lsn}","total_order":{ord},"data_collection_order":{ord}}}}}"#
+        )
+    }
+
+    /// The staged text of `kinds`, positions starting after (100, 0).
+    fn staged(kinds: &[Kind]) -> Vec<u8> {
+        let mut text = String::new();
+        let mut at: i64 = 200;
+        for (i, k) in kinds.iter().enumerate() {
+            match k {
+                Kind::Change {
+                    step,
+                    note_len,
+                    crlf,
+                } => {
+                    at = (at + i64::from(*step)).max(1);
+                    let (lsn, ord) = (at as u64 / 4 * 100, (at % 4) as u32);
+                    let after = format!(
+                        r#"{{"id":{i},"price":"{i}.25","note":"{}"}}"#,
+                        "n".repeat(usize::from(*note_len))
+                    );
+                    text += &change(lsn, ord, &after);
+                    text += if *crlf { "\r\n" } else { "\n" };
+                }
+                Kind::Blank => text += "  \n",
+                Kind::NotJson => text += "{\"before\":\n",
+                Kind::NotAnObject => {
+                    text += &change(at as u64 / 4 * 100, (at % 4) as u32, "[1]");
+                    text += "\n";
+                }
+            }
+        }
+        text.into_bytes()
+    }
+
+    fn gzip(text: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(text).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn writer(formats: &[Format], part_max_bytes: u64) -> PartWriter {
+        let limits = Limits {
+            part_max_bytes,
+            row_group_bytes: 1 << 20,
+            compression: Compression::Snappy,
+            gzip_level: 1,
+        };
+        PartWriter::new(0, "sid".into(), schema(), formats, limits, "public.t").unwrap()
+    }
+
+    /// All the parts' JSONL text, rows, and the part count.
+    fn contents(work: BatchWork) -> (Vec<u8>, Option<RecordBatch>, usize, Vec<Vec<u8>>) {
+        let mut parts: Vec<FinishedPart> = work.finished;
+        if work.writer.rows() > 0 {
+            parts.push(work.writer.finish().unwrap());
+        }
+        let mut jsonl = Vec::new();
+        let mut files = Vec::new();
+        let mut batches = Vec::new();
+        for p in &parts {
+            for (format, bytes, total) in &p.tails {
+                assert_eq!(*total as usize, bytes.len());
+                match format {
+                    Format::Jsonl => {
+                        files.push(bytes.clone());
+                        flate2::read::MultiGzDecoder::new(&bytes[..])
+                            .read_to_end(&mut jsonl)
+                            .unwrap();
+                    }
+                    _ => {
+                        let reader =
+                            ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes.clone()))
+                                .unwrap()
+                                .build()
+                                .unwrap();
+                        batches.extend(reader.map(|b| b.unwrap()));
+                    }
+                }
+            }
+        }
+        let rows = batches
+            .first()
+            .map(|b| concat_batches(&b.schema(), &batches).unwrap());
+        (jsonl, rows, parts.len(), files)
+    }
+
+    fn position(at: i64) -> Position {
+        Position::new(Lsn(at as u64 / 4 * 100), (at % 4) as u32)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// Reading a batch whole, in chunks on several threads, gives what reading it line by
+        /// line gives: the same JSONL, rows, dead letters, duplicates and last position; the
+        /// same parts when no part fills up.
+        #[test]
+        fn chunks_read_like_lines(
+            kinds in proptest::collection::vec(kind(), 1..400),
+            chunk_bytes in 1usize..20_000,
+            watermark in proptest::option::of(150i64..260),
+            floor in proptest::option::of(150i64..260),
+            small_parts in proptest::bool::weighted(0.3),
+            parquet in proptest::bool::weighted(0.8),
+        ) {
+            let text = staged(&kinds);
+            let data = gzip(&text);
+            let formats: &[Format] = if parquet { &[Format::Jsonl, Format::Parquet] } else { &[Format::Jsonl] };
+            let part_max = if small_parts { 8_000 } else { 1 << 30 };
+            let watermark = watermark.map(position);
+            let last = floor.map(position).max(watermark);
+            let lines = process_lines(writer(formats, part_max), "public.t", "k", &data, watermark, last).unwrap();
+            let batch = Batch { table: "public.t", staging_key: "k", data: &data, text: &text };
+            let chunked = process_chunks(writer(formats, part_max), &batch, watermark, last, chunk_bytes).unwrap();
+            prop_assert_eq!(&chunked.dead, &lines.dead);
+            prop_assert_eq!(chunked.duplicates, lines.duplicates);
+            prop_assert_eq!(chunked.last, lines.last);
+            prop_assert!(!chunked.copy_object);
+            let (a_text, a_rows, a_parts, _) = contents(chunked);
+            let (b_text, b_rows, b_parts, _) = contents(lines);
+            prop_assert_eq!(String::from_utf8_lossy(&a_text), String::from_utf8_lossy(&b_text));
+            prop_assert_eq!(a_rows, b_rows);
+            if !small_parts {
+                prop_assert_eq!(a_parts, b_parts);
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_going_whole_into_a_part_keeps_its_gzip_member() {
+        let kinds: Vec<Kind> = (0..500)
+            .map(|i| Kind::Change {
+                step: 1,
+                note_len: (i % 50) as u8,
+                crlf: false,
+            })
+            .collect();
+        let text = staged(&kinds);
+        let data = gzip(&text);
+        let batch = Batch {
+            table: "public.t",
+            staging_key: "k",
+            data: &data,
+            text: &text,
+        };
+        // Twice: the second batch's member follows the first one's.
+        let first = process_chunks(
+            writer(&[Format::Jsonl, Format::Parquet], 1 << 30),
+            &batch,
+            None,
+            None,
+            3_000,
+        )
+        .unwrap();
+        let again = process_chunks(first.writer, &batch, None, first.last, 3_000);
+        // Every change of the second reading is a duplicate of the first's.
+        let again = again.unwrap();
+        assert_eq!(again.duplicates, 500);
+        let (jsonl, rows, parts, files) = contents(again);
+        assert_eq!(parts, 1);
+        assert_eq!(files, vec![data.clone()], "the staged member, as it is");
+        assert_eq!(jsonl, text);
+        assert_eq!(rows.unwrap().num_rows(), 500);
+    }
+
+    #[test]
+    fn chunks_end_at_line_ends_and_cover_the_text() {
+        let text = b"aaaa\nbb\ncccccc\nd\n\neeee";
+        for size in 1..text.len() + 2 {
+            let c = chunks(text, size);
+            assert_eq!(c.first().map(|r| r.start), Some(0));
+            assert_eq!(c.last().map(|r| r.end), Some(text.len()));
+            for pair in c.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+                assert_eq!(text[pair[0].end - 1], b'\n');
+            }
+        }
+        assert!(chunks(b"", 4).is_empty());
+    }
+
+    #[test]
+    fn only_small_readable_gzip_is_gunzipped_whole() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&[b'x'; 1000]).unwrap();
+        let data = gz.finish().unwrap();
+        assert_eq!(gunzip_whole(&data, 1000).map(|t| t.len()), Some(1000));
+        assert!(gunzip_whole(&data, 999).is_none());
+        assert!(gunzip_whole(b"plain text\n", 1000).is_none());
+        assert!(gunzip_whole(&data[..data.len() - 9], 1000).is_none());
+    }
+}
