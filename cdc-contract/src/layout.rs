@@ -2,13 +2,53 @@
 
 use crate::{Hour, Position, TableName};
 
-/// The two final formats, each with its own table location.
+/// The final formats, each with its own table location.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Format {
-    /// Gzipped JSON lines of change events.
+    /// Compressed JSON lines of change events (gzip or zstd: [`JsonlCompression`]).
     Jsonl,
     /// Flat, typed Parquet.
     Parquet,
+    /// Flat, typed Avro object container files (the Parquet rows' columns).
+    Avro,
+}
+
+/// Every final format.
+pub const FORMATS: [Format; 3] = [Format::Jsonl, Format::Parquet, Format::Avro];
+
+/// Compression of final JSONL parts (`JSONL_COMPRESSION`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum JsonlCompression {
+    /// gzip, `.jsonl.gz` (the default).
+    #[default]
+    Gzip,
+    /// Zstandard, `.jsonl.zst`.
+    Zstd,
+}
+
+impl JsonlCompression {
+    /// The file extension of JSONL parts so compressed, without the leading dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            JsonlCompression::Gzip => "jsonl.gz",
+            JsonlCompression::Zstd => "jsonl.zst",
+        }
+    }
+}
+
+impl std::str::FromStr for JsonlCompression {
+    type Err = crate::ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "gzip" => Ok(JsonlCompression::Gzip),
+            "zstd" => Ok(JsonlCompression::Zstd),
+            other => Err(crate::ParseError::new(
+                "JSONL compression (gzip or zstd)",
+                other,
+            )),
+        }
+    }
 }
 
 impl Format {
@@ -17,14 +57,26 @@ impl Format {
         match self {
             Format::Jsonl => "jsonl",
             Format::Parquet => "parquet",
+            Format::Avro => "avro",
         }
     }
 
-    /// The file extension, without the leading dot.
+    /// The file extension, without the leading dot (JSONL: gzipped, the default; a layout
+    /// knows the configured one, [`Layout::extension`]).
     pub fn extension(self) -> &'static str {
         match self {
-            Format::Jsonl => "jsonl.gz",
+            Format::Jsonl => JsonlCompression::Gzip.extension(),
             Format::Parquet => "parquet",
+            Format::Avro => "avro",
+        }
+    }
+
+    /// Every extension files of this format may have (JSONL: each compression).
+    pub fn extensions(self) -> &'static [&'static str] {
+        match self {
+            Format::Jsonl => &["jsonl.gz", "jsonl.zst"],
+            Format::Parquet => &["parquet"],
+            Format::Avro => &["avro"],
         }
     }
 }
@@ -36,8 +88,9 @@ impl std::str::FromStr for Format {
         match s.trim() {
             "jsonl" => Ok(Format::Jsonl),
             "parquet" => Ok(Format::Parquet),
+            "avro" => Ok(Format::Avro),
             other => Err(crate::ParseError::new(
-                "output format (jsonl or parquet)",
+                "output format (jsonl, parquet or avro)",
                 other,
             )),
         }
@@ -48,6 +101,7 @@ impl std::str::FromStr for Format {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     base: String,
+    jsonl: JsonlCompression,
 }
 
 impl Layout {
@@ -55,6 +109,21 @@ impl Layout {
     pub fn new(base: &str) -> Self {
         Self {
             base: base.trim_matches('/').to_owned(),
+            jsonl: JsonlCompression::Gzip,
+        }
+    }
+
+    /// The same layout, naming JSONL parts for `compression` (default gzip).
+    pub fn with_jsonl_compression(mut self, compression: JsonlCompression) -> Self {
+        self.jsonl = compression;
+        self
+    }
+
+    /// The extension of this layout's final files of `format`, without the leading dot.
+    pub fn extension(&self, format: Format) -> &'static str {
+        match format {
+            Format::Jsonl => self.jsonl.extension(),
+            other => other.extension(),
         }
     }
 
@@ -112,7 +181,7 @@ impl Layout {
             hour.file_stem(),
             part,
             attempt,
-            format.extension()
+            self.extension(format)
         )
     }
 
@@ -154,6 +223,20 @@ mod tests {
         assert_eq!(
             l.part_key(&t, Format::Parquet, h, 7, "a1b2c3"),
             "cdc/prod/public.users/parquet/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-007-a1b2c3.parquet"
+        );
+        assert_eq!(
+            l.part_key(&t, Format::Jsonl, h, 7, "a1b2c3"),
+            "cdc/prod/public.users/jsonl/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-007-a1b2c3.jsonl.gz"
+        );
+        assert_eq!(
+            l.clone()
+                .with_jsonl_compression(JsonlCompression::Zstd)
+                .part_key(&t, Format::Jsonl, h, 7, "a1b2c3"),
+            "cdc/prod/public.users/jsonl/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-007-a1b2c3.jsonl.zst"
+        );
+        assert_eq!(
+            l.part_key(&t, Format::Avro, h, 0, "a1b2c3"),
+            "cdc/prod/public.users/avro/year=2025/month=01/day=08/hour=10/users-2025-01-08-10-000-a1b2c3.avro"
         );
         assert_eq!(
             Layout::new("").manifest_key(&t, Format::Jsonl, h),

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use cdc_contract::layout::Format;
+use cdc_contract::layout::{Format, JsonlCompression};
+
+pub use crate::avro::AvroCodec;
 
 /// Parquet compression codecs offered by `PARQUET_COMPRESSION`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +64,7 @@ pub struct Flags {
     /// What the capture shares.
     #[command(flatten)]
     pub shared: SharedFlags,
-    /// Final formats, comma-separated: jsonl, parquet.
+    /// Final formats, comma-separated: jsonl, parquet, avro.
     #[arg(
         long = "output-formats",
         env = "OUTPUT_FORMATS",
@@ -100,6 +102,16 @@ pub struct Flags {
         default_value = "3"
     )]
     pub jsonl_gzip_level: String,
+    /// Compression of final JSONL parts: gzip (`.jsonl.gz`) or zstd (`.jsonl.zst`, level 3).
+    #[arg(
+        long = "jsonl-compression",
+        env = "JSONL_COMPRESSION",
+        default_value = "gzip"
+    )]
+    pub jsonl_compression: String,
+    /// Block compression of Avro parts: deflate, snappy or zstd.
+    #[arg(long = "avro-codec", env = "AVRO_CODEC", default_value = "deflate")]
+    pub avro_codec: String,
     /// SQS queue told about each dead-lettered staging batch (optional).
     #[arg(long = "dead-letter-queue-url", env = "DEAD_LETTER_QUEUE_URL")]
     pub dead_letter_queue_url: Option<String>,
@@ -189,6 +201,10 @@ pub struct Settings {
     pub compression: Compression,
     /// gzip level of JSONL parts.
     pub jsonl_gzip_level: u32,
+    /// Compression of JSONL parts.
+    pub jsonl_compression: JsonlCompression,
+    /// Block compression of Avro parts.
+    pub avro_codec: AvroCodec,
     /// Dead-letter notices.
     pub dead_letter_queue_url: Option<String>,
     /// Time limit of one AWS request attempt.
@@ -223,6 +239,8 @@ impl Settings {
             row_group_bytes: 32 * 1024 * 1024,
             compression: Compression::Snappy,
             jsonl_gzip_level: 3,
+            jsonl_compression: JsonlCompression::Gzip,
+            avro_codec: AvroCodec::Deflate,
             dead_letter_queue_url: None,
             aws_attempt_timeout: Duration::from_secs(30),
             hour_claim: Duration::from_secs(120),
@@ -242,14 +260,14 @@ fn number<T: std::str::FromStr>(setting: &'static str, text: &str) -> Result<T, 
         .map_err(|_| bad(setting, format!("{text:?} is not a whole number")))
 }
 
-/// Parses `jsonl,parquet` into formats in a fixed order.
+/// Parses `jsonl,parquet,avro` into formats in a fixed order.
 pub fn parse_formats(text: &str) -> Result<Vec<Format>, ConfigError> {
     let mut formats = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let f: Format = part.parse().map_err(|e: cdc_contract::ParseError| {
             bad(
                 "OUTPUT_FORMATS",
-                format!("{:?} is not jsonl or parquet", e.input),
+                format!("{:?} is not jsonl, parquet or avro", e.input),
             )
         })?;
         if !formats.contains(&f) {
@@ -257,7 +275,10 @@ pub fn parse_formats(text: &str) -> Result<Vec<Format>, ConfigError> {
         }
     }
     if formats.is_empty() {
-        return Err(bad("OUTPUT_FORMATS", "names no format (jsonl, parquet)"));
+        return Err(bad(
+            "OUTPUT_FORMATS",
+            "names no format (jsonl, parquet, avro)",
+        ));
     }
     formats.sort();
     Ok(formats)
@@ -313,6 +334,16 @@ impl Flags {
         if !(1..=9).contains(&jsonl_gzip_level) {
             return Err(bad("JSONL_GZIP_LEVEL", "must be between 1 and 9"));
         }
+        let jsonl_compression =
+            self.jsonl_compression
+                .parse()
+                .map_err(|e: cdc_contract::ParseError| {
+                    bad(
+                        "JSONL_COMPRESSION",
+                        format!("{:?} is not gzip or zstd", e.input),
+                    )
+                })?;
+        let avro_codec = self.avro_codec.parse().map_err(|e| bad("AVRO_CODEC", e))?;
         let dead_letter_queue_url = self
             .dead_letter_queue_url
             .as_deref()
@@ -370,6 +401,8 @@ impl Flags {
             row_group_bytes,
             compression,
             jsonl_gzip_level,
+            jsonl_compression,
+            avro_codec,
             dead_letter_queue_url,
             aws_attempt_timeout: shared.aws_attempt_timeout,
             hour_claim: Duration::from_secs(claim),
@@ -408,6 +441,8 @@ mod tests {
         assert_eq!(c.formats, vec![Format::Jsonl, Format::Parquet]);
         assert_eq!(c.part_max_bytes, 128 * 1024 * 1024);
         assert_eq!(c.compression, Compression::Snappy);
+        assert_eq!(c.jsonl_compression, JsonlCompression::Gzip);
+        assert_eq!(c.avro_codec, AvroCodec::Deflate);
         assert_eq!(c.close_grace, Duration::from_secs(300));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.slot, None);
@@ -432,6 +467,11 @@ mod tests {
         );
         assert_eq!(with(&["--part-max-bytes", "12MB"]), "PART_MAX_BYTES");
         assert_eq!(with(&["--jsonl-gzip-level", "0"]), "JSONL_GZIP_LEVEL");
+        assert_eq!(
+            with(&["--jsonl-compression", "brotli"]),
+            "JSONL_COMPRESSION"
+        );
+        assert_eq!(with(&["--avro-codec", "bzip2"]), "AVRO_CODEC");
         assert_eq!(with(&["--glue-database", "My-DB"]), "GLUE_DATABASE");
         assert_eq!(
             with(&["--open-hour-compact-minutes", "61"]),
@@ -460,5 +500,32 @@ mod tests {
             vec![Format::Jsonl, Format::Parquet]
         );
         assert_eq!(parse_formats("parquet").unwrap(), vec![Format::Parquet]);
+        assert_eq!(
+            parse_formats("avro,jsonl,parquet").unwrap(),
+            vec![Format::Jsonl, Format::Parquet, Format::Avro]
+        );
+    }
+
+    #[test]
+    fn jsonl_compression_and_avro_codec_parse() {
+        let c = settings(&[
+            "--s3-bucket",
+            "b",
+            "--ledger-table",
+            "t",
+            "--jsonl-compression",
+            "ZSTD",
+            "--avro-codec",
+            "snappy",
+            "--output-formats",
+            "avro",
+        ])
+        .validate(false)
+        .unwrap();
+        assert_eq!(c.jsonl_compression, JsonlCompression::Zstd);
+        assert_eq!(c.avro_codec, AvroCodec::Snappy);
+        assert_eq!(c.formats, vec![Format::Avro]);
+        assert_eq!("zstd".parse::<AvroCodec>(), Ok(AvroCodec::Zstd));
+        assert_eq!("deflate".parse::<AvroCodec>(), Ok(AvroCodec::Deflate));
     }
 }

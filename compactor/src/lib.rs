@@ -7,7 +7,9 @@
 //! [`compact`]; what the compactor needs from S3 and DynamoDB are the [`store::ObjectStore`] and
 //! [`ledger::Ledger`] seams, implemented over the AWS SDK.
 
+pub mod avro;
 pub mod background_gzip;
+pub mod background_zstd;
 pub mod catalog;
 pub mod columns;
 pub mod compact;
@@ -129,7 +131,7 @@ impl Compactor {
         notifier: Option<Arc<dyn DeadLetterNotifier>>,
     ) -> Self {
         Compactor {
-            layout: Layout::new(&config.base_path),
+            layout: Layout::new(&config.base_path).with_jsonl_compression(config.jsonl_compression),
             config,
             store,
             ledger,

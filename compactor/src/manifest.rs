@@ -104,9 +104,10 @@ impl Manifest {
 /// or `None` for any other key (the manifest, foreign files).
 pub fn attempt_of(key: &str) -> Option<&str> {
     let name = key.rsplit('/').next()?;
-    let stem = [Format::Jsonl, Format::Parquet]
+    let stem = cdc_contract::layout::FORMATS
         .iter()
-        .find_map(|f| name.strip_suffix(&format!(".{}", f.extension())))?;
+        .flat_map(|f| f.extensions())
+        .find_map(|ext| name.strip_suffix(&format!(".{ext}")))?;
     let (rest, attempt) = stem.rsplit_once('-')?;
     let (_, part) = rest.rsplit_once('-')?;
     (part.len() >= 3 && part.bytes().all(|b| b.is_ascii_digit()) && !attempt.is_empty())
@@ -125,12 +126,17 @@ mod tests {
         let l = Layout::new("base");
         let t = TableName::new("public", "my-table");
         let h: Hour = "2025-01-08T10".parse().unwrap();
-        for f in [Format::Jsonl, Format::Parquet] {
-            assert_eq!(
-                attempt_of(&l.part_key(&t, f, h, 12, "ab12cd34")),
-                Some("ab12cd34")
-            );
-            assert_eq!(attempt_of(&l.manifest_key(&t, f, h)), None);
+        let zstd = l
+            .clone()
+            .with_jsonl_compression(cdc_contract::layout::JsonlCompression::Zstd);
+        for f in cdc_contract::layout::FORMATS {
+            for layout in [&l, &zstd] {
+                assert_eq!(
+                    attempt_of(&layout.part_key(&t, f, h, 12, "ab12cd34")),
+                    Some("ab12cd34")
+                );
+                assert_eq!(attempt_of(&layout.manifest_key(&t, f, h)), None);
+            }
         }
         assert_eq!(attempt_of("x/notes.txt"), None);
     }

@@ -27,6 +27,9 @@ pub const KEY_BEFORE: &str = "_key_before";
 /// The metadata columns, in order.
 pub const METADATA: [&str; 7] = [OP, LSN, SEQ, TX_ID, COMMIT_TS, RAW, KEY_BEFORE];
 
+/// PostgreSQL's uuid type.
+const UUID_OID: u32 = 2950;
+
 /// The widest decimal Decimal128 holds.
 const MAX_DECIMAL_PRECISION: u8 = 38;
 
@@ -201,6 +204,8 @@ pub struct PartColumn {
     pub ty: ColumnType,
     /// True for a key (replica identity) column.
     pub key: bool,
+    /// True for a uuid column (or array of uuid): text in Parquet, Avro's `uuid` logical type.
+    pub uuid: bool,
 }
 
 /// The layout of a part's rows for one schema version.
@@ -233,6 +238,7 @@ impl PartSchema {
                 file_name,
                 ty: ColumnType::for_column(c),
                 key: c.key,
+                uuid: c.element_oid.unwrap_or(c.base_oid) == UUID_OID,
             });
         }
         let key_columns: Vec<usize> = (0..columns.len()).filter(|&i| columns[i].key).collect();
@@ -270,6 +276,15 @@ impl PartSchema {
             key_before,
             arrow: Arc::new(Schema::new(fields)),
         }
+    }
+
+    /// File names of the uuid columns (Avro gives them the `uuid` logical type).
+    pub fn uuid_columns(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter(|c| c.uuid)
+            .map(|c| c.file_name.clone())
+            .collect()
     }
 
     /// Columns of `self` whose type `next` changes in a way readers cannot widen.

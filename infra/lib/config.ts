@@ -128,6 +128,10 @@ export interface PipelineConfig {
     closeGraceSeconds: number;
     partMaxBytes: number;
     parquetCompression: string;
+    /** AVRO_CODEC: block compression of Avro parts (deflate, snappy, zstd; default deflate). */
+    avroCodec: string;
+    /** JSONL_COMPRESSION: compression of JSONL parts (gzip: .jsonl.gz, the default; zstd: .jsonl.zst). */
+    jsonlCompression: string;
     /** CDC_SLOT_NAME for the compactor: compact only this slot (default: every slot in the ledger). */
     slotFilter?: string;
     /** OPEN_HOUR_COMPACT_MINUTES: compact hours still open every N minutes (default 15; 0: closed hours only). */
@@ -191,6 +195,8 @@ export const DEFAULTS = {
     closeGraceSeconds: 300,
     partMaxBytes: 128 * 1024 * 1024,
     parquetCompression: 'snappy',
+    avroCodec: 'deflate',
+    jsonlCompression: 'gzip',
     openHourCompactMinutes: 15,
   },
   catalog: { resultsRetentionDays: 30 },
@@ -418,17 +424,25 @@ export function parseConfig(raw: unknown): PipelineConfig {
   const cmp = obj('compactor', c.compactor);
   onlyKeys('compactor.', cmp, [
     'asset', 'memoryMiB', 'timeoutSeconds', 'reservedConcurrency', 'maxConcurrency', 'batchSize', 'maxBatchingWindowSeconds',
-    'sweepMinutes', 'outputFormats', 'closeGraceSeconds', 'partMaxBytes', 'parquetCompression', 'slotFilter',
-    'openHourCompactMinutes',
+    'sweepMinutes', 'outputFormats', 'closeGraceSeconds', 'partMaxBytes', 'parquetCompression', 'avroCodec',
+    'jsonlCompression', 'slotFilter', 'openHourCompactMinutes',
   ]);
   const outputFormats = str('compactor.outputFormats', cmp.outputFormats, DEFAULTS.compactor.outputFormats);
   const formats = outputFormats.split(',').map((f) => f.trim());
-  if (formats.length === 0 || formats.some((f) => f !== 'jsonl' && f !== 'parquet') || new Set(formats).size !== formats.length) {
-    throw new ConfigError('compactor.outputFormats', 'must be jsonl, parquet or jsonl,parquet');
+  if (formats.length === 0 || formats.some((f) => !['jsonl', 'parquet', 'avro'].includes(f)) || new Set(formats).size !== formats.length) {
+    throw new ConfigError('compactor.outputFormats', 'must be one or more of jsonl, parquet, avro, comma-separated, without repeats');
   }
   const parquetCompression = str('compactor.parquetCompression', cmp.parquetCompression, DEFAULTS.compactor.parquetCompression);
   if (!['uncompressed', 'snappy', 'gzip', 'zstd', 'lz4'].includes(parquetCompression)) {
     throw new ConfigError('compactor.parquetCompression', 'must be one of uncompressed, snappy, gzip, zstd, lz4');
+  }
+  const avroCodec = str('compactor.avroCodec', cmp.avroCodec, DEFAULTS.compactor.avroCodec);
+  if (!['deflate', 'snappy', 'zstd'].includes(avroCodec)) {
+    throw new ConfigError('compactor.avroCodec', 'must be one of deflate, snappy, zstd');
+  }
+  const jsonlCompression = str('compactor.jsonlCompression', cmp.jsonlCompression, DEFAULTS.compactor.jsonlCompression);
+  if (!['gzip', 'zstd'].includes(jsonlCompression)) {
+    throw new ConfigError('compactor.jsonlCompression', 'must be gzip or zstd');
   }
   const slotFilter = optStr('compactor.slotFilter', cmp.slotFilter);
   if (slotFilter !== undefined && !SLOT_RE.test(slotFilter)) {
@@ -452,6 +466,8 @@ export function parseConfig(raw: unknown): PipelineConfig {
     closeGraceSeconds: int('compactor.closeGraceSeconds', cmp.closeGraceSeconds, DEFAULTS.compactor.closeGraceSeconds, 0, 86400),
     partMaxBytes: int('compactor.partMaxBytes', cmp.partMaxBytes, DEFAULTS.compactor.partMaxBytes, 4096, 5 * 1024 ** 3),
     parquetCompression,
+    avroCodec,
+    jsonlCompression,
     slotFilter,
     openHourCompactMinutes: int('compactor.openHourCompactMinutes', cmp.openHourCompactMinutes, DEFAULTS.compactor.openHourCompactMinutes, 0, 60),
   };

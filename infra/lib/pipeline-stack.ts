@@ -332,6 +332,8 @@ export class PipelineStack extends Stack {
       CLOSE_GRACE_SECONDS: String(config.compactor.closeGraceSeconds),
       PART_MAX_BYTES: String(config.compactor.partMaxBytes),
       PARQUET_COMPRESSION: config.compactor.parquetCompression,
+      AVRO_CODEC: config.compactor.avroCodec,
+      JSONL_COMPRESSION: config.compactor.jsonlCompression,
       DEAD_LETTER_QUEUE_URL: this.deadLetterNotices.queueUrl,
       // An attempt that lost its claim lives at most the function's timeout: past it, no late
       // upload can land, and the hour is listed once more for strays.

@@ -97,6 +97,8 @@ locals {
       CLOSE_GRACE_SECONDS   = tostring(var.compactor.close_grace_seconds)
       PART_MAX_BYTES        = tostring(var.compactor.part_max_bytes)
       PARQUET_COMPRESSION   = var.compactor.parquet_compression
+      AVRO_CODEC            = var.compactor.avro_codec
+      JSONL_COMPRESSION     = var.compactor.jsonl_compression
       DEAD_LETTER_QUEUE_URL = aws_sqs_queue.dead_letter_notices.url
       # An attempt that lost its claim lives at most the function's timeout: past it, no late
       # upload can land, and the hour is listed once more for strays.

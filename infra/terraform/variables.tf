@@ -174,7 +174,7 @@ variable "compactor_zip" {
 }
 
 variable "compactor" {
-  description = "The compactor Lambda: memory (MiB), timeout, reserved concurrency (null: none), the SQS trigger's maximum concurrency, batch size and batching window, the sweep's period, and its OUTPUT_FORMATS, CLOSE_GRACE_SECONDS, PART_MAX_BYTES, PARQUET_COMPRESSION, CDC_SLOT_NAME (slot_filter) and OPEN_HOUR_COMPACT_MINUTES (open_hour_compact_minutes: compact hours still open every N minutes, 0 for closed hours only)."
+  description = "The compactor Lambda: memory (MiB), timeout, reserved concurrency (null: none), the SQS trigger's maximum concurrency, batch size and batching window, the sweep's period, and its OUTPUT_FORMATS, CLOSE_GRACE_SECONDS, PART_MAX_BYTES, PARQUET_COMPRESSION, AVRO_CODEC, JSONL_COMPRESSION, CDC_SLOT_NAME (slot_filter) and OPEN_HOUR_COMPACT_MINUTES (open_hour_compact_minutes: compact hours still open every N minutes, 0 for closed hours only)."
   type = object({
     memory_mib                  = optional(number, 1024)
     timeout_seconds             = optional(number, 300)
@@ -187,6 +187,8 @@ variable "compactor" {
     close_grace_seconds         = optional(number, 300)
     part_max_bytes              = optional(number, 134217728)
     parquet_compression         = optional(string, "snappy")
+    avro_codec                  = optional(string, "deflate")
+    jsonl_compression           = optional(string, "gzip")
     slot_filter                 = optional(string)
     open_hour_compact_minutes   = optional(number, 15)
   })
@@ -224,14 +226,22 @@ variable "compactor" {
   }
   validation {
     condition = (
-      alltrue([for f in split(",", var.compactor.output_formats) : contains(["jsonl", "parquet"], trimspace(f))]) &&
+      alltrue([for f in split(",", var.compactor.output_formats) : contains(["jsonl", "parquet", "avro"], trimspace(f))]) &&
       length(distinct([for f in split(",", var.compactor.output_formats) : trimspace(f)])) == length(split(",", var.compactor.output_formats))
     )
-    error_message = "compactor.output_formats must be jsonl, parquet or jsonl,parquet."
+    error_message = "compactor.output_formats must be one or more of jsonl, parquet, avro, comma-separated, without repeats."
   }
   validation {
     condition     = contains(["uncompressed", "snappy", "gzip", "zstd", "lz4"], var.compactor.parquet_compression)
     error_message = "compactor.parquet_compression must be one of uncompressed, snappy, gzip, zstd, lz4."
+  }
+  validation {
+    condition     = contains(["deflate", "snappy", "zstd"], var.compactor.avro_codec)
+    error_message = "compactor.avro_codec must be one of deflate, snappy, zstd."
+  }
+  validation {
+    condition     = contains(["gzip", "zstd"], var.compactor.jsonl_compression)
+    error_message = "compactor.jsonl_compression must be gzip or zstd."
   }
   validation {
     condition     = var.compactor.slot_filter == null || can(regex("^[a-z0-9_]{1,63}$", coalesce(var.compactor.slot_filter, "-")))

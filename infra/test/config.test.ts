@@ -121,6 +121,9 @@ describe('configuration', () => {
     fails({ compactor: { reservedConcurrency: 1 }, sources: [source] }, /compactor\.reservedConcurrency: must be at least compactor\.maxConcurrency/);
     fails({ compactor: { maxConcurrency: 1 }, sources: [source] }, /compactor\.maxConcurrency/);
     fails({ compactor: { outputFormats: 'csv' }, sources: [source] }, /compactor\.outputFormats/);
+    fails({ compactor: { outputFormats: 'avro,avro' }, sources: [source] }, /compactor\.outputFormats/);
+    fails({ compactor: { avroCodec: 'bzip2' }, sources: [source] }, /compactor\.avroCodec/);
+    fails({ compactor: { jsonlCompression: 'brotli' }, sources: [source] }, /compactor\.jsonlCompression/);
     fails({ compactor: { timeoutSeconds: 901 }, sources: [source] }, /compactor\.timeoutSeconds/);
     fails({ alarms: { email: 'nobody' }, sources: [source] }, /alarms\.email/);
     fails({ alarms: { captureDownMinutes: 7 }, sources: [source] }, /alarms\.captureDownMinutes/);

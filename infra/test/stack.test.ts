@@ -278,6 +278,8 @@ describe('config.example.json', () => {
         CLOSE_GRACE_SECONDS: '300',
         PART_MAX_BYTES: String(128 * 1024 * 1024),
         PARQUET_COMPRESSION: 'snappy',
+        AVRO_CODEC: 'deflate',
+        JSONL_COMPRESSION: 'gzip',
         DEAD_LETTER_QUEUE_URL: `<${notices}>`,
         STRAGGLER_WINDOW_SECONDS: '360',
         OPEN_HOUR_COMPACT_MINUTES: '15',
@@ -424,8 +426,10 @@ describe('configuration overrides', () => {
       batchSize: 100,
       maxBatchingWindowSeconds: 10,
       sweepMinutes: 15,
-      outputFormats: 'parquet',
+      outputFormats: 'jsonl,parquet,avro',
       parquetCompression: 'zstd',
+      avroCodec: 'snappy',
+      jsonlCompression: 'zstd',
       slotFilter: 'cdc_orders',
       openHourCompactMinutes: 0,
     };
@@ -440,8 +444,10 @@ describe('configuration overrides', () => {
       ReservedConcurrentExecutions: 4,
       Environment: {
         Variables: Match.objectLike({
-          OUTPUT_FORMATS: 'parquet',
+          OUTPUT_FORMATS: 'jsonl,parquet,avro',
           PARQUET_COMPRESSION: 'zstd',
+          AVRO_CODEC: 'snappy',
+          JSONL_COMPRESSION: 'zstd',
           CDC_SLOT_NAME: 'cdc_orders',
           OPEN_HOUR_COMPACT_MINUTES: '0',
         }),

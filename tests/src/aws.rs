@@ -208,13 +208,19 @@ impl AwsFixture {
         Ok(out.body.collect().await?.into_bytes().to_vec())
     }
 
-    /// A gzipped JSON-lines object, parsed.
+    /// A compressed JSON-lines object (gzip, or zstd for `.zst` keys), parsed.
     pub async fn read_jsonl_gz(&self, key: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         let bytes = self.get_bytes(key).await?;
         let mut text = String::new();
-        flate2::read::MultiGzDecoder::new(&bytes[..])
-            .read_to_string(&mut text)
-            .with_context(|| format!("gunzipping {key}"))?;
+        if key.ends_with(".zst") {
+            zstd::stream::read::Decoder::new(&bytes[..])
+                .and_then(|mut d| d.read_to_string(&mut text))
+                .with_context(|| format!("decompressing {key}"))?;
+        } else {
+            flate2::read::MultiGzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .with_context(|| format!("gunzipping {key}"))?;
+        }
         text.lines()
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_str(l).with_context(|| format!("parsing a line of {key}")))

@@ -50,12 +50,22 @@ pub struct Checked {
     pub complete_events: bool,
 }
 
-/// Gunzips and parses JSONL; the error names the first bad line.
-pub fn parse_jsonl_gz(bytes: &[u8]) -> Result<Vec<ChangeEvent>, String> {
+/// zstd's frame magic number, as the first bytes of a file.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Decompresses (gzip, or zstd: `JSONL_COMPRESSION`, told apart by their magic bytes) and
+/// parses JSONL; the error names the first bad line.
+pub fn parse_jsonl(bytes: &[u8]) -> Result<Vec<ChangeEvent>, String> {
     let mut text = String::new();
-    flate2::read::MultiGzDecoder::new(bytes)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("not gzipped UTF-8 text: {e}"))?;
+    if bytes.starts_with(&ZSTD_MAGIC) {
+        zstd::stream::read::Decoder::new(bytes)
+            .and_then(|mut d| d.read_to_string(&mut text))
+            .map_err(|e| format!("not zstd-compressed UTF-8 text: {e}"))?;
+    } else {
+        flate2::read::MultiGzDecoder::new(bytes)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("not gzipped UTF-8 text: {e}"))?;
+    }
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -94,6 +104,32 @@ pub fn parquet_positions(bytes: Bytes) -> Result<Vec<Position>, String> {
             .column_by_name("_seq")
             .and_then(|c| c.as_primitive_opt::<Int64Type>())
             .ok_or("_seq is not Int64")?;
+        for (l, s) in lsn.iter().zip(seq.iter()) {
+            let (Some(l), Some(s)) = (l, s) else {
+                return Err("null _lsn or _seq".into());
+            };
+            out.push(Position::new(Lsn(l as u64), s as u32));
+        }
+    }
+    Ok(out)
+}
+
+/// The (`_lsn`, `_seq`) of every row of a final Avro file.
+pub fn avro_positions(bytes: Bytes) -> Result<Vec<Position>, String> {
+    let reader = arrow_avro::reader::ReaderBuilder::new()
+        .build(std::io::Cursor::new(bytes))
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let lsn = batch
+            .column_by_name("_lsn")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .ok_or("_lsn is missing or not a long")?;
+        let seq = batch
+            .column_by_name("_seq")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .ok_or("_seq is missing or not a long")?;
         for (l, s) in lsn.iter().zip(seq.iter()) {
             let (Some(l), Some(s)) = (l, s) else {
                 return Err("null _lsn or _seq".into());
@@ -334,7 +370,7 @@ impl HourCheck<'_> {
                     );
                     continue;
                 }
-                Some(bytes) => match parse_jsonl_gz(&bytes) {
+                Some(bytes) => match parse_jsonl(&bytes) {
                     Ok(events) => events,
                     Err(reason) => {
                         report.find(FindingKind::Part, 1, format!("{}: {reason}", b.key));
@@ -391,6 +427,7 @@ impl HourCheck<'_> {
         let hour = self.hour;
         let mut jsonl: Option<Vec<Position>> = None;
         let mut parquet: Option<Vec<Position>> = None;
+        let mut avro: Option<Vec<Position>> = None;
         for file in &part.files {
             let Some(bytes) = self.get(&file.key).await? else {
                 report.find(
@@ -404,7 +441,7 @@ impl HourCheck<'_> {
                 continue;
             };
             match file.format {
-                Format::Jsonl => match parse_jsonl_gz(&bytes) {
+                Format::Jsonl => match parse_jsonl(&bytes) {
                     Ok(events) => {
                         for e in &events {
                             if Hour::from_millis(e.source.ts_ms) != hour {
@@ -432,26 +469,40 @@ impl HourCheck<'_> {
                         report.find(FindingKind::Part, 1, format!("{}: {reason}", file.key))
                     }
                 },
+                Format::Avro => match avro_positions(bytes) {
+                    Ok(p) => avro = Some(p),
+                    Err(reason) => {
+                        report.find(FindingKind::Part, 1, format!("{}: {reason}", file.key))
+                    }
+                },
             }
         }
         if jsonl.is_none() {
             checked.complete_events = false;
         }
-        if let (Some(j), Some(p)) = (&jsonl, &parquet) {
-            if j != p {
-                report.find(
-                    FindingKind::Formats,
-                    1,
-                    format!(
-                        "{hour} part {}: parquet holds {} change(s), jsonl {}, or in another order",
-                        part.part,
-                        p.len(),
-                        j.len()
-                    ),
-                );
+        // Every typed file holds the changes of the first file read, in the same order.
+        let reference = jsonl
+            .as_ref()
+            .map(|j| ("jsonl", j))
+            .or(parquet.as_ref().map(|p| ("parquet", p)));
+        if let Some((name, r)) = reference {
+            for (other, positions) in [("parquet", &parquet), ("avro", &avro)] {
+                let Some(p) = positions else { continue };
+                if other != name && p != r {
+                    report.find(
+                        FindingKind::Formats,
+                        1,
+                        format!(
+                            "{hour} part {}: {other} holds {} change(s), {name} {}, or in another order",
+                            part.part,
+                            p.len(),
+                            r.len()
+                        ),
+                    );
+                }
             }
         }
-        let positions = jsonl.or(parquet).unwrap_or_default();
+        let positions = jsonl.or(parquet).or(avro).unwrap_or_default();
         if positions.len() as u64 != part.rows {
             report.find(
                 FindingKind::Part,
@@ -496,7 +547,7 @@ impl HourCheck<'_> {
         parts: &[PartItem],
         report: &mut Report,
     ) -> Result<(), VerifyError> {
-        for format in [Format::Jsonl, Format::Parquet] {
+        for format in cdc_contract::layout::FORMATS {
             let expected: Vec<(String, u64)> = parts
                 .iter()
                 .flat_map(|p| {
@@ -554,7 +605,7 @@ impl HourCheck<'_> {
             .flat_map(|p| p.files.iter().map(|f| f.key.as_str()))
             .collect();
         let mut stray = Vec::new();
-        for format in [Format::Jsonl, Format::Parquet] {
+        for format in cdc_contract::layout::FORMATS {
             let prefix = format!(
                 "{}/",
                 self.src.layout.hour_prefix(self.table, format, self.hour)
@@ -605,10 +656,60 @@ mod tests {
             e.write_all(text.as_bytes()).unwrap();
             e.finish().unwrap()
         };
-        let events = parse_jsonl_gz(&gz(&format!("{line}\n"))).unwrap();
+        let events = parse_jsonl(&gz(&format!("{line}\n"))).unwrap();
         assert_eq!(events[0].position(), Position::new(Lsn(32), 1));
-        let err = parse_jsonl_gz(&gz(&format!("{line}\nnot json\n"))).unwrap_err();
+        let err = parse_jsonl(&gz(&format!("{line}\nnot json\n"))).unwrap_err();
         assert!(err.contains("line 2"), "{err}");
-        assert!(parse_jsonl_gz(b"plain").is_err());
+        assert!(parse_jsonl(b"plain").is_err());
+        // zstd-compressed parts (JSONL_COMPRESSION=zstd) read the same.
+        let zst = zstd::stream::encode_all(format!("{line}\n{line}\n").as_bytes(), 3).unwrap();
+        let events = parse_jsonl(&zst).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].position(), Position::new(Lsn(32), 1));
+        let err = parse_jsonl(&zst[..zst.len() - 3]).unwrap_err();
+        assert!(err.contains("zstd"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod avro_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use compactor::avro::{AvroCodec, AvroPart};
+
+    #[test]
+    fn avro_positions_are_read_in_file_order() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("_op", DataType::Utf8, false),
+            Field::new("_lsn", DataType::Int64, false),
+            Field::new("_seq", DataType::Int64, false),
+        ]));
+        let mut part =
+            AvroPart::new(schema.clone(), &[], "public.t", "s", AvroCodec::Zstd).unwrap();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["c", "u", "d"])),
+                Arc::new(Int64Array::from(vec![32, 32, 48])),
+                Arc::new(Int64Array::from(vec![1, 2, 1])),
+            ],
+        )
+        .unwrap();
+        part.write(&batch).unwrap();
+        let mut bytes = part.take();
+        bytes.extend(part.finish().unwrap().0);
+        assert_eq!(
+            avro_positions(Bytes::from(bytes.clone())).unwrap(),
+            [
+                Position::new(Lsn(32), 1),
+                Position::new(Lsn(32), 2),
+                Position::new(Lsn(48), 1)
+            ]
+        );
+        assert!(avro_positions(Bytes::from(bytes[..bytes.len() / 2].to_vec())).is_err());
+        assert!(avro_positions(Bytes::from_static(b"PAR1")).is_err());
     }
 }

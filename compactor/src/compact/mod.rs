@@ -247,6 +247,8 @@ impl Compactor {
                 row_group_bytes: config.row_group_bytes,
                 compression: config.compression,
                 gzip_level: config.jsonl_gzip_level,
+                jsonl_compression: config.jsonl_compression,
+                avro_codec: config.avro_codec,
             },
             batch_ttl_seconds: self.batch_ttl_seconds,
             stop_at: None,

@@ -183,6 +183,7 @@ fn content_type(format: Format) -> &'static str {
     match format {
         Format::Jsonl => "application/x-ndjson",
         Format::Parquet => "application/vnd.apache.parquet",
+        Format::Avro => "application/avro",
     }
 }
 

@@ -478,6 +478,8 @@ mod tests {
             row_group_bytes: 1 << 20,
             compression: Compression::Snappy,
             gzip_level: 1,
+            jsonl_compression: cdc_contract::layout::JsonlCompression::Gzip,
+            avro_codec: crate::avro::AvroCodec::Deflate,
         };
         PartWriter::new(0, "sid".into(), schema(), formats, limits, "public.t").unwrap()
     }
@@ -501,7 +503,9 @@ mod tests {
                             .read_to_end(&mut jsonl)
                             .unwrap();
                     }
-                    _ => {
+                    // Avro blocks follow the batches written; the rows are Parquet's.
+                    Format::Avro => {}
+                    Format::Parquet => {
                         let reader =
                             ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes.clone()))
                                 .unwrap()
@@ -535,11 +539,15 @@ mod tests {
             watermark in proptest::option::of(150i64..260),
             floor in proptest::option::of(150i64..260),
             small_parts in proptest::bool::weighted(0.3),
-            parquet in proptest::bool::weighted(0.8),
+            typed in 0u8..5,
         ) {
             let text = staged(&kinds);
             let data = gzip(&text);
-            let formats: &[Format] = if parquet { &[Format::Jsonl, Format::Parquet] } else { &[Format::Jsonl] };
+            let formats: &[Format] = match typed {
+                0 => &[Format::Jsonl],
+                1 => &[Format::Jsonl, Format::Parquet, Format::Avro],
+                _ => &[Format::Jsonl, Format::Parquet],
+            };
             let part_max = if small_parts { 8_000 } else { 1 << 30 };
             let watermark = watermark.map(position);
             let last = floor.map(position).max(watermark);
