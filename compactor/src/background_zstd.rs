@@ -119,13 +119,14 @@ impl BackgroundZstd {
     }
 
     /// The compressed size so far: bytes produced, plus an estimate for the input not
-    /// compressed yet (at the ratio seen so far, else 1:4).
+    /// compressed yet (at the ratio seen so far, else 1:4; zstd may hold a block's input
+    /// before it writes anything, so input with no output yet counts as not compressed).
     pub fn estimated_len(&self) -> u64 {
         let waiting = self.raw_sent - self.raw_done + self.pending.len() as u64;
-        let estimate = if self.raw_done > 0 {
+        let estimate = if self.raw_done > 0 && self.compressed_done > 0 {
             (waiting as f64 * self.compressed_done as f64 / self.raw_done as f64) as u64
         } else {
-            waiting / 4
+            (waiting + self.raw_done) / 4
         };
         self.taken + self.ready.len() as u64 + estimate
     }
