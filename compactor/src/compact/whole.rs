@@ -29,7 +29,7 @@ use crate::parquet_schema::PartSchema;
 use crate::part::{PartError, PartWriter, RowBuilders};
 
 /// A staged batch larger than this once gunzipped is read line by line.
-pub(super) const WHOLE_MAX_BYTES: usize = 64 << 20;
+pub(super) const WHOLE_MAX_BYTES: usize = 32 << 20;
 /// Staged text per chunk (a chunk ends at the first line end after this).
 pub(super) const CHUNK_BYTES: usize = 1 << 20;
 /// Parsing threads at most.
