@@ -3,7 +3,8 @@
 # one hour of the AWS emulator, compacts them with the release build, and prints rows/s, MB/s,
 # CPU time and peak RSS beside arrow's ArrowWriter (same typed rows, from memory) and DuckDB
 # (the same staged files into one Parquet file).
-#   ./scripts/bench-compactor.sh [--rows N] [--batch-rows N] [--part-max-bytes N] [--no-duckdb]
+#   ./scripts/bench-compactor.sh [--workload readme|mixed] [--store disk|emulator] [--rows N]
+#                                [--batch-rows N] [--part-max-bytes N] [--no-duckdb]
 #                                [--cpu-share F]
 # --cpu-share F runs the compaction under a CPU quota of F CPUs (a cgroup: needs root).
 #   ./scripts/bench-compactor.sh --lambda-sizes [--rows N] ...

@@ -367,7 +367,8 @@ fn duckdb_reference(dir: &Path, workload: Workload) -> anyhow::Result<f64> {
 struct DiskStore {
     s3: S3Store,
     dir: PathBuf,
-    uploads: Mutex<HashMap<String, Vec<(i32, Bytes)>>>,
+    /// Multipart uploads in progress: their parts' files, by upload id.
+    uploads: Mutex<HashMap<String, Vec<(i32, PathBuf)>>>,
 }
 
 impl DiskStore {
@@ -423,6 +424,12 @@ impl ObjectStore for DiskStore {
         n: i32,
         body: Bytes,
     ) -> Result<String, StoreError> {
+        // Parts go to disk at once, as S3 would hold them, not to this process's memory.
+        let path = self
+            .dir
+            .join(".uploads")
+            .join(format!("{:x}-{n}", fxhash(id)));
+        Self::write(&path, &[body])?;
         if let Some(parts) = self
             .uploads
             .lock()
@@ -430,7 +437,7 @@ impl ObjectStore for DiskStore {
             .as_mut()
             .and_then(|u| u.get_mut(id))
         {
-            parts.push((n, body));
+            parts.push((n, path));
         }
         Ok(format!("etag-{n}"))
     }
@@ -447,8 +454,18 @@ impl ObjectStore for DiskStore {
             .and_then(|mut u| u.remove(id))
             .unwrap_or_default();
         parts.sort_by_key(|(n, _)| *n);
-        let bodies: Vec<Bytes> = parts.into_iter().map(|(_, b)| b).collect();
-        Self::write(&self.dir.join(key), &bodies)
+        let io = |e: std::io::Error| StoreError::Definite(format!("local disk: {e}"));
+        let path = self.dir.join(key);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).map_err(io)?;
+        }
+        let mut out = std::fs::File::create(&path).map_err(io)?;
+        for (_, part) in parts {
+            let mut f = std::fs::File::open(&part).map_err(io)?;
+            std::io::copy(&mut f, &mut out).map_err(io)?;
+            std::fs::remove_file(&part).map_err(io)?;
+        }
+        Ok(())
     }
     async fn abort_multipart(&self, _key: &str, id: &str) -> Result<(), StoreError> {
         if let Ok(mut u) = self.uploads.lock() {
@@ -465,6 +482,13 @@ impl ObjectStore for DiskStore {
     async fn tag(&self, key: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
         self.s3.tag(key, tags).await
     }
+}
+
+/// A stable hash of an upload id, for its parts' file names.
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// A cgroup whose processes get `share` CPUs at most (cgroup v2 `cpu.max`, else v1's CFS
@@ -609,7 +633,14 @@ async fn main() -> anyhow::Result<()> {
     );
 
     if args.stage_only {
-        println!("BENCH_BUCKET={} BENCH_TABLE={}", aws.bucket, aws.table);
+        let dir = std::env::temp_dir().join(format!("cdc-bench-{}", aws.bucket));
+        download_staging(&aws, &dir).await?;
+        println!(
+            "BENCH_BUCKET={} BENCH_TABLE={} BENCH_DISK_DIR={}",
+            aws.bucket,
+            aws.table,
+            dir.display()
+        );
         return Ok(());
     }
 
