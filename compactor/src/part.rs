@@ -155,16 +155,6 @@ impl RowBuilders {
         })
     }
 
-    /// Rows gathered and not finished yet.
-    pub fn len(&self) -> usize {
-        self.rows
-    }
-
-    /// True when no row is gathered.
-    pub fn is_empty(&self) -> bool {
-        self.rows == 0
-    }
-
     /// Appends one change's row. Fails (appending nothing) when a row image is not an object.
     pub fn push(
         &mut self,
@@ -176,8 +166,7 @@ impl RowBuilders {
             values: Vec::with_capacity(self.schema.columns.len()),
             unknown: Vec::new(),
         };
-        let schema = self.schema.clone();
-        push_row(self, &schema, lookup, &mut row, env, at)?;
+        push_row(self, lookup, &mut row, env, at)?;
         self.rows += 1;
         Ok(())
     }
@@ -699,12 +688,13 @@ fn moved_key<'a>(
 
 fn push_row<'a>(
     p: &mut RowBuilders,
-    schema: &PartSchema,
     lookup: &HashMap<String, usize>,
     row: &mut RowValues<'a>,
     env: &Envelope<'a>,
     (pos, commit_us): (Position, i64),
 ) -> Result<(), BadRow> {
+    // A borrow of the schema field alone, beside the builders it fills (no Arc clone per row).
+    let schema: &PartSchema = &p.schema;
     row.values.clear();
     row.values.resize(schema.columns.len(), None);
     row.unknown.clear();
