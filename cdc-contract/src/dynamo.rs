@@ -9,7 +9,8 @@ use std::time::Duration;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, ConditionCheck, Put, PutRequest, ReturnValue, TransactWriteItem, WriteRequest,
+    AttributeValue, ConditionCheck, KeysAndAttributes, Put, PutRequest, ReturnValue,
+    TransactWriteItem, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 
@@ -18,6 +19,9 @@ use crate::ledger::{key, s, Item};
 
 /// Items DynamoDB takes in one batch write.
 const BATCH_WRITE_MAX: usize = 25;
+
+/// Keys DynamoDB takes in one batch read.
+const BATCH_GET_MAX: usize = 100;
 
 /// The expression parts of a conditional write: the update (for [`Table::update`]), the
 /// condition, and the names and values they use.
@@ -379,6 +383,59 @@ impl Table {
                 _ => Err(AwsError::dynamodb(what, e)),
             },
         }
+    }
+
+    /// The items at `keys` (pairs of `pk` and `sk`) that exist, read consistently,
+    /// [`BATCH_GET_MAX`] keys per request, asking again for what DynamoDB left unprocessed
+    /// (with a short backoff, a few times). In no particular order.
+    pub async fn get_all(
+        &self,
+        what: &str,
+        keys: Vec<(String, String)>,
+    ) -> Result<Vec<Item>, AwsError> {
+        let mut found = Vec::with_capacity(keys.len());
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() {
+            let chunk: Vec<Item> = keys
+                .by_ref()
+                .take(BATCH_GET_MAX)
+                .map(|(pk, sk)| key(pk, sk))
+                .collect();
+            let mut request = Some(built(
+                what,
+                KeysAndAttributes::builder()
+                    .set_keys(Some(chunk))
+                    .consistent_read(true)
+                    .build(),
+            )?);
+            let mut attempt = 0u32;
+            while let Some(keys_and_attributes) = request.take() {
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.name, keys_and_attributes)
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::dynamodb(what, e))?;
+                if let Some(mut responses) = out.responses {
+                    found.extend(responses.remove(&self.name).unwrap_or_default());
+                }
+                request = out
+                    .unprocessed_keys
+                    .and_then(|mut m| m.remove(&self.name))
+                    .filter(|k| !k.keys.is_empty());
+                attempt += 1;
+                if request.is_some() {
+                    if attempt > 8 {
+                        return Err(AwsError::Transient(format!(
+                            "DynamoDB {what}: keys left unprocessed"
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(5))).await;
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Puts every item unconditionally, [`BATCH_WRITE_MAX`] per request, writing again what

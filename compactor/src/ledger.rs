@@ -2,6 +2,8 @@
 //! pending hours and batches by key, and recording an hour's parts under a versioned claim.
 //! [`DynamoLedger`] is the DynamoDB implementation; tests wrap the trait to inject faults.
 
+use std::collections::{HashMap, HashSet};
+
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
@@ -59,6 +61,21 @@ pub trait Ledger: Send + Sync {
     ) -> Result<Vec<BatchItem>, LedgerError>;
     /// True when the flush record exists (its batches count).
     async fn flush_recorded(&self, slot: &str, id: &FlushId) -> Result<bool, LedgerError>;
+    /// Those of `ids` whose flush record exists. One request per id unless the ledger can
+    /// read many at once.
+    async fn flushes_recorded(
+        &self,
+        slot: &str,
+        ids: &[FlushId],
+    ) -> Result<HashSet<FlushId>, LedgerError> {
+        let mut recorded = HashSet::new();
+        for id in ids {
+            if self.flush_recorded(slot, id).await? {
+                recorded.insert(*id);
+            }
+        }
+        Ok(recorded)
+    }
     /// A schema version.
     async fn schema(
         &self,
@@ -266,6 +283,27 @@ impl Ledger for DynamoLedger {
             .get(items::slot_pk(slot), items::flush_sk(id))
             .await?
             .is_some())
+    }
+
+    async fn flushes_recorded(
+        &self,
+        slot: &str,
+        ids: &[FlushId],
+    ) -> Result<HashSet<FlushId>, LedgerError> {
+        let by_sk: HashMap<String, FlushId> =
+            ids.iter().map(|id| (items::flush_sk(id), *id)).collect();
+        let keys = by_sk
+            .keys()
+            .map(|sk| (items::slot_pk(slot), sk.clone()))
+            .collect();
+        let found = self.table.get_all("get flush records", keys).await?;
+        Ok(found
+            .iter()
+            .filter_map(|item| match item.get(items::SK) {
+                Some(AttributeValue::S(sk)) => by_sk.get(sk).copied(),
+                _ => None,
+            })
+            .collect())
     }
 
     async fn schema(

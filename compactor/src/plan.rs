@@ -116,6 +116,38 @@ impl SlotRun {
         })
     }
 
+    /// Looks up, in as few requests as the ledger allows, the flush records that judging
+    /// `items` needs and this run has not seen yet.
+    async fn look_up_flushes(
+        &self,
+        ledger: &dyn Ledger,
+        items: &[BatchItem],
+    ) -> Result<(), LedgerError> {
+        let unknown: Vec<FlushId> = {
+            let Ok(known) = self.flushes.lock() else {
+                return Ok(());
+            };
+            let mut ids: Vec<FlushId> = items
+                .iter()
+                .filter(|b| !b.compacted && !known.contains_key(&b.flush_id))
+                .map(|b| b.flush_id)
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let recorded = ledger.flushes_recorded(&self.slot, &unknown).await?;
+        if let Ok(mut known) = self.flushes.lock() {
+            for id in unknown {
+                known.insert(id, recorded.contains(&id));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and sorts out the batch items of a table-hour.
     pub async fn hour_batches(
         &self,
@@ -125,6 +157,7 @@ impl SlotRun {
     ) -> Result<HourBatches, LedgerError> {
         let mut items = ledger.batches(&self.slot, table, hour).await?;
         items.sort_by(|a, b| a.first.cmp(&b.first).then(a.last.cmp(&b.last)));
+        self.look_up_flushes(ledger, &items).await?;
         let mut out = HourBatches::default();
         for item in items {
             match self.validity(ledger, &item).await? {

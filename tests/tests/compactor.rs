@@ -1275,6 +1275,47 @@ async fn orphan_batches_are_never_compacted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flush records an hour's batches need are read a hundred keys per request: every id
+/// whose record exists is found, across requests, and none that is missing.
+#[tokio::test]
+async fn flush_records_are_looked_up_many_at_a_time() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let table = cdc_contract::dynamo::Table::new(aws.dynamodb.clone(), aws.table.clone());
+    let ids: Vec<FlushId> = (1..=250)
+        .map(|seq| FlushId {
+            seq,
+            epoch: 1 + seq % 2,
+        })
+        .collect();
+    let exists = |id: &FlushId| !id.seq.is_multiple_of(3);
+    let items = ids
+        .iter()
+        .filter(|id| exists(id))
+        .map(|id| ledger::key(ledger::slot_pk("slot_many"), ledger::flush_sk(id)))
+        .collect();
+    table.put_all("put flush records", items).await?;
+    // A record of the same flush in another slot does not count.
+    let missing = ids[2];
+    table
+        .put_all(
+            "put flush record",
+            vec![ledger::key(
+                ledger::slot_pk("slot_other"),
+                ledger::flush_sk(&missing),
+            )],
+        )
+        .await?;
+
+    let l = DynamoLedger::new(aws.dynamodb.clone(), aws.table.clone());
+    let found = l.flushes_recorded("slot_many", &ids).await?;
+    let expected: std::collections::HashSet<FlushId> = ids.iter().copied().filter(exists).collect();
+    assert_eq!(found.len(), 167);
+    assert_eq!(found, expected);
+    assert!(!found.contains(&missing));
+    assert!(l.flushes_recorded("slot_many", &[]).await?.is_empty());
+    Ok(())
+}
+
 #[tokio::test]
 async fn open_hours_wait_unless_asked() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;
