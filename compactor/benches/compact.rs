@@ -589,9 +589,21 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = args()?;
+    if args.compact_child {
+        // As the compactor binary does, before the runtime's threads start.
+        if !compactor::allocator::tune() {
+            bail!("the allocator refused its settings");
+        }
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     if args.compact_child {
         return compact_child(&args).await;
     }

@@ -7,6 +7,7 @@
 //! [`compact`]; what the compactor needs from S3 and DynamoDB are the [`store::ObjectStore`] and
 //! [`ledger::Ledger`] seams, implemented over the AWS SDK.
 
+pub mod allocator;
 pub mod avro;
 pub mod background_gzip;
 pub mod background_zstd;

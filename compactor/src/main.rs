@@ -96,8 +96,17 @@ fn read_event(path: &str) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("the event in {path} is not JSON"))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads start (see the module).
+    let tuned = compactor::allocator::tune();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(tuned))
+}
+
+async fn run(allocator_tuned: bool) -> anyhow::Result<()> {
     let cli = Cli::parse();
     let under_lambda = std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
     let config = cli
@@ -105,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
         .validate(under_lambda && cli.command.is_none())
         .context("configuration")?;
     init_logs(config.log_format);
+    if !allocator_tuned {
+        tracing::warn!("the allocator refused its settings; peak memory may grow with the hour");
+    }
 
     match cli.command {
         Some(Command::Invoke { event }) => {
