@@ -12,6 +12,9 @@
 # BASELINE_BIN=path/to/capture also drains a third slot with another build of the capture (into
 # its own bucket and ledger), so a change is compared with what it replaces in the same run.
 # Each capture's CPU time (user, system) is printed too.
+# PROFILE=strace also counts the capture's system calls (strace -c -f; the drain is then slower,
+# only the counts mean anything) and PROFILE=perf samples it (perf record -g); the report is
+# printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKLOAD=readme
@@ -106,12 +109,19 @@ drain() {
   POSTGRES_HOST=127.0.0.1 POSTGRES_PORT=$PG_PORT POSTGRES_DATABASE=bench POSTGRES_USER=postgres POSTGRES_PASSWORD=postgres \
   PGSSLMODE=disable CDC_SLOT_NAME=$2 CDC_PUBLICATION=bench_pub S3_BUCKET_NAME=$3-bucket \
   LEDGER_TABLE=$3-ledger HEALTH_PORT=0 RUST_LOG=info \
-    /usr/bin/time -f "%U %S" -o "$state/$3.cpu" "$1" --exit-when-caught-up >/dev/null 2>"$state/$3.log"
+    /usr/bin/time -f "%U %S" -o "$state/$3.cpu" ${PROFILER:-} "$1" --exit-when-caught-up >/dev/null 2>"$state/$3.log"
 }
+case "${PROFILE:-}" in
+  "") ;;
+  strace) PROFILER="strace -c -f -o $state/strace.txt" ;;
+  perf) PROFILER="perf record -F 499 -g -o $state/perf.data --" ;;
+  *) echo "unknown PROFILE $PROFILE (strace, perf)" >&2; exit 2 ;;
+esac
 
 start=$(date +%s.%N)
 drain ./target/release/capture bench_capture bench
 end=$(date +%s.%N)
+PROFILER=
 cp "$state/bench.log" "$state/capture.log"
 peak_kib=$(grep -o 'peak_rss_kib=[0-9]*' "$state/capture.log" | tail -n1 | cut -d= -f2)
 staged=$(.venv/bin/python -c "
@@ -154,3 +164,9 @@ if float(be) > 0:
     print(f"baseline build : {base:6.2f} s  {changes / base:10,.0f} changes/s{cpu('baseline')}")
     print(f"ratio (capture rate / baseline rate): {base / cap:.2f}; baseline / pg_recvlogical: {rec / base:.2f}")
 PY
+case "${PROFILE:-}" in
+  strace) echo "system calls of the capture (strace -c -f):"; head -n 16 "$state/strace.txt" ;;
+  perf) echo "top of the capture's profile (perf, self time):"
+        perf report -i "$state/perf.data" --no-children --stdio --percent-limit 2 2>/dev/null \
+          | grep -E '^ +[0-9.]+%' | head -n 15 ;;
+esac
