@@ -538,6 +538,13 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
         )
         .with_context(|| format!("joining the cgroup {cgroup}"))?;
     }
+    // RUST_LOG=compactor=debug (say) shows the compaction's steps with their times.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let endpoint = std::env::var("AWS_ENDPOINT_URL")?;
     let sdk = pipeline_tests::aws::sdk_config(&endpoint).await;
     let mut config = Settings::new(

@@ -755,6 +755,9 @@ struct Mortal {
     dead: AtomicBool,
     records: AtomicU32,
     kill_after: u32,
+    /// Each time a flush was told a table-hour is done: the flush, and the batch items of it in
+    /// that table-hour not yet marked compacted then.
+    flush_done: std::sync::Mutex<Vec<(FlushId, usize)>>,
 }
 
 impl Mortal {
@@ -897,6 +900,16 @@ impl Ledger for MortalLedger {
         exp: i64,
     ) -> Result<(), LedgerError> {
         self.1.check(LedgerError::Definite)?;
+        let unmarked = self
+            .0
+            .batches(slot, &batch.table, batch.hour)
+            .await?
+            .iter()
+            .filter(|b| b.flush_id == batch.flush_id && !b.compacted)
+            .count();
+        if let Ok(mut calls) = self.1.flush_done.lock() {
+            calls.push((batch.flush_id, unmarked));
+        }
         self.0.flush_hour_done(slot, batch, exp).await
     }
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError> {
@@ -974,6 +987,7 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
         dead: AtomicBool::new(false),
         records: AtomicU32::new(0),
         kill_after: 1,
+        flush_done: Default::default(),
     });
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&aws.config)
@@ -1272,6 +1286,65 @@ async fn orphan_batches_are_never_compacted() -> anyhow::Result<()> {
         .filter_map(|r| r["id"].as_i64())
         .collect();
     assert_eq!(ids, vec![1, 3]);
+    Ok(())
+}
+
+/// A flush is told that a table-hour is done (after which its record may expire) once, and only
+/// when every batch of it in that hour is marked compacted: a batch of it still unmarked would
+/// otherwise be judged an orphan by a run after the record expired.
+#[tokio::test]
+async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() -> anyhow::Result<()>
+{
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_flush_done").await?;
+    stager.batch_rows = 10;
+    // Three flushes of several batches each in one table-hour.
+    for f in 0..3 {
+        stage_notes(&mut stager, 1 + f * 60, 60, 3).await?;
+    }
+    let t = notes_schema().table;
+    let flushes: BTreeSet<FlushId> = batch_items(&aws, "slot_flush_done", &t, hour())
+        .await?
+        .iter()
+        .map(|b| b.flush_id)
+        .collect();
+    assert_eq!(flushes.len(), 3);
+    let mortal = Arc::new(Mortal {
+        dead: AtomicBool::new(false),
+        records: AtomicU32::new(0),
+        kill_after: u32::MAX,
+        flush_done: Default::default(),
+    });
+    let ledger = Arc::new(MortalLedger(
+        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
+        mortal.clone(),
+    ));
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws.config)
+            .force_path_style(true)
+            .build(),
+    );
+    let store = Arc::new(S3Store::new(s3, &aws.bucket));
+    let c = Compactor::new(config(&aws), store, ledger, None);
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.hours[0].consumed_batches, 18);
+    let calls = mortal
+        .flush_done
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .clone();
+    let told: Vec<FlushId> = calls.iter().map(|c| c.0).collect();
+    assert_eq!(
+        told.iter().copied().collect::<BTreeSet<_>>(),
+        flushes,
+        "every flush is told"
+    );
+    assert_eq!(told.len(), flushes.len(), "each flush once: {calls:?}");
+    assert!(
+        calls.iter().all(|c| c.1 == 0),
+        "told only once all its batches in the hour were marked: {calls:?}"
+    );
     Ok(())
 }
 

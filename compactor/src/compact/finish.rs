@@ -1,9 +1,11 @@
 //! Step 4 of an hour: the consumed batches' staging objects tagged for expiry and their items
 //! marked compacted, the orphan items removed, the pending marker cleared when nothing is left.
 
+use std::collections::HashMap;
+
 use futures::StreamExt;
 
-use cdc_contract::ledger::{BatchItem, HourRecord};
+use cdc_contract::ledger::{BatchItem, FlushId, HourRecord};
 
 use super::{Deps, HourError, HourJob, HourReport, HourState};
 use crate::ledger::Ledger;
@@ -31,14 +33,26 @@ pub(super) async fn finish(
         .filter(|b| !b.compacted && through.is_some_and(|w| b.last <= w))
         .collect();
     let expires_at = now_ms() / 1000 + deps.batch_ttl_seconds;
+    // By flush: each flush is told this table-hour is done once, after every consumed batch of
+    // it in the hour says compacted (its record may then expire, and a batch of it not yet
+    // marked would be judged an orphan).
+    let mut by_flush: Vec<Vec<&BatchItem>> = Vec::new();
+    let mut index: HashMap<FlushId, usize> = HashMap::new();
+    for b in consumed.iter().copied() {
+        let i = *index.entry(b.flush_id).or_insert_with(|| {
+            by_flush.push(Vec::new());
+            by_flush.len() - 1
+        });
+        by_flush[i].push(b);
+    }
     // Futures collected first: a stream holding the closure would make the compaction's
     // future lose `Send` (the closure's borrow is not general enough).
-    let pending: Vec<_> = consumed
+    let pending: Vec<_> = by_flush
         .iter()
-        .map(|b| consume(ledger, &**deps.store, slot, b, expires_at))
+        .map(|batches| consume(ledger, &**deps.store, slot, batches, expires_at))
         .collect();
     let results = futures::stream::iter(pending)
-        .buffer_unordered(8)
+        .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
     for r in results {
@@ -80,26 +94,36 @@ pub(super) async fn finish(
     Ok(())
 }
 
-/// Tags a consumed batch's staging object for expiry, then marks its item compacted.
+/// Requests in flight at once: the steps below are one small request per batch (or flush), and
+/// their time is the ledger's and S3's latency.
+const CONCURRENCY: usize = 16;
+
+/// Tags the consumed batches' staging objects for expiry and marks their items compacted (one
+/// flush's batches of this table-hour, one after the other), then notes the table-hour done in
+/// the flush's record.
 async fn consume(
     ledger: &dyn Ledger,
     store: &dyn ObjectStore,
     slot: &str,
-    batch: &BatchItem,
+    batches: &[&BatchItem],
     expires_at: i64,
 ) -> Result<(), HourError> {
-    retry("tag staging object", || {
-        store.tag(&batch.key, &[("compacted", "true")])
-    })
-    .await?;
-    retry("mark batch compacted", || {
-        ledger.mark_compacted(slot, batch, expires_at)
-    })
-    .await?;
-    // After the item says compacted: the flush record may expire once all its hours are.
-    retry("note flush hour compacted", || {
-        ledger.flush_hour_done(slot, batch, expires_at)
-    })
-    .await?;
+    for batch in batches {
+        retry("tag staging object", || {
+            store.tag(&batch.key, &[("compacted", "true")])
+        })
+        .await?;
+        retry("mark batch compacted", || {
+            ledger.mark_compacted(slot, batch, expires_at)
+        })
+        .await?;
+    }
+    // After the items say compacted: the flush record may expire once all its hours are.
+    if let Some(batch) = batches.first() {
+        retry("note flush hour compacted", || {
+            ledger.flush_hour_done(slot, batch, expires_at)
+        })
+        .await?;
+    }
     Ok(())
 }

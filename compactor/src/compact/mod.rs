@@ -202,6 +202,7 @@ impl Compactor {
         let todo = to_do(&batches.valid, record.compacted_through);
         let now = now_ms();
         let cleanup = Cleanup::of(&record, now);
+        tracing::debug!(table = %job.table, hour = %job.hour, batches = batches.valid.len(), to_do = todo.len(), ms = started.elapsed().as_millis() as u64, "hour planned");
 
         let (record, mut report) = if todo.is_empty() && !cleanup.is_due() {
             (record, HourReport::new(&slot.slot, job, HourState::Done))
@@ -210,6 +211,7 @@ impl Compactor {
             let Some(mut run) = claim(deps, &slot.slot, job, &record, now).await? else {
                 return Ok(HourReport::new(&slot.slot, job, HourState::Busy));
             };
+            tracing::debug!(table = %job.table, hour = %job.hour, ms = started.elapsed().as_millis() as u64, "hour claimed");
             let result = async {
                 if cleanup.is_due() {
                     run.clean_up(cleanup).await?;
@@ -221,7 +223,9 @@ impl Compactor {
                 Ok(())
             }
             .await;
-            run.end(result).await?
+            let ended = run.end(result).await?;
+            tracing::debug!(table = %job.table, hour = %job.hour, ms = started.elapsed().as_millis() as u64, "parts written, claim released");
+            ended
         };
 
         // 4. Consume the batches the record covers, remove orphans, clear the marker.
