@@ -6,8 +6,8 @@
 //! the threshold above which blocks are mapped on their own rises to 32 MiB, so later large
 //! blocks come from the heaps, which fragment and are not given back. Measured on the 5,000,000
 //! row hour (`scripts/bench-compactor.sh --rows 5000000`), the peak RSS then grew with the
-//! hour: 321 MB against 195 MB with two arenas and a fixed 4 MiB threshold, for the same CPU
-//! time within the run-to-run noise (docs/COMPACTOR.md, "Memory and speed").
+//! hour: 313-321 MB against 206 MB with two arenas and a fixed 4 MiB threshold, for the same
+//! CPU time within the run-to-run noise (docs/COMPACTOR.md, "Memory and speed").
 
 /// Arenas glibc may create.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -1,7 +1,7 @@
 //! Step 4 of an hour: the consumed batches' staging objects tagged for expiry and their items
 //! marked compacted, the orphan items removed, the pending marker cleared when nothing is left.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use futures::StreamExt;
 
@@ -36,19 +36,14 @@ pub(super) async fn finish(
     // By flush: each flush is told this table-hour is done once, after every consumed batch of
     // it in the hour says compacted (its record may then expire, and a batch of it not yet
     // marked would be judged an orphan).
-    let mut by_flush: Vec<Vec<&BatchItem>> = Vec::new();
-    let mut index: HashMap<FlushId, usize> = HashMap::new();
+    let mut by_flush: BTreeMap<FlushId, Vec<&BatchItem>> = BTreeMap::new();
     for b in consumed.iter().copied() {
-        let i = *index.entry(b.flush_id).or_insert_with(|| {
-            by_flush.push(Vec::new());
-            by_flush.len() - 1
-        });
-        by_flush[i].push(b);
+        by_flush.entry(b.flush_id).or_default().push(b);
     }
     // Futures collected first: a stream holding the closure would make the compaction's
     // future lose `Send` (the closure's borrow is not general enough).
     let pending: Vec<_> = by_flush
-        .iter()
+        .values()
         .map(|batches| consume(ledger, &**deps.store, slot, batches, expires_at))
         .collect();
     let results = futures::stream::iter(pending)
