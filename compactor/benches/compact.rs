@@ -367,11 +367,16 @@ fn duckdb_reference(dir: &Path, workload: Workload) -> anyhow::Result<f64> {
 struct DiskStore {
     s3: S3Store,
     dir: PathBuf,
-    /// Multipart uploads in progress: their parts' files, by upload id.
-    uploads: Mutex<HashMap<String, Vec<(i32, PathBuf)>>>,
+    /// Multipart uploads in progress: the last part written, by upload id.
+    uploads: Mutex<HashMap<String, i32>>,
 }
 
 impl DiskStore {
+    /// The file an upload's parts are appended to.
+    fn upload_path(&self, id: &str) -> PathBuf {
+        self.dir.join(".uploads").join(format!("{:x}", fxhash(id)))
+    }
+
     fn local(&self, key: &str) -> Option<PathBuf> {
         let part = [".parquet", ".jsonl.gz", ".jsonl.zst", ".avro"]
             .iter()
@@ -413,7 +418,7 @@ impl ObjectStore for DiskStore {
     async fn create_multipart(&self, key: &str, _ct: &str) -> Result<String, StoreError> {
         let id = format!("{key}#{}", compactor::now_ms());
         if let Ok(mut u) = self.uploads.lock() {
-            u.insert(id.clone(), Vec::new());
+            u.insert(id.clone(), 0);
         }
         Ok(id)
     }
@@ -424,20 +429,39 @@ impl ObjectStore for DiskStore {
         n: i32,
         body: Bytes,
     ) -> Result<String, StoreError> {
-        // Parts go to disk at once, as S3 would hold them, not to this process's memory.
-        let path = self
-            .dir
-            .join(".uploads")
-            .join(format!("{:x}-{n}", fxhash(id)));
-        Self::write(&path, &[body])?;
-        if let Some(parts) = self
+        // Parts go to disk at once, as S3 would hold them, not to this process's memory: each
+        // appended to the upload's one file, which completing renames (written once, as
+        // DuckDB writes its file).
+        let io = |e: std::io::Error| StoreError::Definite(format!("local disk: {e}"));
+        let expected = self
+            .uploads
+            .lock()
+            .ok()
+            .and_then(|u| u.get(id).copied())
+            .map(|last| last + 1);
+        if expected != Some(n) {
+            return Err(StoreError::Definite(format!(
+                "the bench's disk store takes an upload's parts once each, in order: part {n}, expected {expected:?}"
+            )));
+        }
+        let path = self.upload_path(id);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).map_err(io)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        std::io::Write::write_all(&mut f, &body).map_err(io)?;
+        if let Some(last) = self
             .uploads
             .lock()
             .ok()
             .as_mut()
             .and_then(|u| u.get_mut(id))
         {
-            parts.push((n, path));
+            *last = n;
         }
         Ok(format!("etag-{n}"))
     }
@@ -447,30 +471,21 @@ impl ObjectStore for DiskStore {
         id: &str,
         _parts: &[(i32, String)],
     ) -> Result<(), StoreError> {
-        let mut parts = self
-            .uploads
-            .lock()
-            .ok()
-            .and_then(|mut u| u.remove(id))
-            .unwrap_or_default();
-        parts.sort_by_key(|(n, _)| *n);
+        if let Ok(mut u) = self.uploads.lock() {
+            u.remove(id);
+        }
         let io = |e: std::io::Error| StoreError::Definite(format!("local disk: {e}"));
         let path = self.dir.join(key);
         if let Some(p) = path.parent() {
             std::fs::create_dir_all(p).map_err(io)?;
         }
-        let mut out = std::fs::File::create(&path).map_err(io)?;
-        for (_, part) in parts {
-            let mut f = std::fs::File::open(&part).map_err(io)?;
-            std::io::copy(&mut f, &mut out).map_err(io)?;
-            std::fs::remove_file(&part).map_err(io)?;
-        }
-        Ok(())
+        std::fs::rename(self.upload_path(id), &path).map_err(io)
     }
     async fn abort_multipart(&self, _key: &str, id: &str) -> Result<(), StoreError> {
         if let Ok(mut u) = self.uploads.lock() {
             u.remove(id);
         }
+        let _ = std::fs::remove_file(self.upload_path(id));
         Ok(())
     }
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {

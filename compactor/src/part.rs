@@ -5,7 +5,6 @@
 //! Memory is bounded by the Arrow batch being built, the Parquet row group in progress
 //! (`PARQUET_ROW_GROUP_BYTES`) and the bytes not yet drained.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -30,7 +29,7 @@ use crate::background_zstd::BackgroundZstd;
 use crate::columns::ColumnBuilder;
 use crate::config::Compression;
 use crate::convert::{convert, text_form, Scalar};
-use crate::envelope::{split_row, Envelope, RowValues};
+use crate::envelope::{split_row, ColumnLookup, Envelope, RowValues};
 use crate::parquet_schema::{utc, PartSchema};
 
 /// Why a part could not be written (a bug or resource problem, not bad input).
@@ -158,7 +157,7 @@ impl RowBuilders {
     /// Appends one change's row. Fails (appending nothing) when a row image is not an object.
     pub fn push(
         &mut self,
-        lookup: &HashMap<String, usize>,
+        lookup: &ColumnLookup,
         env: &Envelope<'_>,
         at: (Position, i64),
     ) -> Result<(), BadRow> {
@@ -166,7 +165,18 @@ impl RowBuilders {
             values: Vec::with_capacity(self.schema.columns.len()),
             unknown: Vec::new(),
         };
-        push_row(self, lookup, &mut row, env, at)?;
+        self.push_with(lookup, &mut row, env, at)
+    }
+
+    /// [`RowBuilders::push`] splitting the row image into `row`, a buffer kept between rows.
+    pub fn push_with<'a>(
+        &mut self,
+        lookup: &ColumnLookup,
+        row: &mut RowValues<'a>,
+        env: &Envelope<'a>,
+        at: (Position, i64),
+    ) -> Result<(), BadRow> {
+        push_row(self, lookup, row, env, at)?;
         self.rows += 1;
         Ok(())
     }
@@ -288,7 +298,7 @@ pub struct PartWriter {
     part: u32,
     schema_id: String,
     schema: Arc<PartSchema>,
-    lookup: Arc<HashMap<String, usize>>,
+    lookup: Arc<ColumnLookup>,
     limits: Limits,
     jsonl: Option<JsonlPart>,
     /// The rows of the typed formats not encoded yet (when there is a typed format).
@@ -315,7 +325,7 @@ fn raw_builder() -> MapBuilder<StringBuilder, StringBuilder> {
 }
 
 /// The column lookup (event column name to position) of a part schema.
-pub fn column_lookup(schema: &PartSchema) -> HashMap<String, usize> {
+pub fn column_lookup(schema: &PartSchema) -> ColumnLookup {
     schema
         .columns
         .iter()
@@ -520,7 +530,7 @@ impl PartWriter {
     }
 
     /// The column lookup of the part's schema (event column name to position).
-    pub fn lookup(&self) -> &Arc<HashMap<String, usize>> {
+    pub fn lookup(&self) -> &Arc<ColumnLookup> {
         &self.lookup
     }
 
@@ -664,7 +674,7 @@ impl PartWriter {
 /// split; only `before` is split here.
 fn moved_key<'a>(
     schema: &PartSchema,
-    lookup: &HashMap<String, usize>,
+    lookup: &ColumnLookup,
     env: &Envelope<'a>,
     after: &[Option<&'a serde_json::value::RawValue>],
 ) -> Result<Option<Vec<Option<&'a serde_json::value::RawValue>>>, BadRow> {
@@ -688,7 +698,7 @@ fn moved_key<'a>(
 
 fn push_row<'a>(
     p: &mut RowBuilders,
-    lookup: &HashMap<String, usize>,
+    lookup: &ColumnLookup,
     row: &mut RowValues<'a>,
     env: &Envelope<'a>,
     (pos, commit_us): (Position, i64),

@@ -46,19 +46,20 @@ pub(super) struct BatchWork {
 /// [`whole::gunzip_whole`]).
 pub(super) struct Staged {
     data: Bytes,
-    text: Option<Vec<u8>>,
+    text: Option<Arc<Vec<u8>>>,
 }
 
 impl Staged {
     /// `data`, gunzipped whole when it can be.
     fn new(data: Bytes) -> Self {
-        let text = whole::gunzip_whole(&data, whole::WHOLE_MAX_BYTES);
+        let text = whole::gunzip_whole(&data, whole::WHOLE_MAX_BYTES).map(Arc::new);
         Staged { data, text }
     }
 }
 
 /// Reads one staged batch into the part writer, rolling parts as they fill: whole and in
-/// parallel when it was gunzipped whole, else line by line.
+/// parallel when it was gunzipped whole (with `parsing`, its chunks parsed ahead, if they
+/// fit), else line by line.
 fn process_batch(
     writer: PartWriter,
     table: &str,
@@ -66,10 +67,20 @@ fn process_batch(
     staged: &Staged,
     watermark: Option<Position>,
     last: Option<Position>,
+    parsing: Option<whole::Parsing>,
 ) -> Result<BatchWork, PartError> {
     let data = &staged.data;
     match &staged.text {
-        Some(text) => whole::process_whole(writer, table, staging_key, data, text, watermark, last),
+        Some(text) => whole::process_whole(
+            writer,
+            table,
+            staging_key,
+            data,
+            text,
+            watermark,
+            last,
+            parsing,
+        ),
         None => process_lines(writer, table, staging_key, data, watermark, last),
     }
 }
@@ -317,8 +328,8 @@ impl Claimed<'_> {
 
         // Downloads run ahead of the CPU work: up to DOWNLOADS_AHEAD at once, handed over in
         // order, each gunzipped (when it can be read whole) before it is handed over: at most
-        // three batches' text are held, the one being read, the one handed over and the one
-        // being gunzipped.
+        // four batches' text are held, the one being read, the next one (being parsed), the
+        // one handed over and the one being gunzipped.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Download>(1);
         let store = self.deps.store.clone();
         let downloader = tokio::spawn(async move {
@@ -394,8 +405,17 @@ impl Claimed<'_> {
         let mut uploads: Option<PartUploads> = None;
         let mut pending_output: Vec<(u32, Format, Vec<u8>)> = Vec::new();
         let mut last: Option<Position> = watermark;
+        // The next batch, received while this one was read, and its chunks being parsed.
+        let mut ahead: Option<(Download, Option<whole::Parsing>)> = None;
         let result: Result<(), HourError> = async {
-            while let Some((batch, got)) = rx.recv().await {
+            loop {
+                let ((batch, got), parsing) = match ahead.take() {
+                    Some(a) => a,
+                    None => match rx.recv().await {
+                        Some(d) => (d, None),
+                        None => break,
+                    },
+                };
                 let data = got?.ok_or_else(|| {
                     HourError::Definite(format!(
                         "staging object {} named by the ledger is missing",
@@ -430,21 +450,38 @@ impl Claimed<'_> {
                     )?,
                 };
 
-                // CPU work on this batch while the previous batch's output uploads.
+                // CPU work on this batch while the previous batch's output uploads and the
+                // next batch, when it has the same schema version, starts parsing (against
+                // this part's schema and the last change before this batch: the reading
+                // checks both).
+                let cx = whole::Context::of(&w, watermark);
+                let before = last;
                 let key = batch.key.clone();
                 let table = table_text.to_owned();
                 let task = tokio::task::spawn_blocking(move || {
-                    process_batch(w, &table, &key, &data, watermark, last).map(|work| (work, data.data))
+                    process_batch(w, &table, &key, &data, watermark, last, parsing).map(|work| (work, data.data))
                 });
                 let output = std::mem::take(&mut pending_output);
                 let this: &Claimed<'_> = self;
+                let schema_id = batch.schema_id.clone();
                 let upload = async {
                     for (part, format, bytes) in output {
                         upload_to(&mut uploads, part, format, bytes, this).await?;
                     }
                     Ok::<(), HourError>(())
                 };
-                let (work, uploaded) = tokio::join!(task, upload);
+                let receive = async {
+                    let next = rx.recv().await?;
+                    let parsing = match &next {
+                        (b, Ok(Some(Staged { text: Some(text), .. }))) if b.schema_id == schema_id => {
+                            Some(whole::Parsing::start(cx, text.clone(), before, whole::CHUNK_BYTES))
+                        }
+                        _ => None,
+                    };
+                    Some((next, parsing))
+                };
+                let (work, uploaded, next) = tokio::join!(task, upload, receive);
+                ahead = next;
                 uploaded?;
                 let (mut work, data) = work
                     .map_err(|e| HourError::Definite(format!("part task: {e}")))??;

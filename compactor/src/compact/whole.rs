@@ -11,8 +11,12 @@
 //!
 //! A batch larger than [`WHOLE_MAX_BYTES`] once gunzipped, or one that does not gunzip, is left
 //! to the line-by-line reading (which also finds where an unreadable object breaks off).
+//!
+//! A batch's chunks can be parsed before its turn ([`Parsing::start`], while the batch before
+//! it appends): against a lower floor than the last change before it, which the re-reading
+//! rule of [`process_chunks`] makes right, and against the part schema of the batch before,
+//! which is only used if the batch goes into a part of that same schema.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::ops::Range;
 use std::sync::mpsc;
@@ -24,7 +28,7 @@ use cdc_contract::Position;
 
 use super::parts::BatchWork;
 use crate::dead_letter::DeadLetter;
-use crate::envelope::Envelope;
+use crate::envelope::{ColumnLookup, Envelope, RowValues};
 use crate::parquet_schema::PartSchema;
 use crate::part::{PartError, PartWriter, RowBuilders};
 
@@ -92,23 +96,124 @@ struct Parsed {
 }
 
 /// What a chunk is parsed against.
-struct Context<'a> {
-    schema: &'a Arc<PartSchema>,
-    lookup: &'a HashMap<String, usize>,
+#[derive(Clone)]
+pub(super) struct Context {
+    schema: Arc<PartSchema>,
+    lookup: Arc<ColumnLookup>,
     wants_rows: bool,
     watermark: Option<Position>,
+}
+
+impl Context {
+    /// Parsing for `writer`'s part, skipping changes at or below `watermark`.
+    pub(super) fn of(writer: &PartWriter, watermark: Option<Position>) -> Self {
+        Context {
+            schema: writer.schema().clone(),
+            lookup: writer.lookup().clone(),
+            wants_rows: writer.wants_rows(),
+            watermark,
+        }
+    }
+
+    /// Whether chunks parsed against `self` are what parsing against `other` gives.
+    fn same_as(&self, other: &Context) -> bool {
+        Arc::ptr_eq(&self.schema, &other.schema)
+            && self.wants_rows == other.wants_rows
+            && self.watermark == other.watermark
+    }
+}
+
+type ParsedChunk = Result<Parsed, PartError>;
+
+/// A batch's chunks being parsed on their own threads, taken in order with [`Parsing::next`].
+/// Dropping it stops the threads after the chunk each is parsing.
+pub(super) struct Parsing {
+    cx: Context,
+    text: Arc<Vec<u8>>,
+    ranges: Arc<Vec<Range<usize>>>,
+    floor: Option<Position>,
+    results: Vec<mpsc::Receiver<ParsedChunk>>,
+    taken: usize,
+}
+
+impl Parsing {
+    /// Starts parsing `text` in chunks of about `chunk_bytes` against `cx`, with `floor` at
+    /// most the last change written before the batch.
+    pub(super) fn start(
+        cx: Context,
+        text: Arc<Vec<u8>>,
+        floor: Option<Position>,
+        chunk_bytes: usize,
+    ) -> Self {
+        let ranges = Arc::new(chunks(&text, chunk_bytes));
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_THREADS)
+            .min(ranges.len().max(1));
+        let mut results = Vec::with_capacity(threads);
+        for k in 0..threads {
+            let (tx, rx) = mpsc::sync_channel::<ParsedChunk>(AHEAD);
+            let (cx, text, ranges) = (cx.clone(), text.clone(), ranges.clone());
+            let spawned = std::thread::Builder::new()
+                .name("cdc-parse".into())
+                .spawn(move || {
+                    for range in ranges.iter().skip(k).step_by(threads) {
+                        let parsed = parse_chunk(&cx, &text, range.clone(), floor);
+                        let failed = parsed.is_err();
+                        if tx.send(parsed).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+            // A thread that could not start leaves its receiver without a sender: taking its
+            // chunks reports it.
+            if let Err(error) = spawned {
+                tracing::warn!(error = %error, "could not start a parsing thread");
+            }
+            results.push(rx);
+        }
+        Parsing {
+            cx,
+            text,
+            ranges,
+            floor,
+            results,
+            taken: 0,
+        }
+    }
+
+    /// Whether this parsing can serve `text` against `cx` with the last change before it at
+    /// `last`.
+    fn serves(&self, cx: &Context, text: &Arc<Vec<u8>>, last: Option<Position>) -> bool {
+        self.taken == 0
+            && Arc::ptr_eq(&self.text, text)
+            && self.cx.same_as(cx)
+            && self.floor <= last
+    }
+
+    /// The next chunk's range, and the chunk parsed.
+    fn next(&mut self) -> Option<(Range<usize>, ParsedChunk)> {
+        let range = self.ranges.get(self.taken)?.clone();
+        let rx = &self.results[self.taken % self.results.len()];
+        self.taken += 1;
+        let parsed = rx
+            .recv()
+            .map_err(|_| PartError::from(std::io::Error::other("a parsing thread stopped")))
+            .and_then(|p| p);
+        Some((range, parsed))
+    }
 }
 
 /// Parses the lines of `text[range]`: changes at or below the watermark are skipped, and
 /// changes at or below `floor` (the last change before the chunk) counted as duplicates.
 fn parse_chunk(
-    cx: &Context<'_>,
+    cx: &Context,
     text: &[u8],
     range: Range<usize>,
     floor: Option<Position>,
 ) -> Result<Parsed, PartError> {
     let mut builders = if cx.wants_rows {
-        Some(RowBuilders::new(cx.schema)?)
+        Some(RowBuilders::new(&cx.schema)?)
     } else {
         None
     };
@@ -124,6 +229,10 @@ fn parse_chunk(
         min_above_floor: None,
     };
     let mut last = floor;
+    let mut row = RowValues {
+        values: Vec::with_capacity(cx.schema.columns.len()),
+        unknown: Vec::new(),
+    };
     let mut start = range.start;
     while start < range.end {
         let end = memchr::memchr(b'\n', &text[start..range.end]).map_or(range.end, |i| start + i);
@@ -181,7 +290,7 @@ fn parse_chunk(
         }
         let commit_us = env.commit_us();
         if let Some(b) = builders.as_mut() {
-            if let Err(e) = b.push(cx.lookup, &env, (pos, commit_us)) {
+            if let Err(e) = b.push_with(&cx.lookup, &mut row, &env, (pos, commit_us)) {
                 out.whole = false;
                 out.bad.push(BadLine {
                     line: number,
@@ -203,29 +312,49 @@ fn parse_chunk(
     Ok(out)
 }
 
-/// Writes the JSONL of `lines` (ranges of `text`) to the part.
+/// Writes the JSONL of `lines` (ranges of `text`, without their line ends) to the part: each run
+/// of lines that follow each other in `text`, each ended by `\n`, in one write.
 fn write_lines(
     writer: &mut PartWriter,
     text: &[u8],
     lines: &[Range<usize>],
 ) -> Result<(), PartError> {
+    let mut run: Option<Range<usize>> = None;
     for l in lines {
-        writer.write_jsonl(&text[l.clone()])?;
-        writer.write_jsonl(b"\n")?;
+        let ends_in_newline = text.get(l.end) == Some(&b'\n');
+        match run.as_mut() {
+            Some(r) if r.end == l.start && ends_in_newline => r.end = l.end + 1,
+            _ => {
+                if let Some(r) = run.take() {
+                    writer.write_jsonl(&text[r])?;
+                }
+                if ends_in_newline {
+                    run = Some(l.start..l.end + 1);
+                } else {
+                    writer.write_jsonl(&text[l.clone()])?;
+                    writer.write_jsonl(b"\n")?;
+                }
+            }
+        }
+    }
+    if let Some(r) = run {
+        writer.write_jsonl(&text[r])?;
     }
     Ok(())
 }
 
 /// Reads a whole batch: `data` as staged (gzip), `text` gunzipped. `last` is the last change
-/// written before it.
+/// written before it; `parsing` its chunks parsed ahead, used if they fit.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn process_whole(
     writer: PartWriter,
     table: &str,
     staging_key: &str,
     data: &[u8],
-    text: &[u8],
+    text: &Arc<Vec<u8>>,
     watermark: Option<Position>,
     last: Option<Position>,
+    parsing: Option<Parsing>,
 ) -> Result<BatchWork, PartError> {
     let batch = Batch {
         table,
@@ -233,7 +362,7 @@ pub(super) fn process_whole(
         data,
         text,
     };
-    process_chunks(writer, &batch, watermark, last, CHUNK_BYTES)
+    process_chunks(writer, &batch, watermark, last, CHUNK_BYTES, parsing)
 }
 
 /// A staged batch: the table's name, its staging key, the object as staged and gunzipped.
@@ -242,7 +371,7 @@ struct Batch<'a> {
     table: &'a str,
     staging_key: &'a str,
     data: &'a [u8],
-    text: &'a [u8],
+    text: &'a Arc<Vec<u8>>,
 }
 
 /// [`process_whole`] with chunks of about `chunk_bytes`.
@@ -252,6 +381,7 @@ fn process_chunks(
     watermark: Option<Position>,
     mut last: Option<Position>,
     chunk_bytes: usize,
+    parsing: Option<Parsing>,
 ) -> Result<BatchWork, PartError> {
     let Batch {
         table,
@@ -259,20 +389,11 @@ fn process_chunks(
         data,
         text,
     } = *batch;
-    let ranges = chunks(text, chunk_bytes);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .clamp(1, MAX_THREADS)
-        .min(ranges.len().max(1));
-    let schema = writer.schema().clone();
-    let lookup = writer.lookup().clone();
-    let cx = Context {
-        schema: &schema,
-        lookup: &lookup,
-        wants_rows: writer.wants_rows(),
-        watermark,
+    let cx = Context::of(&writer, watermark);
+    let mut parsing = match parsing {
+        Some(p) if p.serves(&cx, text, last) => p,
+        _ => Parsing::start(cx.clone(), text.clone(), last, chunk_bytes),
     };
-    let floor = last;
 
     let mut finished = Vec::new();
     let mut dead = Vec::new();
@@ -285,72 +406,52 @@ fn process_chunks(
     let mut waiting_bytes = 0u64;
     let ratio = data.len() as f64 / text.len().max(1) as f64;
 
-    std::thread::scope(|scope| -> Result<(), PartError> {
-        let mut results = Vec::with_capacity(threads);
-        for k in 0..threads {
-            let (tx, rx) = mpsc::sync_channel::<Result<Parsed, PartError>>(AHEAD);
-            results.push(rx);
-            let (cx, ranges) = (&cx, &ranges);
-            scope.spawn(move || {
-                for range in ranges.iter().skip(k).step_by(threads) {
-                    let parsed = parse_chunk(cx, text, range.clone(), floor);
-                    let failed = parsed.is_err();
-                    if tx.send(parsed).is_err() || failed {
-                        return;
-                    }
-                }
+    while let Some((range, parsed)) = parsing.next() {
+        let mut parsed = parsed?;
+        // Parsed against a floor at most the last change before the chunk. A line of this
+        // chunk above the floor but not after the changes before it is a duplicate the chunk
+        // could not see: read the chunk again against the real last change (what reading
+        // line by line does).
+        if let (Some(l), Some(m)) = (last, parsed.min_above_floor) {
+            if m <= l {
+                parsed = parse_chunk(&cx, text, range, last)?;
+            }
+        }
+        copy &= parsed.whole;
+        for b in parsed.bad.drain(..) {
+            dead.push(DeadLetter {
+                reason: b.reason,
+                staging_key: staging_key.to_owned(),
+                line: line_base + b.line,
+                raw: Some(String::from_utf8_lossy(&b.raw).into_owned()),
             });
         }
-        for (i, range) in ranges.iter().enumerate() {
-            let mut parsed = results[i % threads]
-                .recv()
-                .map_err(|_| std::io::Error::other("a parsing thread stopped"))??;
-            // Parsed against the last change before the batch. A line of this chunk above
-            // that but not after the chunks before it is a duplicate the chunk could not see:
-            // read the chunk again against the real last change (what reading line by line
-            // does).
-            if let (Some(l), Some(m)) = (last, parsed.min_above_floor) {
-                if m <= l {
-                    parsed = parse_chunk(&cx, text, range.clone(), last)?;
-                }
-            }
-            copy &= parsed.whole;
-            for b in parsed.bad.drain(..) {
-                dead.push(DeadLetter {
-                    reason: b.reason,
-                    staging_key: staging_key.to_owned(),
-                    line: line_base + b.line,
-                    raw: Some(String::from_utf8_lossy(&b.raw).into_owned()),
-                });
-            }
-            line_base += parsed.line_count;
-            duplicates += parsed.duplicates;
-            let (Some(first), Some(end)) = (parsed.first, parsed.last) else {
-                continue;
-            };
-            let waiting_estimate = (waiting_bytes as f64 * ratio) as u64;
-            if writer.is_full_with(waiting_estimate) {
-                write_lines(&mut writer, text, &waiting)?;
-                waiting.clear();
-                waiting_bytes = 0;
-                copy = false;
-                let next = writer.next(table)?;
-                finished.push(std::mem::replace(&mut writer, next).finish()?);
-            }
-            writer.append_rows(parsed.batch.as_ref(), parsed.lines.len() as u64, first, end)?;
-            if copy {
-                waiting_bytes += parsed.lines.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
-                waiting.extend(parsed.lines);
-            } else {
-                write_lines(&mut writer, text, &waiting)?;
-                waiting.clear();
-                waiting_bytes = 0;
-                write_lines(&mut writer, text, &parsed.lines)?;
-            }
-            last = Some(end.0);
+        line_base += parsed.line_count;
+        duplicates += parsed.duplicates;
+        let (Some(first), Some(end)) = (parsed.first, parsed.last) else {
+            continue;
+        };
+        let waiting_estimate = (waiting_bytes as f64 * ratio) as u64;
+        if writer.is_full_with(waiting_estimate) {
+            write_lines(&mut writer, text, &waiting)?;
+            waiting.clear();
+            waiting_bytes = 0;
+            copy = false;
+            let next = writer.next(table)?;
+            finished.push(std::mem::replace(&mut writer, next).finish()?);
         }
-        Ok(())
-    })?;
+        writer.append_rows(parsed.batch.as_ref(), parsed.lines.len() as u64, first, end)?;
+        if copy {
+            waiting_bytes += parsed.lines.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
+            waiting.extend(parsed.lines);
+        } else {
+            write_lines(&mut writer, text, &waiting)?;
+            waiting.clear();
+            waiting_bytes = 0;
+            write_lines(&mut writer, text, &parsed.lines)?;
+        }
+        last = Some(end.0);
+    }
     if copy && !waiting.is_empty() {
         writer.write_jsonl_member(data)?;
     } else {
@@ -384,6 +485,11 @@ mod tests {
     use crate::part::{FinishedPart, Limits};
 
     fn schema() -> Arc<PartSchema> {
+        schema_with_price(1700)
+    }
+
+    /// The test schema with the price column of type `price_oid`.
+    fn schema_with_price(price_oid: u32) -> Arc<PartSchema> {
         let col = |name: &str, oid: u32, typmod: i32| ColumnSchema {
             name: name.into(),
             type_name: String::new(),
@@ -397,7 +503,7 @@ mod tests {
             table: TableName::new("public", "t"),
             columns: vec![
                 col("id", 23, -1),
-                col("price", 1700, ((10 << 16) | 2) + 4),
+                col("price", price_oid, ((10 << 16) | 2) + 4),
                 col("note", 25, -1),
             ],
         }))
@@ -473,6 +579,10 @@ mod tests {
     }
 
     fn writer(formats: &[Format], part_max_bytes: u64) -> PartWriter {
+        writer_of(schema(), formats, part_max_bytes)
+    }
+
+    fn writer_of(schema: Arc<PartSchema>, formats: &[Format], part_max_bytes: u64) -> PartWriter {
         let limits = Limits {
             part_max_bytes,
             row_group_bytes: 1 << 20,
@@ -481,7 +591,7 @@ mod tests {
             jsonl_compression: cdc_contract::layout::JsonlCompression::Gzip,
             avro_codec: crate::avro::AvroCodec::Deflate,
         };
-        PartWriter::new(0, "sid".into(), schema(), formats, limits, "public.t").unwrap()
+        PartWriter::new(0, "sid".into(), schema, formats, limits, "public.t").unwrap()
     }
 
     /// All the parts' JSONL text, rows, and the part count.
@@ -540,8 +650,10 @@ mod tests {
             floor in proptest::option::of(150i64..260),
             small_parts in proptest::bool::weighted(0.3),
             typed in 0u8..5,
+            ahead in 0u8..4,
+            ahead_floor in proptest::option::of(100i64..260),
         ) {
-            let text = staged(&kinds);
+            let text = Arc::new(staged(&kinds));
             let data = gzip(&text);
             let formats: &[Format] = match typed {
                 0 => &[Format::Jsonl],
@@ -553,7 +665,22 @@ mod tests {
             let last = floor.map(position).max(watermark);
             let lines = process_lines(writer(formats, part_max), "public.t", "k", &data, watermark, last).unwrap();
             let batch = Batch { table: "public.t", staging_key: "k", data: &data, text: &text };
-            let chunked = process_chunks(writer(formats, part_max), &batch, watermark, last, chunk_bytes).unwrap();
+            let w = writer(formats, part_max);
+            // Parsed ahead (as while the batch before appends) against a floor below the last
+            // change, or against another part's schema (not used), or not at all.
+            let parsing = match ahead {
+                0 => None,
+                1 => {
+                    // Prices as integers: rows read with it differ from the part's.
+                    let other = writer_of(schema_with_price(23), formats, part_max);
+                    Some(Parsing::start(Context::of(&other, watermark), text.clone(), None, chunk_bytes))
+                }
+                _ => {
+                    let floor = ahead_floor.map(position).max(watermark).min(last);
+                    Some(Parsing::start(Context::of(&w, watermark), text.clone(), floor, chunk_bytes))
+                }
+            };
+            let chunked = process_chunks(w, &batch, watermark, last, chunk_bytes, parsing).unwrap();
             prop_assert_eq!(&chunked.dead, &lines.dead);
             prop_assert_eq!(chunked.duplicates, lines.duplicates);
             prop_assert_eq!(chunked.last, lines.last);
@@ -577,7 +704,7 @@ mod tests {
                 crlf: false,
             })
             .collect();
-        let text = staged(&kinds);
+        let text = Arc::new(staged(&kinds));
         let data = gzip(&text);
         let batch = Batch {
             table: "public.t",
@@ -592,16 +719,17 @@ mod tests {
             None,
             None,
             3_000,
+            None,
         )
         .unwrap();
-        let again = process_chunks(first.writer, &batch, None, first.last, 3_000);
+        let again = process_chunks(first.writer, &batch, None, first.last, 3_000, None);
         // Every change of the second reading is a duplicate of the first's.
         let again = again.unwrap();
         assert_eq!(again.duplicates, 500);
         let (jsonl, rows, parts, files) = contents(again);
         assert_eq!(parts, 1);
         assert_eq!(files, vec![data.clone()], "the staged member, as it is");
-        assert_eq!(jsonl, text);
+        assert_eq!(jsonl, *text);
         assert_eq!(rows.unwrap().num_rows(), 500);
     }
 
