@@ -116,10 +116,17 @@ impl BackgroundGzip {
     }
 
     /// Appends `bytes` to the stream.
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.pending.extend_from_slice(bytes);
-        if self.pending.len() >= CHUNK {
-            self.send_pending()?;
+    pub fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        // In pieces of at most CHUNK, however large the write: what is in flight stays bounded.
+        while !bytes.is_empty() {
+            let take = CHUNK
+                .saturating_sub(self.pending.len())
+                .clamp(1, bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() >= CHUNK {
+                self.send_pending()?;
+            }
         }
         Ok(())
     }
@@ -239,6 +246,23 @@ mod tests {
         let mut direct = GzEncoder::new(Vec::new(), flate2::Compression::new(3));
         direct.write_all(&input).unwrap();
         assert_eq!(direct.finish().unwrap(), out);
+    }
+
+    #[test]
+    fn a_large_write_is_handed_over_in_chunks() {
+        // Three and a half chunks of text in one write: never more than a chunk waits here,
+        // and the stream is still the input gzipped.
+        let input: Vec<u8> = (0..CHUNK * 7 / 2).map(|i| b'a' + (i % 23) as u8).collect();
+        let mut gz = BackgroundGzip::new(1).unwrap();
+        gz.write(&input).unwrap();
+        assert!(gz.pending.len() < CHUNK, "{} bytes wait", gz.pending.len());
+        assert_eq!(gz.pending.len(), input.len() % CHUNK);
+        let (out, _) = gz.finish().unwrap();
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&out[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, input);
     }
 
     #[test]

@@ -80,10 +80,17 @@ impl BackgroundZstd {
     }
 
     /// Appends `bytes` to the stream.
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.pending.extend_from_slice(bytes);
-        if self.pending.len() >= CHUNK {
-            self.send_pending()?;
+    pub fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        // In pieces of at most CHUNK, however large the write: what is in flight stays bounded.
+        while !bytes.is_empty() {
+            let take = CHUNK
+                .saturating_sub(self.pending.len())
+                .clamp(1, bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() >= CHUNK {
+                self.send_pending()?;
+            }
         }
         Ok(())
     }

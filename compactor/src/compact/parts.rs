@@ -461,27 +461,49 @@ impl Claimed<'_> {
                 let task = tokio::task::spawn_blocking(move || {
                     process_batch(w, &table, &key, &data, watermark, last, parsing).map(|work| (work, data.data))
                 });
-                let output = std::mem::take(&mut pending_output);
-                let this: &Claimed<'_> = self;
-                let schema_id = batch.schema_id.clone();
-                let upload = async {
-                    for (part, format, bytes) in output {
-                        upload_to(&mut uploads, part, format, bytes, this).await?;
-                    }
-                    Ok::<(), HourError>(())
-                };
-                let receive = async {
-                    let next = rx.recv().await?;
-                    let parsing = match &next {
-                        (b, Ok(Some(Staged { text: Some(text), .. }))) if b.schema_id == schema_id => {
-                            Some(whole::Parsing::start(cx, text.clone(), before, whole::CHUNK_BYTES))
+                // (A block: the futures borrowing `self` and the uploads end with it.)
+                let (work, uploaded) = {
+                    let output = std::mem::take(&mut pending_output);
+                    let this: &Claimed<'_> = self;
+                    let schema_id = batch.schema_id.clone();
+                    let upload = async {
+                        for (part, format, bytes) in output {
+                            upload_to(&mut uploads, part, format, bytes, this).await?;
                         }
-                        _ => None,
+                        Ok::<(), HourError>(())
                     };
-                    Some((next, parsing))
+                    let receive = async {
+                        let next = rx.recv().await?;
+                        let parsing = match &next {
+                            (b, Ok(Some(Staged { text: Some(text), .. }))) if b.schema_id == schema_id => {
+                                Some(whole::Parsing::start(cx, text.clone(), before, whole::CHUNK_BYTES))
+                            }
+                            _ => None,
+                        };
+                        Some((next, parsing))
+                    };
+                    // The next batch is waited for only when this one went well and the run goes
+                    // on: an error, or the invoking deadline, does not wait on its download.
+                    let this_batch = async { tokio::join!(task, upload) };
+                    tokio::pin!(this_batch, receive);
+                    let mut next = None;
+                    let (work, uploaded) = tokio::select! {
+                        done = &mut this_batch => done,
+                        got = &mut receive => {
+                            next = Some(got);
+                            this_batch.await
+                        }
+                    };
+                    let goes_on = uploaded.is_ok()
+                        && matches!(work, Ok(Ok(_)))
+                        && self.deps.stop_at.is_none_or(|t| std::time::Instant::now() < t);
+                    ahead = match next {
+                        Some(got) => got,
+                        None if goes_on => receive.await,
+                        None => None,
+                    };
+                    (work, uploaded)
                 };
-                let (work, uploaded, next) = tokio::join!(task, upload, receive);
-                ahead = next;
                 uploaded?;
                 let (mut work, data) = work
                     .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
@@ -508,6 +530,8 @@ impl Claimed<'_> {
                 self.renew_if_due().await?;
                 if self.deps.stop_at.is_some_and(|t| std::time::Instant::now() >= t) {
                     tracing::info!(table = %self.table, hour = %self.hour, "stopping before the invocation's deadline: the part ends here and the next run goes on after it");
+                    // The next batch's parsing stops.
+                    ahead = None;
                     break;
                 }
             }

@@ -392,7 +392,11 @@ fn process_chunks(
     let cx = Context::of(&writer, watermark);
     let mut parsing = match parsing {
         Some(p) if p.serves(&cx, text, last) => p,
-        _ => Parsing::start(cx.clone(), text.clone(), last, chunk_bytes),
+        stale => {
+            // Its threads stop now rather than when the batch is done.
+            drop(stale);
+            Parsing::start(cx.clone(), text.clone(), last, chunk_bytes)
+        }
     };
 
     let mut finished = Vec::new();
@@ -407,7 +411,16 @@ fn process_chunks(
     let ratio = data.len() as f64 / text.len().max(1) as f64;
 
     while let Some((range, parsed)) = parsing.next() {
-        let mut parsed = parsed?;
+        // A chunk its thread could not parse (an error, a thread that stopped or never
+        // started) is parsed here against the real last change: that gives the error, if it
+        // is the chunk's own, as line-by-line reading would.
+        let mut parsed = match parsed {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::debug!(error = %error, "parsing a chunk again on the writing thread");
+                parse_chunk(&cx, text, range.clone(), last)?
+            }
+        };
         // Parsed against a floor at most the last change before the chunk. A line of this
         // chunk above the floor but not after the changes before it is a duplicate the chunk
         // could not see: read the chunk again against the real last change (what reading
@@ -650,7 +663,7 @@ mod tests {
             floor in proptest::option::of(150i64..260),
             small_parts in proptest::bool::weighted(0.3),
             typed in 0u8..5,
-            ahead in 0u8..4,
+            ahead in 0u8..5,
             ahead_floor in proptest::option::of(100i64..260),
         ) {
             let text = Arc::new(staged(&kinds));
@@ -667,7 +680,8 @@ mod tests {
             let batch = Batch { table: "public.t", staging_key: "k", data: &data, text: &text };
             let w = writer(formats, part_max);
             // Parsed ahead (as while the batch before appends) against a floor below the last
-            // change, or against another part's schema (not used), or not at all.
+            // change, or against another part's schema or a floor above the last change (both
+            // not to be used), or not at all.
             let parsing = match ahead {
                 0 => None,
                 1 => {
@@ -675,8 +689,13 @@ mod tests {
                     let other = writer_of(schema_with_price(23), formats, part_max);
                     Some(Parsing::start(Context::of(&other, watermark), text.clone(), None, chunk_bytes))
                 }
-                _ => {
+                2 | 3 => {
                     let floor = ahead_floor.map(position).max(watermark).min(last);
+                    Some(Parsing::start(Context::of(&w, watermark), text.clone(), floor, chunk_bytes))
+                }
+                // Above every change: used, it would drop them all as duplicates.
+                _ => {
+                    let floor = Some(Position::new(Lsn(1 << 40), 0));
                     Some(Parsing::start(Context::of(&w, watermark), text.clone(), floor, chunk_bytes))
                 }
             };
