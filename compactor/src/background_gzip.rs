@@ -57,6 +57,17 @@ fn stopped() -> std::io::Error {
     std::io::Error::other("the gzip thread stopped")
 }
 
+/// Moves the front of `bytes` into `pending` until `pending` holds `chunk` bytes or `bytes` is
+/// empty: true when `pending` is full and must be handed over before the rest (a write of any
+/// size goes out in pieces of at most `chunk`, so what is in flight stays bounded). Shared by
+/// the zstd stream.
+pub(crate) fn fill_chunk(pending: &mut Vec<u8>, bytes: &mut &[u8], chunk: usize) -> bool {
+    let take = chunk.saturating_sub(pending.len()).min(bytes.len());
+    pending.extend_from_slice(&bytes[..take]);
+    *bytes = &bytes[take..];
+    pending.len() >= chunk
+}
+
 impl BackgroundGzip {
     /// Starts the thread, compressing at `level`.
     pub fn new(level: u32) -> std::io::Result<Self> {
@@ -117,16 +128,8 @@ impl BackgroundGzip {
 
     /// Appends `bytes` to the stream.
     pub fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
-        // In pieces of at most CHUNK, however large the write: what is in flight stays bounded.
-        while !bytes.is_empty() {
-            let take = CHUNK
-                .saturating_sub(self.pending.len())
-                .clamp(1, bytes.len());
-            self.pending.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.pending.len() >= CHUNK {
-                self.send_pending()?;
-            }
+        while fill_chunk(&mut self.pending, &mut bytes, CHUNK) {
+            self.send_pending()?;
         }
         Ok(())
     }

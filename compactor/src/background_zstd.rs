@@ -81,16 +81,8 @@ impl BackgroundZstd {
 
     /// Appends `bytes` to the stream.
     pub fn write(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
-        // In pieces of at most CHUNK, however large the write: what is in flight stays bounded.
-        while !bytes.is_empty() {
-            let take = CHUNK
-                .saturating_sub(self.pending.len())
-                .clamp(1, bytes.len());
-            self.pending.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.pending.len() >= CHUNK {
-                self.send_pending()?;
-            }
+        while crate::background_gzip::fill_chunk(&mut self.pending, &mut bytes, CHUNK) {
+            self.send_pending()?;
         }
         Ok(())
     }

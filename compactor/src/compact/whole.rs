@@ -753,6 +753,49 @@ mod tests {
     }
 
     #[test]
+    fn chunks_whose_parsing_threads_stopped_are_parsed_on_the_writing_thread() {
+        let kinds: Vec<Kind> = (0..400)
+            .map(|i| Kind::Change {
+                step: if i % 37 == 0 { -1 } else { 1 },
+                note_len: (i % 90) as u8,
+                crlf: false,
+            })
+            .collect();
+        let text = Arc::new(staged(&kinds));
+        let data = gzip(&text);
+        let formats = &[Format::Jsonl, Format::Parquet];
+        let w = writer(formats, 1 << 30);
+        // Threads that died before sending anything: their channels are closed.
+        let results = (0..2)
+            .map(|_| mpsc::sync_channel::<ParsedChunk>(AHEAD).1)
+            .collect();
+        let dead_threads = Parsing {
+            cx: Context::of(&w, None),
+            text: text.clone(),
+            ranges: Arc::new(chunks(&text, 3_000)),
+            floor: None,
+            results,
+            taken: 0,
+        };
+        let batch = Batch {
+            table: "public.t",
+            staging_key: "k",
+            data: &data,
+            text: &text,
+        };
+        let chunked = process_chunks(w, &batch, None, None, 3_000, Some(dead_threads)).unwrap();
+        let lines =
+            process_lines(writer(formats, 1 << 30), "public.t", "k", &data, None, None).unwrap();
+        assert!(lines.duplicates > 0);
+        assert_eq!(chunked.duplicates, lines.duplicates);
+        assert_eq!(chunked.last, lines.last);
+        let (a_text, a_rows, _, _) = contents(chunked);
+        let (b_text, b_rows, _, _) = contents(lines);
+        assert_eq!(a_text, b_text);
+        assert_eq!(a_rows, b_rows);
+    }
+
+    #[test]
     fn chunks_end_at_line_ends_and_cover_the_text() {
         let text = b"aaaa\nbb\ncccccc\nd\n\neeee";
         for size in 1..text.len() + 2 {
