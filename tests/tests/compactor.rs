@@ -755,9 +755,9 @@ struct Mortal {
     dead: AtomicBool,
     records: AtomicU32,
     kill_after: u32,
-    /// Each time a flush was told a table-hour is done: the flush, and the batch items of it in
-    /// that table-hour not yet marked compacted then.
-    flush_done: std::sync::Mutex<Vec<(FlushId, usize)>>,
+    /// Each time a flush was told a table-hour is done: the flush, the batch items of it in
+    /// that table-hour not yet marked compacted then, and the parts recorded by then.
+    flush_done: std::sync::Mutex<Vec<(FlushId, usize, u32)>>,
 }
 
 impl Mortal {
@@ -907,8 +907,9 @@ impl Ledger for MortalLedger {
             .iter()
             .filter(|b| b.flush_id == batch.flush_id && !b.compacted)
             .count();
+        let recorded = self.1.records.load(Ordering::SeqCst);
         if let Ok(mut calls) = self.1.flush_done.lock() {
-            calls.push((batch.flush_id, unmarked));
+            calls.push((batch.flush_id, unmarked, recorded));
         }
         self.0.flush_hour_done(slot, batch, exp).await
     }
@@ -1206,6 +1207,83 @@ async fn a_run_at_its_deadline_ends_the_part_cleanly_and_the_next_run_goes_on() 
     Ok(())
 }
 
+/// Runs cut short by their deadline consume a flush's batches in the hour a few at a time: the
+/// flush is told the table-hour is done (after which its record may expire and a batch of it
+/// still unconsumed would be judged an orphan, its changes never compacted) only by the run
+/// that consumes its last batch there, and once.
+#[tokio::test]
+async fn a_flush_split_across_deadline_runs_hears_its_hour_is_done_only_at_the_end(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_split_flush").await?;
+    stager.batch_rows = 20;
+    // Two flushes of several batches each in one table-hour.
+    let mut staged = stage_notes(&mut stager, 1, 100, 4).await?;
+    staged.extend(stage_notes(&mut stager, 101, 80, 4).await?);
+    let t = notes_schema().table;
+    let items = batch_items(&aws, "slot_split_flush", &t, hour()).await?;
+    let flushes: BTreeSet<FlushId> = items.iter().map(|b| b.flush_id).collect();
+    assert_eq!(flushes.len(), 2);
+    assert!(
+        items.len() >= 8,
+        "several batches per flush: {}",
+        items.len()
+    );
+    let mortal = Arc::new(Mortal {
+        dead: AtomicBool::new(false),
+        records: AtomicU32::new(0),
+        kill_after: u32::MAX,
+        flush_done: Default::default(),
+    });
+    let dynamo = Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table));
+    let ledger = Arc::new(MortalLedger(dynamo.clone(), mortal.clone()));
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws.config)
+            .force_path_style(true)
+            .build(),
+    );
+    let store = Arc::new(S3Store::new(s3, &aws.bucket));
+    let c = Compactor::new(config(&aws), store, ledger, None);
+    let checkpoint = dynamo
+        .checkpoint("slot_split_flush")
+        .await?
+        .context("checkpoint")?;
+    let run = compactor::plan::SlotRun::new("slot_split_flush", checkpoint);
+    let mut runs = 0;
+    loop {
+        let marker = pending(&aws, "slot_split_flush").await?.into_iter().next();
+        let job = compactor::HourJob {
+            table: t.clone(),
+            hour: hour(),
+            marker,
+            stop_at: Some(std::time::Instant::now()),
+        };
+        let report = c.compact_hour(&run, &job).await?;
+        runs += 1;
+        if report.state == HourState::Done {
+            break;
+        }
+        assert!(runs <= items.len(), "more runs than batches: {report:?}");
+    }
+    assert!(runs > 2, "the stop time split the flushes: {runs} runs");
+    let calls = mortal
+        .flush_done
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .clone();
+    assert!(
+        calls.iter().all(|c| c.1 == 0),
+        "a flush was told its hour is done with batches of it there unconsumed: {calls:?}"
+    );
+    let told: Vec<FlushId> = calls.iter().map(|c| c.0).collect();
+    assert_eq!(told.iter().copied().collect::<BTreeSet<_>>(), flushes);
+    assert_eq!(told.len(), flushes.len(), "each flush once: {calls:?}");
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged.len());
+    Ok(())
+}
+
 #[tokio::test]
 async fn orphan_batches_are_never_compacted() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;
@@ -1345,6 +1423,79 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
         calls.iter().all(|c| c.1 == 0),
         "told only once all its batches in the hour were marked: {calls:?}"
     );
+    Ok(())
+}
+
+/// An hour written into many parts: a flush whose batches the recorded parts have passed is
+/// consumed while the later parts are written, not after the last one, and still only once all
+/// its batches in the hour are marked; every batch is consumed once and every change is final
+/// once.
+#[tokio::test]
+async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_written(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_early").await?;
+    stager.batch_rows = 10;
+    let mut staged = Vec::new();
+    for f in 0..4 {
+        staged.extend(stage_notes(&mut stager, 1 + f * 60, 60, 3).await?);
+    }
+    let t = notes_schema().table;
+    let items = batch_items(&aws, "slot_early", &t, hour()).await?;
+    let flushes: BTreeSet<FlushId> = items.iter().map(|b| b.flush_id).collect();
+    assert_eq!(flushes.len(), 4);
+    let mortal = Arc::new(Mortal {
+        dead: AtomicBool::new(false),
+        records: AtomicU32::new(0),
+        kill_after: u32::MAX,
+        flush_done: Default::default(),
+    });
+    let ledger = Arc::new(MortalLedger(
+        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
+        mortal.clone(),
+    ));
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws.config)
+            .force_path_style(true)
+            .build(),
+    );
+    let store = Arc::new(S3Store::new(s3, &aws.bucket));
+    let mut cfg = config(&aws);
+    cfg.part_max_bytes = 4096;
+    let c = Compactor::new(cfg, store, ledger, None);
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let hour_report = &report.hours[0];
+    assert_eq!(hour_report.state, HourState::Done);
+    assert_eq!(hour_report.consumed_batches, items.len());
+    let parts_written = hour_report.parts;
+    assert!(parts_written >= 4, "many parts: {parts_written}");
+    let calls = mortal
+        .flush_done
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .clone();
+    assert!(
+        calls.iter().all(|c| c.1 == 0),
+        "told only once all its batches in the hour were marked: {calls:?}"
+    );
+    let told: Vec<FlushId> = calls.iter().map(|c| c.0).collect();
+    assert_eq!(told.iter().copied().collect::<BTreeSet<_>>(), flushes);
+    assert_eq!(told.len(), flushes.len(), "each flush once: {calls:?}");
+    assert!(
+        calls.iter().any(|c| c.2 < parts_written),
+        "a flush was consumed before the last part was recorded: {calls:?}"
+    );
+    assert!(
+        batch_items(&aws, "slot_early", &t, hour())
+            .await?
+            .iter()
+            .all(|b| b.compacted),
+        "every batch marked"
+    );
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged.len());
     Ok(())
 }
 

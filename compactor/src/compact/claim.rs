@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use cdc_contract::ledger::{HourRecord, PartItem};
 use cdc_contract::{Hour, TableName};
 
+use super::finish::EarlyConsumption;
 use super::{new_attempt_id, Deps, HourError, HourJob, HourReport, HourState};
 use crate::ledger::Claim;
 use crate::manifest::attempt_of;
@@ -24,6 +25,8 @@ pub(super) struct Claimed<'a> {
     pub(super) attempt: String,
     pub(super) last_renew_ms: i64,
     pub(super) report: HourReport,
+    /// Flushes consumed beside the writing, as recorded parts pass them.
+    pub(super) early: Option<EarlyConsumption>,
 }
 
 /// What the hour record says is left to clean up after earlier attempts.
@@ -94,6 +97,7 @@ pub(super) async fn claim<'a>(
         attempt,
         last_renew_ms: now,
         report: HourReport::new(slot, job, HourState::Done),
+        early: None,
     }))
 }
 

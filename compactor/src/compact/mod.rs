@@ -48,7 +48,7 @@ use crate::store::ObjectStore;
 use crate::{now_ms, Compactor};
 
 use claim::{claim, Cleanup};
-use finish::finish;
+use finish::{consume_early, finish, Consumed, EarlyConsumption};
 pub(crate) use parts::SchemaCache;
 
 /// Why compacting an hour stopped.
@@ -204,6 +204,7 @@ impl Compactor {
         let cleanup = Cleanup::of(&record, now);
         tracing::debug!(table = %job.table, hour = %job.hour, batches = batches.valid.len(), to_do = todo.len(), ms = started.elapsed().as_millis() as u64, "hour planned");
 
+        let mut early = Consumed::default();
         let (record, mut report) = if todo.is_empty() && !cleanup.is_due() {
             (record, HourReport::new(&slot.slot, job, HourState::Done))
         } else {
@@ -212,24 +213,43 @@ impl Compactor {
                 return Ok(HourReport::new(&slot.slot, job, HourState::Busy));
             };
             tracing::debug!(table = %job.table, hour = %job.hour, ms = started.elapsed().as_millis() as u64, "hour claimed");
-            let result = async {
-                if cleanup.is_due() {
-                    run.clean_up(cleanup).await?;
+            // Flushes the recorded parts pass whole are consumed (step 4) beside the writing.
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            run.early = EarlyConsumption::new(&batches, record.compacted_through, tx);
+            let writing = async {
+                let result = async {
+                    if cleanup.is_due() {
+                        run.clean_up(cleanup).await?;
+                    }
+                    // 3. Write the batches to do into recorded parts.
+                    if !todo.is_empty() {
+                        run.write_parts(todo).await?;
+                    }
+                    Ok(())
                 }
-                // 3. Write the batches to do into recorded parts.
-                if !todo.is_empty() {
-                    run.write_parts(todo).await?;
-                }
-                Ok(())
-            }
-            .await;
-            let ended = run.end(result).await?;
+                .await;
+                // Ends the early consumption's channel: it finishes what it was handed.
+                run.early = None;
+                run.end(result).await
+            };
+            let (ended, consumed) = tokio::join!(writing, consume_early(deps, &slot.slot, rx));
+            early = consumed;
+            let ended = ended?;
             tracing::debug!(table = %job.table, hour = %job.hour, ms = started.elapsed().as_millis() as u64, "parts written, claim released");
             ended
         };
 
         // 4. Consume the batches the record covers, remove orphans, clear the marker.
-        finish(deps, &slot.slot, job, &batches, &record, &mut report).await?;
+        finish(
+            deps,
+            &slot.slot,
+            job,
+            &batches,
+            &record,
+            &early,
+            &mut report,
+        )
+        .await?;
         summarize(&slot.slot, job, &report, started);
         Ok(report)
     }

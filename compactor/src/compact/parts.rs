@@ -303,6 +303,9 @@ impl Claimed<'_> {
                 );
                 self.record = next;
                 self.last_renew_ms = now;
+                if let Some(early) = self.early.as_mut() {
+                    early.offer(self.record.compacted_through);
+                }
                 self.parts.push(part);
                 self.report.parts += 1;
                 self.report.latest_part = Some((stats.schema_id.clone(), stats.last));
@@ -514,6 +517,9 @@ impl Claimed<'_> {
                 // Dead letters are stored before any part that passes their line is recorded.
                 if !work.dead.is_empty() {
                     self.store_dead_letters(&batch, &work.dead, work.copy_object.then_some(&data)).await?;
+                }
+                if let Some(early) = self.early.as_mut() {
+                    early.read(&batch);
                 }
                 for done in std::mem::take(&mut work.finished) {
                     let files = take_uploads(&mut uploads, done.stats.part);
