@@ -107,12 +107,16 @@ impl SlotRun {
                 r
             }
         };
-        Ok(if recorded {
-            Validity::Valid
-        } else if id.seq <= self.checkpoint.flush_seq {
-            Validity::Orphan
-        } else {
-            Validity::Undecided
+        // The checkpoint was read before the hour's items were, and a flush's record commits
+        // with the checkpoint after all its items are written: a flush at or below the
+        // checkpoint had all its items in the query. A newer one may have committed after the
+        // query saw only some of them; its batches wait for a later run, else the watermark
+        // would pass the ones not seen, and they would be skipped.
+        let committed_before = id.seq <= self.checkpoint.flush_seq;
+        Ok(match (recorded, committed_before) {
+            (true, true) => Validity::Valid,
+            (false, true) => Validity::Orphan,
+            (_, false) => Validity::Undecided,
         })
     }
 

@@ -1284,6 +1284,63 @@ async fn a_flush_split_across_deadline_runs_hears_its_hour_is_done_only_at_the_e
     Ok(())
 }
 
+/// The capture writes a flush's batch items and then, in one transaction, its record and the
+/// checkpoint. A sweep that queried the hour's items while some of a flush's items were still
+/// being written, and found its record committed by the time it looked, must not compact the
+/// batches it saw: they would raise the watermark past the ones it missed, which the next run
+/// would then skip. Such a flush is newer than the checkpoint the sweep read first, so it is
+/// undecided until a later sweep; every change ends up final once.
+#[tokio::test]
+async fn a_flush_newer_than_the_checkpoint_read_waits_even_if_its_record_is_found(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let slot = "slot_racing_flush";
+    let mut stager = Stager::new(&aws, slot).await?;
+    stager.batch_rows = 20;
+    let mut staged = stage_notes(&mut stager, 1, 40, 4).await?;
+    let dynamo = DynamoLedger::new(aws.dynamodb.clone(), &aws.table);
+    // The checkpoint as a sweep read it, before the next flush committed.
+    let before = dynamo.checkpoint(slot).await?.context("checkpoint")?;
+    let t = notes_schema().table;
+    let seen: BTreeSet<String> = batch_items(&aws, slot, &t, hour())
+        .await?
+        .into_iter()
+        .map(|b| b.key)
+        .collect();
+    staged.extend(stage_notes(&mut stager, 41, 60, 4).await?);
+    let newer: Vec<BatchItem> = batch_items(&aws, slot, &t, hour())
+        .await?
+        .into_iter()
+        .filter(|b| !seen.contains(&b.key))
+        .collect();
+    assert!(newer.len() >= 3, "the newer flush has several batches");
+    // The sweep's query saw all but the newer flush's first batch: its item not written yet.
+    let missing = newer[0].clone();
+    dynamo.delete_batch(slot, &missing).await?;
+    let c = compactor_with(&aws, config(&aws));
+    let run = compactor::plan::SlotRun::new(slot, before);
+    let job = compactor::HourJob {
+        table: t.clone(),
+        hour: hour(),
+        marker: pending(&aws, slot).await?.into_iter().next(),
+        stop_at: None,
+    };
+    c.compact_hour(&run, &job).await?;
+    // The missing item lands; the next sweep reads a newer checkpoint.
+    aws.dynamodb
+        .put_item()
+        .table_name(&aws.table)
+        .set_item(Some(missing.to_item(slot)))
+        .send()
+        .await?;
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged.len(), "every staged change is final");
+    Ok(())
+}
+
 #[tokio::test]
 async fn orphan_batches_are_never_compacted() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;
