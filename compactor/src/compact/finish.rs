@@ -110,6 +110,18 @@ pub(super) async fn finish(
     report.state = if batches.undecided || !all_consumed || recheck_waiting {
         HourState::Pending
     } else {
+        // The flushes whose batches here were all marked before this run are told again before
+        // the marker goes: a run that died between marking a flush's last batch and telling it
+        // left it untold, and no later run has a batch of it to consume (its record would never
+        // expire). Adding the hour to its done set again changes nothing.
+        for group in by_flush(&batches.valid).into_values() {
+            if let Some(first) = group.first().filter(|_| group.iter().all(|b| b.compacted)) {
+                retry("note flush hour compacted", || {
+                    ledger.flush_hour_done(slot, first, expires_at)
+                })
+                .await?;
+            }
+        }
         match &job.marker {
             Some(marker) => {
                 if retry("clear pending hour", || ledger.clear_pending(slot, marker)).await? {
