@@ -760,9 +760,22 @@ struct Mortal {
     flush_done: std::sync::Mutex<Vec<(FlushId, usize, u32)>>,
     /// While not 0, telling a flush its hour is done fails (after its batches were marked).
     fail_flush_done: AtomicU32,
+    /// Batches marked compacted while the hour record's watermark was below their last change
+    /// (their changes not all in recorded parts): must stay empty.
+    premature: std::sync::Mutex<Vec<String>>,
 }
 
 impl Mortal {
+    /// Fails the test if a batch was marked compacted before the watermark passed it.
+    fn assert_none_premature(&self) -> anyhow::Result<()> {
+        let premature = self.premature.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        assert!(
+            premature.is_empty(),
+            "batches marked compacted before the recorded parts held them: {premature:?}"
+        );
+        Ok(())
+    }
+
     fn check<E>(&self, err: impl Fn(String) -> E) -> Result<(), E> {
         if self.dead.load(Ordering::SeqCst) {
             Err(err("the process is dead".into()))
@@ -889,6 +902,19 @@ impl Ledger for MortalLedger {
         exp: i64,
     ) -> Result<(), LedgerError> {
         self.1.check(LedgerError::Definite)?;
+        let through = self
+            .0
+            .hour_record(slot, &batch.table, batch.hour)
+            .await?
+            .and_then(|r| r.compacted_through);
+        if through.is_none_or(|w| batch.last > w) {
+            if let Ok(mut p) = self.1.premature.lock() {
+                p.push(format!(
+                    "{} (last {:?}, watermark {through:?})",
+                    batch.key, batch.last
+                ));
+            }
+        }
         self.0.mark_compacted(slot, batch, exp).await
     }
     async fn delete_batch(&self, slot: &str, batch: &BatchItem) -> Result<(), LedgerError> {
@@ -997,6 +1023,7 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
         kill_after: 1,
         flush_done: Default::default(),
         fail_flush_done: AtomicU32::new(0),
+        premature: Default::default(),
     });
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&aws.config)
@@ -1110,6 +1137,7 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
         read["duckdb"]["rows"].as_array().map(Vec::len),
         Some(staged.len())
     );
+    mortal.assert_none_premature()?;
     Ok(())
 }
 
@@ -1243,6 +1271,7 @@ async fn a_flush_split_across_deadline_runs_hears_its_hour_is_done_only_at_the_e
         kill_after: u32::MAX,
         flush_done: Default::default(),
         fail_flush_done: AtomicU32::new(0),
+        premature: Default::default(),
     });
     let dynamo = Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table));
     let ledger = Arc::new(MortalLedger(dynamo.clone(), mortal.clone()));
@@ -1291,6 +1320,7 @@ async fn a_flush_split_across_deadline_runs_hears_its_hour_is_done_only_at_the_e
     let events = final_events(&aws, &t, hour()).await?;
     assert_each_once_in_order(&events)?;
     assert_eq!(events.len(), staged.len());
+    mortal.assert_none_premature()?;
     Ok(())
 }
 
@@ -1460,6 +1490,7 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
         kill_after: u32::MAX,
         flush_done: Default::default(),
         fail_flush_done: AtomicU32::new(0),
+        premature: Default::default(),
     });
     let ledger = Arc::new(MortalLedger(
         Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
@@ -1491,6 +1522,7 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
         calls.iter().all(|c| c.1 == 0),
         "told only once all its batches in the hour were marked: {calls:?}"
     );
+    mortal.assert_none_premature()?;
     Ok(())
 }
 
@@ -1503,21 +1535,26 @@ async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_writ
 ) -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;
     let mut stager = Stager::new(&aws, "slot_early").await?;
+    // First a flush of one batch of several chunks (parts roll inside it: its last rows are
+    // in a part not recorded when the parts before are), then flushes of small batches.
+    stager.batch_rows = 10_000;
+    let mut staged = stage_notes(&mut stager, 1, 7_000, 100).await?;
     stager.batch_rows = 10;
-    let mut staged = Vec::new();
     for f in 0..6 {
-        staged.extend(stage_notes(&mut stager, 1 + f * 60, 60, 3).await?);
+        staged.extend(stage_notes(&mut stager, 7_001 + f * 60, 60, 3).await?);
     }
     let t = notes_schema().table;
     let items = batch_items(&aws, "slot_early", &t, hour()).await?;
     let flushes: BTreeSet<FlushId> = items.iter().map(|b| b.flush_id).collect();
-    assert_eq!(flushes.len(), 6);
+    assert_eq!(flushes.len(), 7);
+    assert!(items.iter().any(|b| b.rows == 7_000), "one big batch");
     let mortal = Arc::new(Mortal {
         dead: AtomicBool::new(false),
         records: AtomicU32::new(0),
         kill_after: u32::MAX,
         flush_done: Default::default(),
         fail_flush_done: AtomicU32::new(0),
+        premature: Default::default(),
     });
     let ledger = Arc::new(MortalLedger(
         Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
@@ -1565,6 +1602,7 @@ async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_writ
     let events = final_events(&aws, &t, hour()).await?;
     assert_each_once_in_order(&events)?;
     assert_eq!(events.len(), staged.len());
+    mortal.assert_none_premature()?;
     Ok(())
 }
 
@@ -1592,6 +1630,7 @@ async fn a_flush_left_untold_by_a_dead_run_is_told_by_the_next() -> anyhow::Resu
         kill_after: u32::MAX,
         flush_done: Default::default(),
         fail_flush_done: AtomicU32::new(1),
+        premature: Default::default(),
     });
     let ledger = Arc::new(MortalLedger(
         Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
@@ -1629,6 +1668,7 @@ async fn a_flush_left_untold_by_a_dead_run_is_told_by_the_next() -> anyhow::Resu
         .collect();
     assert_eq!(told, flushes, "every flush told in the end");
     assert!(pending(&aws, "slot_untold").await?.is_empty());
+    mortal.assert_none_premature()?;
     Ok(())
 }
 
