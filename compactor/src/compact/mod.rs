@@ -15,9 +15,12 @@
 //!    the manifests are rewritten. A lost claim stops the attempt, which deletes its own files.
 //!    Then the claim is released; after a failure it is given up unreleased, so the next run
 //!    cleans up.
-//! 4. Tag the consumed batches' staging objects, mark their items compacted (with a TTL), delete
-//!    orphan items, and clear the pending marker unless a batch is undecided or not consumed, a
-//!    recheck is to come, or a flush touched it meanwhile.
+//! 4. Consume the batches a flush at a time, once the watermark passes all of that flush's
+//!    batches in the hour: tag their staging objects, mark their items compacted (with a TTL),
+//!    tell the flush record the table-hour is done. Flushes a recorded part passes are consumed
+//!    beside the writing of the later parts (`finish::EarlyConsumption`), the rest after it.
+//!    Then delete orphan items, and clear the pending marker unless a batch is undecided or not
+//!    consumed, a recheck is to come, or a flush touched it meanwhile.
 //!
 //! `compact_hour` below runs the steps in order, one call each: step 1 here, step 2 (the
 //! claim, its renewal, the cleanup after a lapsed claim and the release) in `claim.rs`, step 3
