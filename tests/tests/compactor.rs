@@ -241,6 +241,18 @@ fn assert_each_once_in_order(events: &[Value]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every one of the `staged` changes of the test hour is final once, in order.
+async fn assert_all_final_once(
+    aws: &AwsFixture,
+    table: &TableName,
+    staged: usize,
+) -> anyhow::Result<()> {
+    let events = final_events(aws, table, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged, "every staged change is final");
+    Ok(())
+}
+
 async fn parts(
     aws: &AwsFixture,
     slot: &str,
@@ -766,6 +778,18 @@ struct Mortal {
 }
 
 impl Mortal {
+    /// Alive until `kill_after` parts are recorded; nothing else fails.
+    fn new(kill_after: u32) -> Arc<Self> {
+        Arc::new(Mortal {
+            dead: AtomicBool::new(false),
+            records: AtomicU32::new(0),
+            kill_after,
+            flush_done: Default::default(),
+            fail_flush_done: AtomicU32::new(0),
+            premature: Default::default(),
+        })
+    }
+
     /// Fails the test if a batch was marked compacted before the watermark passed it.
     fn assert_none_premature(&self) -> anyhow::Result<()> {
         let premature = self.premature.lock().map_err(|_| anyhow::anyhow!("lock"))?;
@@ -786,6 +810,21 @@ impl Mortal {
 }
 
 struct MortalLedger(Arc<DynamoLedger>, Arc<Mortal>);
+
+/// A compactor on the emulator whose ledger is `mortal`'s (its store is the emulator's own).
+fn failing_ledger_compactor(aws: &AwsFixture, cfg: Settings, mortal: &Arc<Mortal>) -> Compactor {
+    let ledger = Arc::new(MortalLedger(
+        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
+        mortal.clone(),
+    ));
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws.config)
+            .force_path_style(true)
+            .build(),
+    );
+    let store = Arc::new(S3Store::new(s3, &aws.bucket));
+    Compactor::new(cfg, store, ledger, None)
+}
 struct MortalStore(Arc<S3Store>, Arc<Mortal>);
 
 #[async_trait]
@@ -1017,14 +1056,7 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
     cfg.part_max_bytes = 8192;
     let t = notes_schema().table;
 
-    let mortal = Arc::new(Mortal {
-        dead: AtomicBool::new(false),
-        records: AtomicU32::new(0),
-        kill_after: 1,
-        flush_done: Default::default(),
-        fail_flush_done: AtomicU32::new(0),
-        premature: Default::default(),
-    });
+    let mortal = Mortal::new(1);
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&aws.config)
             .force_path_style(true)
@@ -1265,24 +1297,9 @@ async fn a_flush_split_across_deadline_runs_hears_its_hour_is_done_only_at_the_e
         "several batches per flush: {}",
         items.len()
     );
-    let mortal = Arc::new(Mortal {
-        dead: AtomicBool::new(false),
-        records: AtomicU32::new(0),
-        kill_after: u32::MAX,
-        flush_done: Default::default(),
-        fail_flush_done: AtomicU32::new(0),
-        premature: Default::default(),
-    });
-    let dynamo = Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table));
-    let ledger = Arc::new(MortalLedger(dynamo.clone(), mortal.clone()));
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
-    let store = Arc::new(S3Store::new(s3, &aws.bucket));
-    let c = Compactor::new(config(&aws), store, ledger, None);
-    let checkpoint = dynamo
+    let mortal = Mortal::new(u32::MAX);
+    let c = failing_ledger_compactor(&aws, config(&aws), &mortal);
+    let checkpoint = DynamoLedger::new(aws.dynamodb.clone(), &aws.table)
         .checkpoint("slot_split_flush")
         .await?
         .context("checkpoint")?;
@@ -1317,9 +1334,7 @@ async fn a_flush_split_across_deadline_runs_hears_its_hour_is_done_only_at_the_e
     // that ends the hour).
     let told: BTreeSet<FlushId> = calls.iter().map(|c| c.0).collect();
     assert_eq!(told, flushes);
-    let events = final_events(&aws, &t, hour()).await?;
-    assert_each_once_in_order(&events)?;
-    assert_eq!(events.len(), staged.len());
+    assert_all_final_once(&aws, &t, staged.len()).await?;
     mortal.assert_none_premature()?;
     Ok(())
 }
@@ -1375,9 +1390,7 @@ async fn a_flush_newer_than_the_checkpoint_read_waits_even_if_its_record_is_foun
         .await?;
     let report = c.sweep(&SweepRequest::default()).await?;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
-    let events = final_events(&aws, &t, hour()).await?;
-    assert_each_once_in_order(&events)?;
-    assert_eq!(events.len(), staged.len(), "every staged change is final");
+    assert_all_final_once(&aws, &t, staged.len()).await?;
     Ok(())
 }
 
@@ -1484,25 +1497,8 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
         .map(|b| b.flush_id)
         .collect();
     assert_eq!(flushes.len(), 3);
-    let mortal = Arc::new(Mortal {
-        dead: AtomicBool::new(false),
-        records: AtomicU32::new(0),
-        kill_after: u32::MAX,
-        flush_done: Default::default(),
-        fail_flush_done: AtomicU32::new(0),
-        premature: Default::default(),
-    });
-    let ledger = Arc::new(MortalLedger(
-        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
-        mortal.clone(),
-    ));
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
-    let store = Arc::new(S3Store::new(s3, &aws.bucket));
-    let c = Compactor::new(config(&aws), store, ledger, None);
+    let mortal = Mortal::new(u32::MAX);
+    let c = failing_ledger_compactor(&aws, config(&aws), &mortal);
     let report = c.sweep(&SweepRequest::default()).await?;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(report.hours[0].consumed_batches, 18);
@@ -1548,27 +1544,10 @@ async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_writ
     let flushes: BTreeSet<FlushId> = items.iter().map(|b| b.flush_id).collect();
     assert_eq!(flushes.len(), 7);
     assert!(items.iter().any(|b| b.rows == 7_000), "one big batch");
-    let mortal = Arc::new(Mortal {
-        dead: AtomicBool::new(false),
-        records: AtomicU32::new(0),
-        kill_after: u32::MAX,
-        flush_done: Default::default(),
-        fail_flush_done: AtomicU32::new(0),
-        premature: Default::default(),
-    });
-    let ledger = Arc::new(MortalLedger(
-        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
-        mortal.clone(),
-    ));
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
-    let store = Arc::new(S3Store::new(s3, &aws.bucket));
+    let mortal = Mortal::new(u32::MAX);
     let mut cfg = config(&aws);
     cfg.part_max_bytes = 4096;
-    let c = Compactor::new(cfg, store, ledger, None);
+    let c = failing_ledger_compactor(&aws, cfg, &mortal);
     let report = c.sweep(&SweepRequest::default()).await?;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     let hour_report = &report.hours[0];
@@ -1599,9 +1578,7 @@ async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_writ
             .all(|b| b.compacted),
         "every batch marked"
     );
-    let events = final_events(&aws, &t, hour()).await?;
-    assert_each_once_in_order(&events)?;
-    assert_eq!(events.len(), staged.len());
+    assert_all_final_once(&aws, &t, staged.len()).await?;
     mortal.assert_none_premature()?;
     Ok(())
 }
@@ -1624,25 +1601,9 @@ async fn a_flush_left_untold_by_a_dead_run_is_told_by_the_next() -> anyhow::Resu
         .map(|b| b.flush_id)
         .collect();
     assert_eq!(flushes.len(), 2);
-    let mortal = Arc::new(Mortal {
-        dead: AtomicBool::new(false),
-        records: AtomicU32::new(0),
-        kill_after: u32::MAX,
-        flush_done: Default::default(),
-        fail_flush_done: AtomicU32::new(1),
-        premature: Default::default(),
-    });
-    let ledger = Arc::new(MortalLedger(
-        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
-        mortal.clone(),
-    ));
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
-    let store = Arc::new(S3Store::new(s3, &aws.bucket));
-    let c = Compactor::new(config(&aws), store, ledger, None);
+    let mortal = Mortal::new(u32::MAX);
+    mortal.fail_flush_done.store(1, Ordering::SeqCst);
+    let c = failing_ledger_compactor(&aws, config(&aws), &mortal);
     let first = c.sweep(&SweepRequest::default()).await?;
     assert!(
         !first.failures.is_empty(),
