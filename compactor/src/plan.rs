@@ -96,6 +96,15 @@ impl SlotRun {
             }
         }
         let id = batch.flush_id;
+        // The checkpoint was read before the hour's items were, and a flush's record commits
+        // with the checkpoint after all its items are written: a flush at or below the
+        // checkpoint had all its items in the query. A newer one may have committed after the
+        // query saw only some of them, so its record is not even looked at: its batches wait
+        // for a later run, else the watermark would pass the ones not seen, and they would be
+        // skipped.
+        if id.seq > self.checkpoint.flush_seq {
+            return Ok(Validity::Undecided);
+        }
         let known = self.flushes.lock().ok().and_then(|m| m.get(&id).copied());
         let recorded = match known {
             Some(r) => r,
@@ -107,16 +116,10 @@ impl SlotRun {
                 r
             }
         };
-        // The checkpoint was read before the hour's items were, and a flush's record commits
-        // with the checkpoint after all its items are written: a flush at or below the
-        // checkpoint had all its items in the query. A newer one may have committed after the
-        // query saw only some of them; its batches wait for a later run, else the watermark
-        // would pass the ones not seen, and they would be skipped.
-        let committed_before = id.seq <= self.checkpoint.flush_seq;
-        Ok(match (recorded, committed_before) {
-            (true, true) => Validity::Valid,
-            (false, true) => Validity::Orphan,
-            (_, false) => Validity::Undecided,
+        Ok(if recorded {
+            Validity::Valid
+        } else {
+            Validity::Orphan
         })
     }
 
@@ -133,7 +136,11 @@ impl SlotRun {
             };
             let mut ids: Vec<FlushId> = items
                 .iter()
-                .filter(|b| !b.compacted && !known.contains_key(&b.flush_id))
+                .filter(|b| {
+                    !b.compacted
+                        && b.flush_id.seq <= self.checkpoint.flush_seq
+                        && !known.contains_key(&b.flush_id)
+                })
                 .map(|b| b.flush_id)
                 .collect();
             ids.sort();

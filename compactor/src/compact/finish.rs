@@ -54,39 +54,48 @@ pub(super) async fn finish(
     let ledger = deps.ledger;
     let through = record.compacted_through;
     let expires_at = now_ms() / 1000 + deps.batch_ttl_seconds;
-    // A flush is consumed whole: all its batches in the hour at or below the watermark, some
-    // not marked yet. With an undecided batch the list stops there and may miss batches of a
-    // flush, so no flush is consumed (the hour stays pending and a later run does it).
-    let groups: Vec<Vec<&BatchItem>> = if batches.undecided {
-        Vec::new()
-    } else {
-        by_flush(&batches.valid)
-            .into_iter()
-            .filter(|(flush, group)| {
-                !early.flushes.contains(flush)
-                    && group.iter().all(|b| through.is_some_and(|w| b.last <= w))
-            })
-            .map(|(_, group)| {
-                group
-                    .into_iter()
-                    .filter(|b| !b.compacted)
-                    .collect::<Vec<_>>()
-            })
-            .filter(|group| !group.is_empty())
-            .collect()
-    };
-    let consumed: usize = groups.iter().map(Vec::len).sum();
-    let mut pending: FuturesUnordered<_> = FuturesUnordered::new();
-    let mut groups = groups.into_iter();
-    loop {
-        while pending.len() < CONCURRENCY {
-            let Some(group) = groups.next() else { break };
-            pending.push(consume(ledger, &**deps.store, slot, group, expires_at));
+    let all_consumed = batches
+        .valid
+        .iter()
+        .all(|b| through.is_some_and(|w| b.last <= w));
+    // A recheck still to come keeps the pending marker, so a sweep returns to the hour.
+    let recheck_waiting = record.recheck_after_ms != 0;
+    let ends_hour = !batches.undecided && all_consumed && !recheck_waiting;
+    // A flush is consumed whole: all its batches in the hour at or below the watermark; those
+    // not marked yet are marked, then the flush is told. With an undecided batch the list stops
+    // there and may miss batches of a flush, so no flush is consumed (the hour stays pending
+    // and a later run does it). A flush whose batches here were all marked before this run is
+    // told again by the run that ends the hour: a run that died between marking its last batch
+    // and telling it left it untold, with no batch of it left to consume (its record would
+    // never expire); adding the hour to its done set again changes nothing.
+    let mut work: Vec<(Vec<&BatchItem>, &BatchItem)> = Vec::new();
+    if !batches.undecided {
+        for (flush, group) in by_flush(&batches.valid) {
+            if early.flushes.contains(&flush)
+                || !group.iter().all(|b| through.is_some_and(|w| b.last <= w))
+            {
+                continue;
+            }
+            let unmarked: Vec<&BatchItem> =
+                group.iter().copied().filter(|b| !b.compacted).collect();
+            if !unmarked.is_empty() || ends_hour {
+                work.push((unmarked, group[0]));
+            }
         }
-        match pending.next().await {
-            Some(r) => r?,
-            None => break,
-        }
+    }
+    let consumed: usize = work.iter().map(|(unmarked, _)| unmarked.len()).sum();
+    // Futures collected first: a stream holding the closure would make the compaction's
+    // future lose `Send` (the closure's borrow is not general enough).
+    let pending: Vec<_> = work
+        .iter()
+        .map(|(unmarked, flush)| consume(ledger, &**deps.store, slot, unmarked, flush, expires_at))
+        .collect();
+    let results = futures::stream::iter(pending)
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    for r in results {
+        r?;
     }
     report.consumed_batches = early.batches + consumed;
     let orphans = &batches.orphans;
@@ -101,27 +110,9 @@ pub(super) async fn finish(
         tracing::info!(slot = %slot, table = %job.table, hour = %job.hour, items = orphans.len(), "removed orphan batch items (their flush never committed)");
     }
 
-    let all_consumed = batches
-        .valid
-        .iter()
-        .all(|b| through.is_some_and(|w| b.last <= w));
-    // A recheck still to come keeps the pending marker, so a sweep returns to the hour.
-    let recheck_waiting = record.recheck_after_ms != 0;
-    report.state = if batches.undecided || !all_consumed || recheck_waiting {
+    report.state = if !ends_hour {
         HourState::Pending
     } else {
-        // The flushes whose batches here were all marked before this run are told again before
-        // the marker goes: a run that died between marking a flush's last batch and telling it
-        // left it untold, and no later run has a batch of it to consume (its record would never
-        // expire). Adding the hour to its done set again changes nothing.
-        for group in by_flush(&batches.valid).into_values() {
-            if let Some(first) = group.first().filter(|_| group.iter().all(|b| b.compacted)) {
-                retry("note flush hour compacted", || {
-                    ledger.flush_hour_done(slot, first, expires_at)
-                })
-                .await?;
-            }
-        }
         match &job.marker {
             Some(marker) => {
                 if retry("clear pending hour", || ledger.clear_pending(slot, marker)).await? {
@@ -141,16 +132,17 @@ pub(super) async fn finish(
 const CONCURRENCY: usize = 16;
 
 /// Tags the consumed batches' staging objects for expiry and marks their items compacted (one
-/// flush's batches of this table-hour, one after the other), then notes the table-hour done in
-/// the flush's record.
+/// flush's batches of this table-hour not marked yet, one after the other; none when all are),
+/// then notes the table-hour done in the record of `flush`'s flush.
 async fn consume(
     ledger: &dyn Ledger,
     store: &dyn ObjectStore,
     slot: &str,
-    batches: Vec<&BatchItem>,
+    batches: &[&BatchItem],
+    flush: &BatchItem,
     expires_at: i64,
 ) -> Result<(), HourError> {
-    for batch in &batches {
+    for batch in batches {
         retry("tag staging object", || {
             store.tag(&batch.key, &[("compacted", "true")])
         })
@@ -161,12 +153,10 @@ async fn consume(
         .await?;
     }
     // After the items say compacted: the flush record may expire once all its hours are.
-    if let Some(batch) = batches.first() {
-        retry("note flush hour compacted", || {
-            ledger.flush_hour_done(slot, batch, expires_at)
-        })
-        .await?;
-    }
+    retry("note flush hour compacted", || {
+        ledger.flush_hour_done(slot, flush, expires_at)
+    })
+    .await?;
     Ok(())
 }
 
@@ -275,13 +265,20 @@ async fn consume_owned(
     group: Vec<BatchItem>,
 ) -> (Vec<BatchItem>, Result<(), HourError>) {
     let expires_at = now_ms() / 1000 + deps.batch_ttl_seconds;
-    let result = consume(
-        deps.ledger,
-        &**deps.store,
-        slot,
-        group.iter().collect(),
-        expires_at,
-    )
-    .await;
+    let unmarked: Vec<&BatchItem> = group.iter().collect();
+    let result = match group.first() {
+        Some(flush) => {
+            consume(
+                deps.ledger,
+                &**deps.store,
+                slot,
+                &unmarked,
+                flush,
+                expires_at,
+            )
+            .await
+        }
+        None => Ok(()),
+    };
     (group, result)
 }
