@@ -1,11 +1,13 @@
 //! Reading a staged line: the parts of the change event the compactor needs, borrowed from the
-//! line (row images stay raw JSON until each value is converted for its column).
+//! line. Row images are split into their members as the line is read (one pass over the line;
+//! each value stays raw JSON until it is converted for its column).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::marker::PhantomData;
 
-use serde::de::{DeserializeSeed, MapAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -17,10 +19,10 @@ use cdc_contract::{Lsn, Position};
 pub struct Envelope<'a> {
     /// The row before the change.
     #[serde(borrow, default)]
-    pub before: Option<&'a RawValue>,
+    pub before: Option<Image<'a>>,
     /// The row after the change.
     #[serde(borrow, default)]
-    pub after: Option<&'a RawValue>,
+    pub after: Option<Image<'a>>,
     /// The source block.
     pub source: EnvelopeSource,
     /// The operation.
@@ -68,10 +70,10 @@ impl<'a> Envelope<'a> {
     }
 
     /// The row image whose values fill the table columns: `after`, or `before` for deletes.
-    pub fn image(&self) -> Option<&'a RawValue> {
+    pub fn image(&self) -> Option<&Image<'a>> {
         match self.op {
-            Op::Delete => self.before,
-            _ => self.after.or(self.before),
+            Op::Delete => self.before.as_ref(),
+            _ => self.after.as_ref().or(self.before.as_ref()),
         }
     }
 }
@@ -115,47 +117,98 @@ pub struct RowValues<'a> {
     pub unknown: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
-struct RowSeed<'s, 'a> {
-    lookup: &'s ColumnLookup,
-    out: &'s mut RowValues<'a>,
+/// A row image, read in the same pass as the rest of the line: an object's members in order,
+/// each value's JSON text borrowed from the line. Anything else is kept as what it is, and
+/// refused when its row is written (a change dropped as a duplicate never is).
+#[derive(Debug)]
+pub enum Image<'a> {
+    /// An object's members: name and raw value.
+    Members(Vec<(Cow<'a, str>, &'a RawValue)>),
+    /// Not an object: why it cannot be a row.
+    NotAnObject(String),
 }
 
-impl<'de> DeserializeSeed<'de> for RowSeed<'_, 'de> {
-    type Value = ();
+/// Members an image has room for before its first growth.
+const MEMBERS: usize = 16;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
+impl<'de: 'a, 'a> Deserialize<'de> for Image<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ImageVisitor(PhantomData))
     }
 }
 
-impl<'de> Visitor<'de> for RowSeed<'_, 'de> {
-    type Value = ();
+struct ImageVisitor<'a>(PhantomData<&'a ()>);
+
+impl ImageVisitor<'_> {
+    fn not_an_object(what: Unexpected<'_>) -> Image<'static> {
+        Image::NotAnObject(format!("invalid type: {what}, expected a row image object"))
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for ImageVisitor<'a> {
+    type Value = Image<'a>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a row image object")
+        f.write_str("a row image")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::with_capacity(MEMBERS);
         while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
-            match self.lookup.get(name.as_ref()) {
-                Some(&i) => self.out.values[i] = Some(value),
-                None => self.out.unknown.push((name, value)),
-            }
+            members.push((name, value));
         }
-        Ok(())
+        Ok(Image::Members(members))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Self::not_an_object(Unexpected::Seq))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Self::not_an_object(Unexpected::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Self::not_an_object(Unexpected::Signed(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Self::not_an_object(Unexpected::Unsigned(v)))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Self::not_an_object(Unexpected::Float(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Self::not_an_object(Unexpected::Str(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Self::not_an_object(Unexpected::Unit))
     }
 }
 
-/// Splits a row image (a JSON object) into `out`, whose `values` must hold one slot per column.
+/// Splits a row image into `out`, whose `values` must hold one slot per column; an image that
+/// is not an object gives why.
 pub fn split_row<'a>(
-    image: &'a RawValue,
+    image: &Image<'a>,
     lookup: &ColumnLookup,
     out: &mut RowValues<'a>,
-) -> Result<(), serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_str(image.get());
-    RowSeed { lookup, out }.deserialize(&mut de)?;
-    de.end()
+) -> Result<(), String> {
+    let members = match image {
+        Image::Members(m) => m,
+        Image::NotAnObject(why) => return Err(why.clone()),
+    };
+    for (name, value) in members {
+        match lookup.get(name.as_ref()) {
+            Some(&i) => out.values[i] = Some(*value),
+            None => out.unknown.push((name.clone(), *value)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -193,14 +246,40 @@ mod tests {
             .replace(r#""before":null"#, r#""before":{"id":9}"#)
             .replace(r#""op":"c""#, r#""op":"d""#);
         let env: Envelope<'_> = serde_json::from_str(&del).unwrap();
-        assert_eq!(env.image().unwrap().get(), r#"{"id":9}"#);
+        match env.image().unwrap() {
+            Image::Members(m) => {
+                assert_eq!(m.len(), 1);
+                assert_eq!((m[0].0.as_ref(), m[0].1.get()), ("id", "9"));
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(serde_json::from_str::<Envelope<'_>>("{\"op\":\"c\"}").is_err());
         assert!(serde_json::from_str::<Envelope<'_>>(&LINE.replace("\"c\"", "\"x\"")).is_err());
-        let bad_row = RawValue::from_string("[1]".into()).unwrap();
-        let mut row = RowValues {
-            values: vec![],
-            unknown: vec![],
-        };
-        assert!(split_row(&bad_row, &ColumnLookup::default(), &mut row).is_err());
+        for (image, why) in [
+            (
+                "[1,[2]]",
+                "invalid type: sequence, expected a row image object",
+            ),
+            (
+                "7",
+                "invalid type: integer `7`, expected a row image object",
+            ),
+            (
+                "\"x\"",
+                "invalid type: string \"x\", expected a row image object",
+            ),
+        ] {
+            let line = LINE.replace(
+                r#""after":{"id":1,"n\"q":"x","v":[1,2]}"#,
+                &format!(r#""after":{image}"#),
+            );
+            let env: Envelope<'_> = serde_json::from_str(&line).unwrap();
+            let mut row = RowValues {
+                values: vec![],
+                unknown: vec![],
+            };
+            let err = split_row(env.image().unwrap(), &ColumnLookup::default(), &mut row);
+            assert_eq!(err, Err(why.to_string()), "{image}");
+        }
     }
 }

@@ -678,7 +678,8 @@ fn moved_key<'a>(
     env: &Envelope<'a>,
     after: &[Option<&'a serde_json::value::RawValue>],
 ) -> Result<Option<Vec<Option<&'a serde_json::value::RawValue>>>, BadRow> {
-    let (Op::Update, Some(before), Some(_)) = (env.op, env.before, env.after) else {
+    let (Op::Update, Some(before), Some(_)) = (env.op, env.before.as_ref(), env.after.as_ref())
+    else {
         return Ok(None);
     };
     if schema.key_columns.is_empty() {
@@ -688,7 +689,7 @@ fn moved_key<'a>(
         values: vec![None; schema.columns.len()],
         unknown: Vec::new(),
     };
-    split_row(before, lookup, &mut old).map_err(|e| BadRow(e.to_string()))?;
+    split_row(before, lookup, &mut old).map_err(BadRow)?;
     let same = schema
         .key_columns
         .iter()
@@ -709,7 +710,7 @@ fn push_row<'a>(
     row.values.resize(schema.columns.len(), None);
     row.unknown.clear();
     if let Some(image) = env.image() {
-        split_row(image, lookup, row).map_err(|e| BadRow(e.to_string()))?;
+        split_row(image, lookup, row).map_err(BadRow)?;
     }
     // Still before anything is appended: a bad `before` image leaves the builders untouched.
     let before_key = if p.key_before.is_some() {

@@ -46,13 +46,13 @@ pub(super) struct BatchWork {
 /// [`whole::gunzip_whole`]).
 pub(super) struct Staged {
     data: Bytes,
-    text: Option<Arc<Vec<u8>>>,
+    text: Option<Arc<whole::Text>>,
 }
 
 impl Staged {
-    /// `data`, gunzipped whole when it can be.
-    fn new(data: Bytes) -> Self {
-        let text = whole::gunzip_whole(&data, whole::WHOLE_MAX_BYTES).map(Arc::new);
+    /// `data`, gunzipped whole into a buffer of `pool` when it can be.
+    fn new(data: Bytes, pool: &whole::TextPool) -> Self {
+        let text = whole::gunzip_whole(&data, whole::WHOLE_MAX_BYTES, pool).map(Arc::new);
         Staged { data, text }
     }
 }
@@ -335,6 +335,7 @@ impl Claimed<'_> {
         // one handed over and the one being gunzipped.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Download>(1);
         let store = self.deps.store.clone();
+        let pool = whole::TextPool::default();
         let downloader = tokio::spawn(async move {
             use futures::StreamExt;
             let mut gets = futures::stream::iter(todo)
@@ -351,7 +352,8 @@ impl Claimed<'_> {
                     Ok(Some(data)) => {
                         let bytes = data.clone();
                         // Should the task fail, the batch is read line by line instead.
-                        let staged = tokio::task::spawn_blocking(move || Staged::new(bytes))
+                        let pool = pool.clone();
+                        let staged = tokio::task::spawn_blocking(move || Staged::new(bytes, &pool))
                             .await
                             .unwrap_or(Staged { data, text: None });
                         Ok(Some(staged))
