@@ -56,7 +56,47 @@ pub struct EnvelopeTransaction {
     pub total_order: u32,
 }
 
+/// A change event with its row images as raw JSON, which the JSON syntax check alone accepts:
+/// what [`Envelope::parse`] falls back to.
+#[derive(Deserialize)]
+struct RawImages<'a> {
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    source: EnvelopeSource,
+    op: Op,
+    transaction: EnvelopeTransaction,
+    #[serde(borrow, default)]
+    raw_columns: Vec<Cow<'a, str>>,
+}
+
 impl<'a> Envelope<'a> {
+    /// Reads a staged line, its row images split in the same pass. A line whose images are
+    /// well-formed JSON but do not decode (a lone surrogate in a member name, a number out of
+    /// range) is read all the same, those images [`Image::Unreadable`]: only the image is at
+    /// fault, and it is refused only if its row is written, as an image that is not an object.
+    pub fn parse(line: &'a str) -> Result<Self, serde_json::Error> {
+        if let Ok(env) = serde_json::from_str(line) {
+            return Ok(env);
+        }
+        let raw: RawImages<'a> = serde_json::from_str(line)?;
+        let image = |v: Option<&'a RawValue>| {
+            v.map(|v| {
+                serde_json::from_str::<Image<'a>>(v.get())
+                    .unwrap_or_else(|e| Image::Unreadable(e.to_string()))
+            })
+        };
+        Ok(Envelope {
+            before: image(raw.before),
+            after: image(raw.after),
+            source: raw.source,
+            op: raw.op,
+            transaction: raw.transaction,
+            raw_columns: raw.raw_columns,
+        })
+    }
+
     /// The change's (commit LSN, ordinal).
     pub fn position(&self) -> Position {
         Position::new(Lsn(self.source.commit_lsn), self.transaction.total_order)
@@ -118,14 +158,14 @@ pub struct RowValues<'a> {
 }
 
 /// A row image, read in the same pass as the rest of the line: an object's members in order,
-/// each value's JSON text borrowed from the line. Anything else is kept as what it is, and
-/// refused when its row is written (a change dropped as a duplicate never is).
+/// each value's JSON text borrowed from the line. An image that cannot be a row is kept as
+/// such, and refused when its row is written (a change dropped as a duplicate never is).
 #[derive(Debug)]
 pub enum Image<'a> {
     /// An object's members: name and raw value.
     Members(Vec<(Cow<'a, str>, &'a RawValue)>),
-    /// Not an object: why it cannot be a row.
-    NotAnObject(String),
+    /// Not an object, or a member that does not decode: why it cannot be a row.
+    Unreadable(String),
 }
 
 /// Members an image has room for before its first growth.
@@ -141,7 +181,7 @@ struct ImageVisitor<'a>(PhantomData<&'a ()>);
 
 impl ImageVisitor<'_> {
     fn not_an_object(what: Unexpected<'_>) -> Image<'static> {
-        Image::NotAnObject(format!("invalid type: {what}, expected a row image object"))
+        Image::Unreadable(format!("invalid type: {what}, expected a row image object"))
     }
 }
 
@@ -200,7 +240,7 @@ pub fn split_row<'a>(
 ) -> Result<(), String> {
     let members = match image {
         Image::Members(m) => m,
-        Image::NotAnObject(why) => return Err(why.clone()),
+        Image::Unreadable(why) => return Err(why.clone()),
     };
     for (name, value) in members {
         match lookup.get(name.as_ref()) {
@@ -238,6 +278,37 @@ mod tests {
         assert!(row.values[2].is_none());
         assert_eq!(row.unknown.len(), 1);
         assert_eq!(row.unknown[0].0, "n\"q");
+    }
+
+    #[test]
+    fn an_image_that_does_not_decode_leaves_the_line_readable_and_only_its_row_refused() {
+        let lone = LINE.replace(r#""before":null"#, r#""before":{"\ud800":1}"#);
+        let env = Envelope::parse(&lone).unwrap();
+        assert_eq!(env.position(), Position::new(Lsn(512), 3));
+        assert!(matches!(env.before, Some(Image::Unreadable(_))));
+        // An insert's row is its `after`, which reads.
+        let lookup: ColumnLookup = [("id".to_string(), 0)].into_iter().collect();
+        let mut row = RowValues {
+            values: vec![None; 1],
+            unknown: Vec::new(),
+        };
+        split_row(env.image().unwrap(), &lookup, &mut row).unwrap();
+        assert_eq!(row.values[0].unwrap().get(), "1");
+
+        let huge = LINE.replace(
+            r#""after":{"id":1,"n\"q":"x","v":[1,2]}"#,
+            r#""after":1e400"#,
+        );
+        let env = Envelope::parse(&huge).unwrap();
+        let why = split_row(env.image().unwrap(), &lookup, &mut row).unwrap_err();
+        assert!(why.contains("out of range"), "{why}");
+
+        // A line that is not well-formed JSON stays unreadable, with the error it always had.
+        let cut = &LINE[..LINE.len() - 1];
+        let err = Envelope::parse(cut).unwrap_err().to_string();
+        let before: Result<RawImages<'_>, _> = serde_json::from_str(cut);
+        assert_eq!(err, before.err().unwrap().to_string());
+        assert!(Envelope::parse(r#"{"op":"c"}"#).is_err());
     }
 
     #[test]

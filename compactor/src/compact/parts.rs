@@ -147,7 +147,7 @@ pub(super) fn process_lines(
                 continue;
             }
         };
-        let env: Envelope<'_> = match serde_json::from_str(line) {
+        let env = match Envelope::parse(line) {
             Ok(env) => env,
             Err(e) => {
                 bad(format!("not a change event: {e}"), line.as_bytes());

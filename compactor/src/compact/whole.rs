@@ -357,7 +357,7 @@ fn parse_chunk(
                 continue;
             }
         };
-        let env: Envelope<'_> = match serde_json::from_str(line) {
+        let env = match Envelope::parse(line) {
             Ok(env) => env,
             Err(e) => {
                 out.whole = false;
