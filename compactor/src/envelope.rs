@@ -14,15 +14,15 @@ use serde_json::value::RawValue;
 use cdc_contract::event::Op;
 use cdc_contract::{Lsn, Position};
 
-/// A change event as the compactor reads it.
+/// A change event as the compactor reads it, its row images as `I`.
 #[derive(Debug, Deserialize)]
-pub struct Envelope<'a> {
+pub struct Event<'a, I> {
     /// The row before the change.
-    #[serde(borrow, default)]
-    pub before: Option<Image<'a>>,
+    #[serde(default = "none")]
+    pub before: Option<I>,
     /// The row after the change.
-    #[serde(borrow, default)]
-    pub after: Option<Image<'a>>,
+    #[serde(default = "none")]
+    pub after: Option<I>,
     /// The source block.
     pub source: EnvelopeSource,
     /// The operation.
@@ -33,6 +33,13 @@ pub struct Envelope<'a> {
     #[serde(borrow, default)]
     pub raw_columns: Vec<Cow<'a, str>>,
 }
+
+fn none<I>() -> Option<I> {
+    None
+}
+
+/// A change event with its row images split into their members as the line is read.
+pub type Envelope<'a> = Event<'a, Image<'a>>;
 
 /// The `source` fields the compactor uses.
 #[derive(Debug, Deserialize)]
@@ -56,22 +63,7 @@ pub struct EnvelopeTransaction {
     pub total_order: u32,
 }
 
-/// A change event with its row images as raw JSON, which the JSON syntax check alone accepts:
-/// what [`Envelope::parse`] falls back to.
-#[derive(Deserialize)]
-struct RawImages<'a> {
-    #[serde(borrow, default)]
-    before: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    after: Option<&'a RawValue>,
-    source: EnvelopeSource,
-    op: Op,
-    transaction: EnvelopeTransaction,
-    #[serde(borrow, default)]
-    raw_columns: Vec<Cow<'a, str>>,
-}
-
-impl<'a> Envelope<'a> {
+impl<'a> Event<'a, Image<'a>> {
     /// Reads a staged line, its row images split in the same pass. A line whose images are
     /// well-formed JSON but do not decode (a lone surrogate in a member name, a number out of
     /// range) is read all the same, those images [`Image::Unreadable`]: only the image is at
@@ -80,7 +72,8 @@ impl<'a> Envelope<'a> {
         if let Ok(env) = serde_json::from_str(line) {
             return Ok(env);
         }
-        let raw: RawImages<'a> = serde_json::from_str(line)?;
+        // The images as raw JSON, which the syntax check alone accepts.
+        let raw: Event<'a, &'a RawValue> = serde_json::from_str(line)?;
         let image = |v: Option<&'a RawValue>| {
             v.map(|v| {
                 serde_json::from_str::<Image<'a>>(v.get())
@@ -306,7 +299,7 @@ mod tests {
         // A line that is not well-formed JSON stays unreadable, with the error it always had.
         let cut = &LINE[..LINE.len() - 1];
         let err = Envelope::parse(cut).unwrap_err().to_string();
-        let before: Result<RawImages<'_>, _> = serde_json::from_str(cut);
+        let before: Result<Event<'_, &RawValue>, _> = serde_json::from_str(cut);
         assert_eq!(err, before.err().unwrap().to_string());
         assert!(Envelope::parse(r#"{"op":"c"}"#).is_err());
     }

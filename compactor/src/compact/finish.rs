@@ -54,10 +54,8 @@ pub(super) async fn finish(
     let ledger = deps.ledger;
     let through = record.compacted_through;
     let expires_at = now_ms() / 1000 + deps.batch_ttl_seconds;
-    let all_consumed = batches
-        .valid
-        .iter()
-        .all(|b| through.is_some_and(|w| b.last <= w));
+    let passed = |b: &BatchItem| through.is_some_and(|w| b.last <= w);
+    let all_consumed = batches.valid.iter().all(passed);
     // A recheck still to come keeps the pending marker, so a sweep returns to the hour.
     let recheck_waiting = record.recheck_after_ms != 0;
     let ends_hour = !batches.undecided && all_consumed && !recheck_waiting;
@@ -71,9 +69,7 @@ pub(super) async fn finish(
     let mut work: Vec<(Vec<&BatchItem>, &BatchItem)> = Vec::new();
     if !batches.undecided {
         for (flush, group) in by_flush(&batches.valid) {
-            if early.flushes.contains(&flush)
-                || !group.iter().all(|b| through.is_some_and(|w| b.last <= w))
-            {
+            if early.flushes.contains(&flush) || !group.iter().all(|b| passed(b)) {
                 continue;
             }
             let unmarked: Vec<&BatchItem> =

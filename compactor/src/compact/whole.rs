@@ -80,6 +80,7 @@ pub(super) struct Text {
     pool: Option<TextPool>,
 }
 
+#[cfg(test)]
 impl From<Vec<u8>> for Text {
     fn from(buffer: Vec<u8>) -> Self {
         Text {
