@@ -128,6 +128,15 @@ pub trait Ledger: Send + Sync {
         expected_version: u64,
         next: &HourRecord,
     ) -> Result<Recorded, LedgerError>;
+    /// Stores the hour's new state `next` (a watermark raised past batches read whole whose last
+    /// lines were not written: dead-lettered), conditional on the stored record being at
+    /// `expected_version` and claimed by `next.claim_attempt`.
+    async fn raise_watermark(
+        &self,
+        slot: &str,
+        expected_version: u64,
+        next: &HourRecord,
+    ) -> Result<Recorded, LedgerError>;
     /// Gives the claim up (claim time 0) if this attempt still holds it at `record.version`.
     async fn release_hour(&self, slot: &str, record: &HourRecord) -> Result<(), LedgerError>;
     /// Marks a consumed batch compacted, with a TTL.
@@ -390,14 +399,16 @@ impl Ledger for DynamoLedger {
             .await
         {
             Ok(Outcome::Written(())) => Ok(Claim::Claimed(claimed.clone())),
-            Ok(Outcome::ConditionFailed) => Ok(Claim::Busy),
-            Err(e) => {
-                // A lost reply: the claim may have been stored.
+            // Our own claim whose reply was lost, or whose reply the SDK lost and retried (the
+            // retry then fails the condition), is recognised by its attempt id.
+            res => {
                 let stored = self.hour_record(slot, &claimed.table, claimed.hour).await?;
                 if stored.as_ref() == Some(claimed) {
-                    Ok(Claim::Claimed(claimed.clone()))
-                } else {
-                    Err(e)
+                    return Ok(Claim::Claimed(claimed.clone()));
+                }
+                match res {
+                    Err(e) => Err(e),
+                    Ok(_) => Ok(Claim::Busy),
                 }
             }
         }
@@ -455,6 +466,31 @@ impl Ledger for DynamoLedger {
                 "DynamoDB record part: transaction cancelled ({})",
                 reasons.join(", ")
             ))),
+        }
+    }
+
+    async fn raise_watermark(
+        &self,
+        slot: &str,
+        expected_version: u64,
+        next: &HourRecord,
+    ) -> Result<Recorded, LedgerError> {
+        let condition = held_by(expected_version, &next.claim_attempt);
+        let res = self
+            .table
+            .put("raise watermark", next.to_item(slot), Some(condition))
+            .await;
+        if matches!(res, Ok(Outcome::Written(()))) {
+            return Ok(Recorded::Yes);
+        }
+        // Our own earlier write whose reply was lost (a retry of it then fails its condition).
+        let stored = self.hour_record(slot, &next.table, next.hour).await?;
+        if stored.as_ref() == Some(next) {
+            return Ok(Recorded::Yes);
+        }
+        match res? {
+            Outcome::Written(()) => Ok(Recorded::Yes),
+            Outcome::ConditionFailed => Ok(Recorded::Lost),
         }
     }
 
@@ -551,17 +587,23 @@ impl Ledger for DynamoLedger {
 
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError> {
         let expr = Expr::when("flush_seq = :seen").value(":seen", items::n(marker.flush_seq));
+        let key = items::key(
+            items::pending_pk(slot),
+            items::pending_sk(marker.hour, &marker.table),
+        );
         let outcome = self
             .table
-            .delete(
-                "clear pending hour",
-                items::key(
-                    items::pending_pk(slot),
-                    items::pending_sk(marker.hour, &marker.table),
-                ),
-                Some(expr),
-            )
+            .delete("clear pending hour", key, Some(expr))
             .await?;
-        Ok(outcome.written())
+        if outcome.written() {
+            return Ok(true);
+        }
+        // A retry of our own delete whose reply was lost fails its condition: the marker is gone
+        // and nothing is pending. One a flush wrote since is there again.
+        let (pk, sk) = (
+            items::pending_pk(slot),
+            items::pending_sk(marker.hour, &marker.table),
+        );
+        Ok(self.table.get(pk, sk).await?.is_none())
     }
 }

@@ -19,7 +19,7 @@ use cdc_contract::ledger::{
     self, BatchItem, Checkpoint, FlushId, HourRecord, PartItem, PendingHour, SnapshotState,
 };
 use cdc_contract::schema::TableSchema;
-use cdc_contract::{Hour, TableName};
+use cdc_contract::{Hour, Position, TableName};
 use compactor::config::Settings;
 use compactor::ledger::{Claim, DynamoLedger, Ledger, LedgerError, Recorded};
 use compactor::store::{ObjectStore, S3Store, StoreError};
@@ -930,6 +930,15 @@ impl Ledger for MortalLedger {
         }
         self.0.record_part(slot, part, v, next).await
     }
+    async fn raise_watermark(
+        &self,
+        slot: &str,
+        v: u64,
+        next: &HourRecord,
+    ) -> Result<Recorded, LedgerError> {
+        self.1.check(LedgerError::Definite)?;
+        self.0.raise_watermark(slot, v, next).await
+    }
     async fn release_hour(&self, slot: &str, record: &HourRecord) -> Result<(), LedgerError> {
         self.1.check(LedgerError::Definite)?;
         self.0.release_hour(slot, record).await
@@ -1826,6 +1835,241 @@ async fn unreadable_lines_go_to_the_dead_letter_prefix_and_the_hour_completes() 
         .map(|l| serde_json::from_str(l))
         .collect::<Result<_, _>>()?;
     assert_eq!(events, expected);
+    Ok(())
+}
+
+/// Two flushes of one table-hour whose staging objects cannot be read to their end: the first
+/// holds its first change and then a gzip member cut short (its second change), the second is
+/// not gzip at all. Returns the readable line and the last position of the second batch.
+async fn stage_batches_unreadable_at_their_end(
+    aws: &AwsFixture,
+    slot: &str,
+) -> anyhow::Result<(String, Position)> {
+    let mut stager = Stager::new(aws, slot).await?;
+    let schema = notes_schema();
+    let good = stager.tx(
+        at(1, 0),
+        vec![Change::insert(&schema, json!({"id": 1, "body": "x"}))],
+    );
+    let lost = stager.tx(
+        at(2, 0),
+        vec![Change::insert(&schema, json!({"id": 2, "body": "y"}))],
+    );
+    let cut = stager.flush(Some(now_ms())).await?;
+    stager.tx(
+        at(3, 0),
+        vec![Change::insert(&schema, json!({"id": 3, "body": "z"}))],
+    );
+    let whole = stager.flush(Some(now_ms())).await?;
+    anyhow::ensure!(cut.len() == 1 && whole.len() == 1);
+    let mut cut_short = pipeline_tests::staging::gzip(format!("{}\n", good[0]).as_bytes())?;
+    let tail = pipeline_tests::staging::gzip(format!("{}\n", lost[0]).as_bytes())?;
+    cut_short.extend_from_slice(&tail[..tail.len() / 2]);
+    for (key, body) in [
+        (&cut[0].item.key, cut_short),
+        (
+            &whole[0].item.key,
+            b"\x1f\x8b\x08\x00 not a gzip stream".to_vec(),
+        ),
+    ] {
+        aws.s3
+            .put_object()
+            .bucket(&aws.bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await?;
+    }
+    Ok((good[0].clone(), whole[0].item.last))
+}
+
+/// What [`stage_batches_unreadable_at_their_end`]'s hour must look like once compacted: the
+/// readable change written once, both batches consumed, the watermark at the second batch's
+/// end, no pending marker, each object's dead letter and copy stored; and a further sweep
+/// finds nothing to do, stores and announces nothing.
+async fn assert_unreadable_ends_consumed(
+    aws: &AwsFixture,
+    slot: &str,
+    good: &str,
+    end: Position,
+) -> anyhow::Result<()> {
+    let t = notes_schema().table;
+    let events = final_events(aws, &t, hour()).await?;
+    let expected: Vec<Value> = vec![serde_json::from_str(good)?];
+    assert_eq!(events, expected);
+    assert_eq!(parts(aws, slot, &t, hour()).await?.len(), 1);
+    let items = batch_items(aws, slot, &t, hour()).await?;
+    assert_eq!(items.len(), 2);
+    assert!(items.iter().all(|b| b.compacted), "{items:?}");
+    let through = hour_record(aws, slot, &t, hour())
+        .await?
+        .and_then(|r| r.compacted_through);
+    assert_eq!(through, Some(end));
+    assert!(pending(aws, slot).await?.is_empty());
+    // Each unreadable object: a record of where it stopped, and its copy.
+    let dead = aws.list_keys("_dead_letter/").await?;
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    aws.drain_queue().await?;
+
+    let mut cfg = config(aws);
+    cfg.dead_letter_queue_url = Some(aws.queue_url.clone());
+    let again = compactor_with(aws, cfg)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(
+        again
+            .hours
+            .iter()
+            .all(|h| h.dead_letters == 0 && h.rows == 0),
+        "{again:?}"
+    );
+    assert!(aws.drain_queue().await?.is_empty());
+    assert_eq!(parts(aws, slot, &t, hour()).await?.len(), 1);
+    Ok(())
+}
+
+/// A batch whose last lines cannot be read (its object cut short after the first line) or
+/// that cannot be read at all: the lines that can be read are written, the rest go to the
+/// dead-letter prefix, and the batch is consumed as one whose unreadable lines sit in the
+/// middle would be. The watermark cannot stop at the last line written: the batch would stay to
+/// do and its hour pending for ever, its dead letters stored and announced again at every sweep.
+#[tokio::test]
+async fn a_batch_unreadable_at_its_end_or_whole_is_consumed_and_its_hour_completes(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let slot = "slot_dead_end";
+    let (good, end) = stage_batches_unreadable_at_their_end(&aws, slot).await?;
+    let mut cfg = config(&aws);
+    cfg.dead_letter_queue_url = Some(aws.queue_url.clone());
+    let report = compactor_with(&aws, cfg)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert_eq!(report.hours.len(), 1);
+    assert_eq!(report.hours[0].state, HourState::Done, "{report:?}");
+    assert_eq!(report.hours[0].rows, 1);
+    assert_eq!(report.hours[0].dead_letters, 2);
+    assert_eq!(report.hours[0].consumed_batches, 2);
+    // Each unreadable object announced once.
+    assert_eq!(aws.drain_queue().await?.len(), 2);
+    assert_unreadable_ends_consumed(&aws, slot, &good, end).await
+}
+
+/// The same hour compacted through a proxy that forwards every `n`-th request and loses its
+/// reply (n = 2, 3, 5: each a different set of the run's requests, the watermark's raise among
+/// them in some), sweeping again after a failed run as Lambda retries: the same end state.
+#[tokio::test]
+async fn a_batch_unreadable_at_its_end_is_consumed_once_through_lost_replies() -> anyhow::Result<()>
+{
+    use pipeline_tests::faultproxy::{Fault, FaultProxy};
+    for n in [2, 3, 5] {
+        let aws = AwsFixture::new().await?;
+        let slot = "slot_dead_end_lost";
+        let (good, end) = stage_batches_unreadable_at_their_end(&aws, slot).await?;
+        let proxy = FaultProxy::start(&aws.endpoint, n, vec![Fault::LoseReply]).await?;
+        let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
+        let mut cfg = config(&aws);
+        cfg.dead_letter_queue_url = Some(aws.queue_url.clone());
+        let compactor = Compactor::from_sdk(cfg, &sdk);
+        let mut done = false;
+        for _ in 0..20 {
+            // A clean sweep with nothing left busy or pending (a run before may have ended it).
+            if let Ok(r) = compactor.sweep(&SweepRequest::default()).await {
+                if r.failures.is_empty() && r.hours.iter().all(|h| h.state == HourState::Done) {
+                    done = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(done, "every {n}th reply lost: the hour never completed");
+        assert!(proxy.faults() > 0);
+        drop(proxy);
+        assert_unreadable_ends_consumed(&aws, slot, &good, end).await?;
+    }
+    Ok(())
+}
+
+/// The ledger's conditional writes whose reply is lost after they took effect (the SDK sends
+/// them again, and the condition then fails) are recognised as done: a claim taken is not a busy
+/// hour, a raised watermark is not a lost claim, a cleared pending marker is not one still
+/// pending. And the conditions still hold against others: a raise by an attempt that lost the
+/// claim is lost, a marker a later flush moved on is not cleared.
+#[tokio::test]
+async fn ledger_writes_whose_reply_is_lost_are_recognised_as_done() -> anyhow::Result<()> {
+    use pipeline_tests::faultproxy::{Fault, FaultProxy};
+    let aws = AwsFixture::new().await?;
+    let slot = "slot_lost_replies";
+    let t = notes_schema().table;
+    // A ledger behind a fresh proxy: its first request is forwarded and the reply lost.
+    let behind_proxy = || async {
+        let mut cycle = vec![Fault::None; 8];
+        cycle[1] = Fault::LoseReply;
+        let proxy = FaultProxy::start(&aws.endpoint, 1, cycle).await?;
+        let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
+        let ledger = DynamoLedger::new(aws_sdk_dynamodb::Client::new(&sdk), &aws.table);
+        anyhow::Ok((proxy, ledger))
+    };
+    let direct = DynamoLedger::new(aws.dynamodb.clone(), &aws.table);
+
+    let claimed = HourRecord {
+        version: 1,
+        claim_attempt: "attempt-1".into(),
+        claim_until_ms: now_ms() + 60_000,
+        ..HourRecord::new(t.clone(), hour())
+    };
+    let (proxy, ledger) = behind_proxy().await?;
+    let claim = ledger.claim_hour(slot, 0, &claimed, now_ms()).await?;
+    assert_eq!(
+        (claim, proxy.faults()),
+        (Claim::Claimed(claimed.clone()), 1)
+    );
+    let other = HourRecord {
+        claim_attempt: "attempt-2".into(),
+        ..claimed.clone()
+    };
+    assert_eq!(
+        direct.claim_hour(slot, 0, &other, now_ms()).await?,
+        Claim::Busy
+    );
+
+    let raised = HourRecord {
+        version: 2,
+        compacted_through: Some(Position::new(cdc_contract::Lsn(0x100), 1)),
+        ..claimed.clone()
+    };
+    let (proxy, ledger) = behind_proxy().await?;
+    let outcome = ledger.raise_watermark(slot, 1, &raised).await?;
+    assert_eq!((outcome, proxy.faults()), (Recorded::Yes, 1));
+    assert_eq!(
+        hour_record(&aws, slot, &t, hour()).await?,
+        Some(raised.clone())
+    );
+    let stale = HourRecord {
+        version: 3,
+        claim_attempt: "attempt-0".into(),
+        compacted_through: Some(Position::new(cdc_contract::Lsn(0x200), 1)),
+        ..raised.clone()
+    };
+    assert_eq!(
+        direct.raise_watermark(slot, 2, &stale).await?,
+        Recorded::Lost
+    );
+    assert_eq!(hour_record(&aws, slot, &t, hour()).await?, Some(raised));
+
+    let marker = |flush_seq| PendingHour {
+        table: t.clone(),
+        hour: hour(),
+        flush_seq,
+    };
+    let table = aws.ledger_table();
+    table.put("marker", marker(7).to_item(slot), None).await?;
+    let (proxy, ledger) = behind_proxy().await?;
+    let cleared = ledger.clear_pending(slot, &marker(7)).await?;
+    assert_eq!((cleared, proxy.faults()), (true, 1));
+    assert!(pending(&aws, slot).await?.is_empty());
+    table.put("marker", marker(8).to_item(slot), None).await?;
+    assert!(!direct.clear_pending(slot, &marker(7)).await?);
+    assert_eq!(pending(&aws, slot).await?, vec![marker(8)]);
     Ok(())
 }
 

@@ -410,6 +410,9 @@ impl Claimed<'_> {
         let mut uploads: Option<PartUploads> = None;
         let mut pending_output: Vec<(u32, Format, Vec<u8>)> = Vec::new();
         let mut last: Option<Position> = watermark;
+        // The last change of the batches read whole so far: each of their lines is written,
+        // skipped as a duplicate or stored as a dead letter.
+        let mut handled: Option<Position> = None;
         // The next batch, received while this one was read, and its chunks being parsed.
         let mut ahead: Option<(Download, Option<whole::Parsing>)> = None;
         let result: Result<(), HourError> = async {
@@ -523,6 +526,7 @@ impl Claimed<'_> {
                 if let Some(early) = self.early.as_mut() {
                     early.read(&batch);
                 }
+                handled = handled.max(Some(batch.last));
                 for done in std::mem::take(&mut work.finished) {
                     let files = take_uploads(&mut uploads, done.stats.part);
                     self.complete_part(done, files).await?;
@@ -547,7 +551,7 @@ impl Claimed<'_> {
                 self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
                     .await?;
             }
-            Ok(())
+            self.pass_handled(handled).await
         }
         .await;
         if result.is_err() {
@@ -558,6 +562,52 @@ impl Claimed<'_> {
             }
         }
         result
+    }
+
+    /// Raises the watermark to `handled` when the parts recorded stop short of it: the batches
+    /// read whole end in lines that went to the dead-letter prefix (or their objects could not
+    /// be read at all). Left below, those batches would stay to do and their hour pending, every
+    /// sweep storing and announcing their dead letters again. A later batch's change at or
+    /// below `handled` is skipped as any change at or below the watermark is: the batches
+    /// through `handled` hold every change up to it, the unreadable ones in the dead-letter
+    /// prefix.
+    async fn pass_handled(&mut self, handled: Option<Position>) -> Result<(), HourError> {
+        let Some(handled) = handled else {
+            return Ok(());
+        };
+        if self.record.compacted_through >= Some(handled) {
+            return Ok(());
+        }
+        let now = now_ms();
+        let next = HourRecord {
+            version: self.record.version + 1,
+            compacted_through: Some(handled),
+            claim_until_ms: now + self.deps.claim_ms,
+            updated_ms: now,
+            ..self.record.clone()
+        };
+        let outcome = retry("raise watermark", || {
+            self.deps
+                .ledger
+                .raise_watermark(self.slot, self.record.version, &next)
+        })
+        .await?;
+        match outcome {
+            Recorded::Yes => {
+                tracing::warn!(
+                    slot = %self.slot, table = %self.table, hour = %self.hour,
+                    from = ?self.record.compacted_through.map(|p| p.key()), to = %handled.key(),
+                    "watermark raised past batches whose last lines are dead letters"
+                );
+                self.record = next;
+                self.last_renew_ms = now;
+                if let Some(early) = self.early.as_mut() {
+                    early.offer(self.record.compacted_through);
+                }
+                Ok(())
+            }
+            Recorded::Lost => Err(HourError::ClaimLost),
+        }
     }
 
     pub(super) async fn store_dead_letters(
