@@ -748,10 +748,12 @@ pub struct HourRecord {
     pub table: TableName,
     /// The hour.
     pub hour: Hour,
-    /// Bumped by every claim and every recorded part.
+    /// Bumped by every claim, every recorded part and every raise of the watermark.
     pub version: u64,
-    /// The last change written to a recorded part: every valid batch whose last change is at or
-    /// below it is consumed; later batches (late ones too) become new parts.
+    /// The last change written to a recorded part, or the last change of the batches an attempt
+    /// read whole past it (their last lines, or whole objects, stored as dead letters): every
+    /// valid batch whose last change is at or below it is consumed; later batches (late ones
+    /// too) become new parts.
     pub compacted_through: Option<Position>,
     /// The number the next part gets.
     pub next_part: u32,

@@ -1838,32 +1838,28 @@ async fn unreadable_lines_go_to_the_dead_letter_prefix_and_the_hour_completes() 
     Ok(())
 }
 
-/// Two flushes of one table-hour whose staging objects cannot be read to their end: the first
-/// holds its first change and then a gzip member cut short (its second change), the second is
-/// not gzip at all. Returns the readable line and the last position of the second batch.
+/// Three flushes of one table-hour whose staging objects cannot be read to their end: the
+/// first holds its first change and then a gzip member cut short (its second change), the second
+/// is not gzip at all, the third ends cleanly after the first of its two changes. Returns the
+/// readable lines and the last position of the third batch.
 async fn stage_batches_unreadable_at_their_end(
     aws: &AwsFixture,
     slot: &str,
-) -> anyhow::Result<(String, Position)> {
+) -> anyhow::Result<(Vec<String>, Position)> {
     let mut stager = Stager::new(aws, slot).await?;
     let schema = notes_schema();
-    let good = stager.tx(
-        at(1, 0),
-        vec![Change::insert(&schema, json!({"id": 1, "body": "x"}))],
-    );
-    let lost = stager.tx(
-        at(2, 0),
-        vec![Change::insert(&schema, json!({"id": 2, "body": "y"}))],
-    );
+    let note = |id: i64, body: &str| Change::insert(&schema, json!({"id": id, "body": body}));
+    let good = stager.tx(at(1, 0), vec![note(1, "x")]);
+    let lost = stager.tx(at(2, 0), vec![note(2, "y")]);
     let cut = stager.flush(Some(now_ms())).await?;
-    stager.tx(
-        at(3, 0),
-        vec![Change::insert(&schema, json!({"id": 3, "body": "z"}))],
-    );
+    stager.tx(at(3, 0), vec![note(3, "z")]);
     let whole = stager.flush(Some(now_ms())).await?;
-    anyhow::ensure!(cut.len() == 1 && whole.len() == 1);
-    let mut cut_short = pipeline_tests::staging::gzip(format!("{}\n", good[0]).as_bytes())?;
-    let tail = pipeline_tests::staging::gzip(format!("{}\n", lost[0]).as_bytes())?;
+    let kept = stager.tx(at(4, 0), vec![note(4, "v"), note(5, "w")]);
+    let short = stager.flush(Some(now_ms())).await?;
+    anyhow::ensure!(cut.len() == 1 && whole.len() == 1 && short.len() == 1);
+    let gzip = |line: &str| pipeline_tests::staging::gzip(format!("{line}\n").as_bytes());
+    let mut cut_short = gzip(&good[0])?;
+    let tail = gzip(&lost[0])?;
     cut_short.extend_from_slice(&tail[..tail.len() / 2]);
     for (key, body) in [
         (&cut[0].item.key, cut_short),
@@ -1871,6 +1867,7 @@ async fn stage_batches_unreadable_at_their_end(
             &whole[0].item.key,
             b"\x1f\x8b\x08\x00 not a gzip stream".to_vec(),
         ),
+        (&short[0].item.key, gzip(&kept[0])?),
     ] {
         aws.s3
             .put_object()
@@ -1880,7 +1877,7 @@ async fn stage_batches_unreadable_at_their_end(
             .send()
             .await?;
     }
-    Ok((good[0].clone(), whole[0].item.last))
+    Ok((vec![good[0].clone(), kept[0].clone()], short[0].item.last))
 }
 
 /// What [`stage_batches_unreadable_at_their_end`]'s hour must look like once compacted: the
@@ -1890,16 +1887,19 @@ async fn stage_batches_unreadable_at_their_end(
 async fn assert_unreadable_ends_consumed(
     aws: &AwsFixture,
     slot: &str,
-    good: &str,
+    good: &[String],
     end: Position,
 ) -> anyhow::Result<()> {
     let t = notes_schema().table;
     let events = final_events(aws, &t, hour()).await?;
-    let expected: Vec<Value> = vec![serde_json::from_str(good)?];
+    let expected: Vec<Value> = good
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()?;
     assert_eq!(events, expected);
     assert_eq!(parts(aws, slot, &t, hour()).await?.len(), 1);
     let items = batch_items(aws, slot, &t, hour()).await?;
-    assert_eq!(items.len(), 2);
+    assert_eq!(items.len(), 3);
     assert!(items.iter().all(|b| b.compacted), "{items:?}");
     let through = hour_record(aws, slot, &t, hour())
         .await?
@@ -1908,7 +1908,7 @@ async fn assert_unreadable_ends_consumed(
     assert!(pending(aws, slot).await?.is_empty());
     // Each unreadable object: a record of where it stopped, and its copy.
     let dead = aws.list_keys("_dead_letter/").await?;
-    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert_eq!(dead.len(), 6, "{dead:?}");
     aws.drain_queue().await?;
 
     let mut cfg = config(aws);
@@ -1928,9 +1928,9 @@ async fn assert_unreadable_ends_consumed(
     Ok(())
 }
 
-/// A batch whose last lines cannot be read (its object cut short after the first line) or
-/// that cannot be read at all: the lines that can be read are written, the rest go to the
-/// dead-letter prefix, and the batch is consumed as one whose unreadable lines sit in the
+/// A batch whose last lines cannot be read (its object cut short after the first line), that
+/// cannot be read at all, or whose object ends cleanly before the last change its item records:
+/// the lines that can be read are written, the rest (or the object) go to the dead-letter prefix, and the batch is consumed as one whose unreadable lines sit in the
 /// middle would be. The watermark cannot stop at the last line written: the batch would stay to
 /// do and its hour pending for ever, its dead letters stored and announced again at every sweep.
 #[tokio::test]
@@ -1946,11 +1946,18 @@ async fn a_batch_unreadable_at_its_end_or_whole_is_consumed_and_its_hour_complet
         .await?;
     assert_eq!(report.hours.len(), 1);
     assert_eq!(report.hours[0].state, HourState::Done, "{report:?}");
-    assert_eq!(report.hours[0].rows, 1);
-    assert_eq!(report.hours[0].dead_letters, 2);
-    assert_eq!(report.hours[0].consumed_batches, 2);
+    assert_eq!(report.hours[0].rows, 2);
+    assert_eq!(report.hours[0].dead_letters, 3);
+    assert_eq!(report.hours[0].consumed_batches, 3);
     // Each unreadable object announced once.
-    assert_eq!(aws.drain_queue().await?.len(), 2);
+    let notices = aws.drain_queue().await?;
+    assert_eq!(notices.len(), 3);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("ends before the last change its batch item records")),
+        "{notices:?}"
+    );
     assert_unreadable_ends_consumed(&aws, slot, &good, end).await
 }
 

@@ -516,6 +516,21 @@ impl Claimed<'_> {
                 let (mut work, data) = work
                     .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
                 last = work.last.or(last);
+                // Every line read and none unreadable, yet short of the change the batch item
+                // names last: the object ends early. Its missing changes are not skipped in
+                // silence: the object is a dead letter too (and the watermark passes it below).
+                if work.dead.is_empty() && last < Some(batch.last) {
+                    work.dead.push(DeadLetter {
+                        reason: format!(
+                            "staging object ends before the last change its batch item records ({})",
+                            batch.last.key()
+                        ),
+                        staging_key: batch.key.clone(),
+                        line: 0,
+                        raw: None,
+                    });
+                    work.copy_object = true;
+                }
                 if work.duplicates > 0 {
                     tracing::warn!(table = %self.table, hour = %self.hour, key = %batch.key, changes = work.duplicates, "skipped changes already written by an earlier batch");
                 }
