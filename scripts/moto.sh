@@ -9,6 +9,8 @@ start_moto() {
   MOTO_PORT=$(free_port)
   .venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$log" 2>&1 &
   MOTO_PID=$!
+  # The benchmarks read the emulator's CPU time from /proc/$MOTO_PID.
+  export MOTO_PID
   for _ in $(seq 1 150); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$MOTO_PORT") 2>/dev/null; then
       export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT"

@@ -188,7 +188,18 @@ fn row(workload: Workload, i: u64) -> serde_json::Value {
 
 /// User plus system CPU seconds of this process.
 fn cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
+    cpu_seconds_of("self").unwrap_or(0.0)
+}
+
+/// User plus system CPU seconds of the emulator, when `MOTO_PID` names its process
+/// (`scripts/moto.sh` exports it).
+fn emulator_cpu_seconds() -> Option<f64> {
+    cpu_seconds_of(&std::env::var("MOTO_PID").ok()?)
+}
+
+/// User plus system CPU seconds of process `pid` ("self": this one).
+fn cpu_seconds_of(pid: &str) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             let rest = s.rsplit_once(')')?.1;
@@ -197,7 +208,6 @@ fn cpu_seconds() -> f64 {
             let stime: f64 = f.get(12)?.parse().ok()?;
             Some((utime + stime) / 100.0)
         })
-        .unwrap_or(0.0)
 }
 
 /// The reference: the same typed rows encoded by `ArrowWriter` straight from memory.
@@ -589,10 +599,14 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
         Err(_) => Compactor::from_sdk(config, &sdk),
     };
     let cpu0 = cpu_seconds();
+    let emulator0 = emulator_cpu_seconds();
     let started = Instant::now();
     let report = c.sweep(&SweepRequest::default()).await?;
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    let emulator = emulator0
+        .zip(emulator_cpu_seconds())
+        .map(|(before, after)| after - before);
     if !report.failures.is_empty() || report.rows() != args.rows {
         bail!(
             "compaction wrote {} rows: {:?}",
@@ -603,6 +617,7 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
     let figures = json!({
         "wall_s": wall,
         "cpu_s": cpu,
+        "emulator_cpu_s": emulator,
         "peak_rss_kib": pipeline_tests::capture::peak_rss_kib(std::process::id()).unwrap_or(0),
         "bytes": report.hours.iter().map(|h| h.bytes).sum::<u64>(),
         "parts": report.hours.iter().map(|h| h.parts).sum::<u32>(),
@@ -740,6 +755,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         out_bytes / 1e6,
         peak / 1024.0,
     );
+    if let Some(e) = figures["emulator_cpu_s"].as_f64() {
+        // On these cores beside the compaction; on AWS this is the services' latency.
+        println!(
+            "  the emulator meanwhile (ledger, manifests, tags; on the same cores): {e:.2} CPU s"
+        );
+    }
     if args.workload == Workload::Readme {
         let (arrow_s, arrow_bytes) = arrow_reference(args.rows)?;
         println!(
