@@ -20,6 +20,40 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}", &id[..12])
 }
 
+/// A small xorshift generator for randomized schedules: reproducible from the seed it logs.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded with `seed` (a zero seed is made odd: xorshift never leaves 0).
+    pub fn new(seed: u64) -> Self {
+        Rng(seed | 1)
+    }
+
+    /// Seeded from the clock; the seed goes to stderr.
+    pub fn from_time() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9E37_79B9)
+            | 1;
+        eprintln!("random seed {seed}");
+        Rng(seed)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(
     what: &str,

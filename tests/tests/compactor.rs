@@ -1961,18 +1961,31 @@ async fn a_batch_unreadable_at_its_end_or_whole_is_consumed_and_its_hour_complet
     assert_unreadable_ends_consumed(&aws, slot, &good, end).await
 }
 
-/// The same hour compacted through a proxy that forwards every `n`-th request and loses its
-/// reply (n = 2, 3, 5: each a different set of the run's requests, the watermark's raise among
-/// them in some), sweeping again after a failed run as Lambda retries: the same end state.
+/// The same hour compacted through a proxy that hits every `n`-th request with a fault: its
+/// reply lost after it took effect, the connection dropped before it, 503 or throttled (a
+/// random `n` from 2 to 5 and a random cycle of faults that starts with a lost reply, each round
+/// a different set of the run's requests, the watermark's raise among them in some), sweeping
+/// again after a failed run as Lambda retries: the same end state.
 #[tokio::test]
 async fn a_batch_unreadable_at_its_end_is_consumed_once_through_lost_replies() -> anyhow::Result<()>
 {
     use pipeline_tests::faultproxy::{Fault, FaultProxy};
-    for n in [2, 3, 5] {
+    let mut rng = pipeline_tests::Rng::from_time();
+    const FAULTS: [Fault; 4] = [
+        Fault::LoseReply,
+        Fault::Drop,
+        Fault::Unavailable,
+        Fault::Throttle,
+    ];
+    for _ in 0..3 {
+        let n = 2 + rng.below(4);
+        let mut cycle = vec![Fault::LoseReply];
+        cycle.extend((0..rng.below(4)).map(|_| FAULTS[rng.below(4) as usize]));
+        eprintln!("faults on one request in {n}, in turn: {cycle:?}");
         let aws = AwsFixture::new().await?;
         let slot = "slot_dead_end_lost";
         let (good, end) = stage_batches_unreadable_at_their_end(&aws, slot).await?;
-        let proxy = FaultProxy::start(&aws.endpoint, n, vec![Fault::LoseReply]).await?;
+        let proxy = FaultProxy::start(&aws.endpoint, n, cycle).await?;
         let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
         let mut cfg = config(&aws);
         cfg.dead_letter_queue_url = Some(aws.queue_url.clone());
@@ -1988,7 +2001,10 @@ async fn a_batch_unreadable_at_its_end_is_consumed_once_through_lost_replies() -
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        assert!(done, "every {n}th reply lost: the hour never completed");
+        assert!(
+            done,
+            "faults on one request in {n}: the hour never completed"
+        );
         assert!(proxy.faults() > 0);
         drop(proxy);
         assert_unreadable_ends_consumed(&aws, slot, &good, end).await?;

@@ -18,6 +18,7 @@ use pipeline_tests::aws::AwsFixture;
 use pipeline_tests::capture::CaptureSetup;
 use pipeline_tests::faultproxy::{Fault, FaultProxy};
 use pipeline_tests::postgres::PgCluster;
+use pipeline_tests::Rng;
 
 const CAUGHT_UP: Duration = Duration::from_secs(240);
 
@@ -39,32 +40,6 @@ async fn database(pg: &PgCluster, preexisting: i64) -> anyhow::Result<String> {
     Ok(db)
 }
 
-/// A small xorshift generator: reproducible from the seed the test logs.
-struct Rng(u64);
-
-impl Rng {
-    fn from_time() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9)
-            | 1;
-        eprintln!("random seed {seed}");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// A steady write load: small transactions of inserts, updates (some changing the key),
 /// deletes, and two-table transactions, until stopped. Survives a restarting server by
 /// reconnecting.
@@ -81,7 +56,7 @@ impl Load {
         let conn_str = pg.conn_str(db);
         let (s, n) = (stop.clone(), statements.clone());
         let task = tokio::spawn(async move {
-            let mut rng = Rng((first_id as u64 * 0x2545_F491) | 1);
+            let mut rng = Rng::new(first_id as u64 * 0x2545_F491);
             let mut next = first_id;
             let mut client: Option<tokio_postgres::Client> = None;
             while !s.load(Ordering::Relaxed) {
