@@ -195,6 +195,19 @@ impl AwsFixture {
         Ok(keys)
     }
 
+    /// Writes an object (over any there).
+    pub async fn put_bytes(&self, key: &str, body: Vec<u8>) -> anyhow::Result<()> {
+        self.s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .with_context(|| format!("putting {key}"))?;
+        Ok(())
+    }
+
     /// An object's bytes.
     pub async fn get_bytes(&self, key: &str) -> anyhow::Result<Vec<u8>> {
         let out = self

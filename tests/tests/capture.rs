@@ -814,12 +814,7 @@ async fn cdc_status_reports_a_running_pipeline() -> anyhow::Result<()> {
         .message_body("{}")
         .send()
         .await?;
-    aws.s3
-        .put_object()
-        .bucket(&aws.bucket)
-        .key("_dead_letter/public.t/2026/01/01/00/x.json")
-        .body(b"{}".to_vec().into())
-        .send()
+    aws.put_bytes("_dead_letter/public.t/2026/01/01/00/x.json", b"{}".to_vec())
         .await?;
 
     let running = cap.status(&["--notify-dlq-url", &dlq]).await?;

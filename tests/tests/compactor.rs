@@ -1134,13 +1134,7 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
         })
         .collect();
     for key in &late_keys {
-        aws.s3
-            .put_object()
-            .bucket(&aws.bucket)
-            .key(key)
-            .body(b"a late upload".to_vec().into())
-            .send()
-            .await?;
+        aws.put_bytes(key, b"a late upload".to_vec()).await?;
     }
     let early = c.sweep(&SweepRequest::default()).await?;
     assert_eq!(
@@ -1869,13 +1863,7 @@ async fn stage_batches_unreadable_at_their_end(
         ),
         (&short[0].item.key, gzip(&kept[0])?),
     ] {
-        aws.s3
-            .put_object()
-            .bucket(&aws.bucket)
-            .key(key)
-            .body(body.into())
-            .send()
-            .await?;
+        aws.put_bytes(key, body).await?;
     }
     Ok((vec![good[0].clone(), kept[0].clone()], short[0].item.last))
 }

@@ -560,7 +560,7 @@ async fn verify_passes_a_clean_pipeline_and_finds_changed_rows_duplicates_losses
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, text.as_bytes())?;
     let original = aws.get_bytes(&part).await?;
-    put(&aws, &part, gz.finish()?).await?;
+    aws.put_bytes(&part, gz.finish()?).await?;
     let v = cap.verify(&["public.a"], &[]).await?;
     assert_eq!(v.code, 1);
     let found = kinds(&v);
@@ -575,11 +575,11 @@ async fn verify_passes_a_clean_pipeline_and_finds_changed_rows_duplicates_losses
     let v = cap.verify(&["public.a"], &[]).await?;
     assert_eq!(v.code, 1);
     assert!(kinds(&v).contains(&"missing".to_owned()), "{v:?}");
-    put(&aws, &part, original).await?;
+    aws.put_bytes(&part, original).await?;
     assert_eq!(cap.verify(&["public.a"], &[]).await?.code, 0);
     // A file no recorded part names, in a settled hour.
     let stray = part.replace(".jsonl.gz", "-stray.jsonl.gz");
-    put(&aws, &stray, aws.get_bytes(&part).await?).await?;
+    aws.put_bytes(&stray, aws.get_bytes(&part).await?).await?;
     let v = cap.verify(&["public.a"], &[]).await?;
     assert_eq!(v.code, 1);
     assert_eq!(kinds(&v), ["stray_file"], "{v:?}");
@@ -600,16 +600,5 @@ async fn verify_passes_a_clean_pipeline_and_finds_changed_rows_duplicates_losses
         assert_eq!(v.code, 2, "{v:?}");
         assert!(v.stderr.contains(setting), "{setting}: {}", v.stderr);
     }
-    Ok(())
-}
-
-async fn put(aws: &AwsFixture, key: &str, body: Vec<u8>) -> anyhow::Result<()> {
-    aws.s3
-        .put_object()
-        .bucket(&aws.bucket)
-        .key(key)
-        .body(body.into())
-        .send()
-        .await?;
     Ok(())
 }
