@@ -587,23 +587,23 @@ impl Ledger for DynamoLedger {
 
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError> {
         let expr = Expr::when("flush_seq = :seen").value(":seen", items::n(marker.flush_seq));
-        let key = items::key(
+        let (pk, sk) = (
             items::pending_pk(slot),
             items::pending_sk(marker.hour, &marker.table),
         );
         let outcome = self
             .table
-            .delete("clear pending hour", key, Some(expr))
+            .delete(
+                "clear pending hour",
+                items::key(pk.clone(), sk.clone()),
+                Some(expr),
+            )
             .await?;
         if outcome.written() {
             return Ok(true);
         }
         // A retry of our own delete whose reply was lost fails its condition: the marker is gone
         // and nothing is pending. One a flush wrote since is there again.
-        let (pk, sk) = (
-            items::pending_pk(slot),
-            items::pending_sk(marker.hour, &marker.table),
-        );
         Ok(self.table.get(pk, sk).await?.is_none())
     }
 }

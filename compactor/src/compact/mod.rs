@@ -15,8 +15,8 @@
 //!    the manifests are rewritten. A lost claim stops the attempt, which deletes its own files.
 //!    Once the last part is recorded, a watermark short of the batches read whole (their last
 //!    lines dead letters) is raised to their end, on the same condition, so they are consumed
-//!    rather than left to do for ever. Then the claim is released; after a failure it is given up unreleased, so the next run
-//!    cleans up.
+//!    rather than left to do for ever. Then the claim is released; after a failure it is given
+//!    up unreleased, so the next run cleans up.
 //! 4. Consume the batches a flush at a time, once the watermark passes all of that flush's
 //!    batches in the hour: tag their staging objects, mark their items compacted (with a TTL),
 //!    tell the flush record the table-hour is done. Flushes a recorded part passes are consumed
