@@ -331,7 +331,7 @@ impl Ledger for DynamoLedger {
             .value(":exp", items::n(now_ms() + duration_ms));
         match self
             .table
-            .update("renew lease", self.lease_key(), expr)
+            .update_only("renew lease", self.lease_key(), expr)
             .await?
         {
             Outcome::Written(_) => Ok(()),
@@ -347,7 +347,7 @@ impl Ledger for DynamoLedger {
             .value(":zero", items::n(0));
         // Taken over meanwhile: nothing left to give up.
         self.table
-            .update("release lease", self.lease_key(), expr)
+            .update_only("release lease", self.lease_key(), expr)
             .await?;
         Ok(())
     }

@@ -290,7 +290,31 @@ impl Table {
         expr: Expr,
     ) -> Result<Outcome<Item>, AwsError> {
         let res = self
-            .client
+            .update_item(key, &expr, ReturnValue::AllNew)
+            .send()
+            .await;
+        outcome(what, res, |out| out.attributes.unwrap_or_default())
+    }
+
+    /// [`Table::update`] without the item in the reply, for writes that only need to know
+    /// whether they were made: a smaller reply for DynamoDB to send and the client to read.
+    pub async fn update_only(
+        &self,
+        what: &str,
+        key: Item,
+        expr: Expr,
+    ) -> Result<Outcome, AwsError> {
+        let res = self.update_item(key, &expr, ReturnValue::None).send().await;
+        outcome(what, res, |_| ())
+    }
+
+    fn update_item(
+        &self,
+        key: Item,
+        expr: &Expr,
+        returned: ReturnValue,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
             .update_item()
             .table_name(&self.name)
             .set_key(Some(key))
@@ -298,10 +322,7 @@ impl Table {
             .set_condition_expression(expr.condition.clone())
             .set_expression_attribute_names(expr.names())
             .set_expression_attribute_values(expr.values())
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await;
-        outcome(what, res, |out| out.attributes.unwrap_or_default())
+            .return_values(returned)
     }
 
     /// Deletes the item at `key`, on `expr`'s condition when given. Deleting an absent item

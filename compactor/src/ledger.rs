@@ -425,7 +425,7 @@ impl Ledger for DynamoLedger {
             .value(":until", items::n(until_ms));
         let outcome = self
             .table
-            .update("renew claim", Self::hour_key(slot, record), expr)
+            .update_only("renew claim", Self::hour_key(slot, record), expr)
             .await?;
         Ok(outcome.written())
     }
@@ -504,7 +504,7 @@ impl Ledger for DynamoLedger {
             .value(":now", items::n(crate::now_ms()));
         // A condition that no longer holds: the hour moved on, nothing to give up.
         self.table
-            .update("release hour", Self::hour_key(slot, record), expr)
+            .update_only("release hour", Self::hour_key(slot, record), expr)
             .await?;
         Ok(())
     }
@@ -522,7 +522,7 @@ impl Ledger for DynamoLedger {
             .value(":exp", items::n(expires_at));
         // A condition failure: the item already expired, nothing to mark.
         self.table
-            .update(
+            .update_only(
                 "mark batch compacted",
                 items::key(batch.pk(slot), batch.sk()),
                 expr,
@@ -570,7 +570,9 @@ impl Ledger for DynamoLedger {
             .and_when("attribute_exists(pk)")
             .name("#ttl", items::TTL_ATTRIBUTE)
             .value(":exp", items::n(expires_at));
-        self.table.update("expire flush record", key, expr).await?;
+        self.table
+            .update_only("expire flush record", key, expr)
+            .await?;
         Ok(())
     }
 
