@@ -1832,10 +1832,11 @@ async fn unreadable_lines_go_to_the_dead_letter_prefix_and_the_hour_completes() 
     Ok(())
 }
 
-/// Three flushes of one table-hour whose staging objects cannot be read to their end: the
-/// first holds its first change and then a gzip member cut short (its second change), the second
-/// is not gzip at all, the third ends cleanly after the first of its two changes. Returns the
-/// readable lines and the last position of the third batch.
+/// Four flushes of one table-hour whose staging objects cannot be read to their end: the first
+/// holds its first change and then a gzip member cut short (its second change), the second is
+/// not gzip at all, the third ends cleanly after the first of its two changes, the fourth holds
+/// the first of its two changes and then a line that is not a change event. Returns the
+/// readable lines and the last position of the fourth batch.
 async fn stage_batches_unreadable_at_their_end(
     aws: &AwsFixture,
     slot: &str,
@@ -1850,7 +1851,9 @@ async fn stage_batches_unreadable_at_their_end(
     let whole = stager.flush(Some(now_ms())).await?;
     let kept = stager.tx(at(4, 0), vec![note(4, "v"), note(5, "w")]);
     let short = stager.flush(Some(now_ms())).await?;
-    anyhow::ensure!(cut.len() == 1 && whole.len() == 1 && short.len() == 1);
+    let sixth = stager.tx(at(5, 0), vec![note(6, "u"), note(7, "t")]);
+    let mixed = stager.flush(Some(now_ms())).await?;
+    anyhow::ensure!(cut.len() == 1 && whole.len() == 1 && short.len() == 1 && mixed.len() == 1);
     let gzip = |line: &str| pipeline_tests::staging::gzip(format!("{line}\n").as_bytes());
     let mut cut_short = gzip(&good[0])?;
     let tail = gzip(&lost[0])?;
@@ -1862,10 +1865,15 @@ async fn stage_batches_unreadable_at_their_end(
             b"\x1f\x8b\x08\x00 not a gzip stream".to_vec(),
         ),
         (&short[0].item.key, gzip(&kept[0])?),
+        (
+            &mixed[0].item.key,
+            gzip(&format!("{}\n{{\"not\": \"an event\"}}", sixth[0]))?,
+        ),
     ] {
         aws.put_bytes(key, body).await?;
     }
-    Ok((vec![good[0].clone(), kept[0].clone()], short[0].item.last))
+    let readable = vec![good[0].clone(), kept[0].clone(), sixth[0].clone()];
+    Ok((readable, mixed[0].item.last))
 }
 
 /// What [`stage_batches_unreadable_at_their_end`]'s hour must look like once compacted: the
@@ -1887,16 +1895,17 @@ async fn assert_unreadable_ends_consumed(
     assert_eq!(events, expected);
     assert_eq!(parts(aws, slot, &t, hour()).await?.len(), 1);
     let items = batch_items(aws, slot, &t, hour()).await?;
-    assert_eq!(items.len(), 3);
+    assert_eq!(items.len(), 4);
     assert!(items.iter().all(|b| b.compacted), "{items:?}");
     let through = hour_record(aws, slot, &t, hour())
         .await?
         .and_then(|r| r.compacted_through);
     assert_eq!(through, Some(end));
     assert!(pending(aws, slot).await?.is_empty());
-    // Each unreadable object: a record of where it stopped, and its copy.
+    // Each unreadable object: a record of where it stopped, and its copy; the fourth's bad line
+    // its own record too.
     let dead = aws.list_keys("_dead_letter/").await?;
-    assert_eq!(dead.len(), 6, "{dead:?}");
+    assert_eq!(dead.len(), 9, "{dead:?}");
     aws.drain_queue().await?;
 
     let mut cfg = config(aws);
@@ -1934,12 +1943,12 @@ async fn a_batch_unreadable_at_its_end_or_whole_is_consumed_and_its_hour_complet
         .await?;
     assert_eq!(report.hours.len(), 1);
     assert_eq!(report.hours[0].state, HourState::Done, "{report:?}");
-    assert_eq!(report.hours[0].rows, 2);
-    assert_eq!(report.hours[0].dead_letters, 3);
-    assert_eq!(report.hours[0].consumed_batches, 3);
+    assert_eq!(report.hours[0].rows, 3);
+    assert_eq!(report.hours[0].dead_letters, 5);
+    assert_eq!(report.hours[0].consumed_batches, 4);
     // Each unreadable object announced once.
     let notices = aws.drain_queue().await?;
-    assert_eq!(notices.len(), 3);
+    assert_eq!(notices.len(), 4);
     assert!(
         notices
             .iter()

@@ -516,19 +516,32 @@ impl Claimed<'_> {
                 let (mut work, data) = work
                     .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
                 last = work.last.or(last);
-                // Every line read and none unreadable, yet short of the change the batch item
-                // names last: the object ends early. Its missing changes are not skipped in
-                // silence: the object is a dead letter too (and the watermark passes it below).
-                if work.dead.is_empty() && last < Some(batch.last) {
-                    work.dead.push(DeadLetter {
-                        reason: format!(
-                            "staging object ends before the last change its batch item records ({})",
-                            batch.last.key()
-                        ),
-                        staging_key: batch.key.clone(),
-                        line: 0,
-                        raw: None,
-                    });
+                // Short of the change the batch item names last: the object ends early, or its
+                // last lines are dead letters (an unreadable line's position is unknown, so the
+                // two cannot be told apart). The changes not written are not skipped in silence
+                // (the watermark passes them below): a record says which they are, and the object
+                // is copied beside it.
+                if last < Some(batch.last) {
+                    if !work.dead.iter().any(|d| d.line == 0) {
+                        let after = last.map(|p| p.key()).unwrap_or_default();
+                        let reason = if work.dead.is_empty() {
+                            format!(
+                                "staging object ends before the last change its batch item records ({})",
+                                batch.last.key()
+                            )
+                        } else {
+                            format!(
+                                "changes after {after:?} up to {} are not written: the object's last lines are dead letters, or it ends early",
+                                batch.last.key()
+                            )
+                        };
+                        work.dead.push(DeadLetter {
+                            reason,
+                            staging_key: batch.key.clone(),
+                            line: 0,
+                            raw: None,
+                        });
+                    }
                     work.copy_object = true;
                 }
                 if work.duplicates > 0 {
