@@ -1925,9 +1925,10 @@ async fn assert_unreadable_ends_consumed(
     Ok(())
 }
 
-/// A batch whose last lines cannot be read (its object cut short after the first line), that
-/// cannot be read at all, or whose object ends cleanly before the last change its item records:
-/// the lines that can be read are written, the rest (or the object) go to the dead-letter prefix, and the batch is consumed as one whose unreadable lines sit in the
+/// Batches whose last lines cannot be read (an object cut short after its first line, one not
+/// gzip at all, one ending cleanly before the last change its item records, one short after a
+/// bad line): the lines that can be read are written, the rest (or the object) go to the
+/// dead-letter prefix, and each batch is consumed as one whose unreadable lines sit in the
 /// middle would be. The watermark cannot stop at the last line written: the batch would stay to
 /// do and its hour pending for ever, its dead letters stored and announced again at every sweep.
 #[tokio::test]

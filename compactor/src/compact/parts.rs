@@ -279,14 +279,10 @@ impl Claimed<'_> {
         };
         let bytes: u64 = files.iter().map(|f| f.bytes).sum();
         let next = HourRecord {
-            version: self.record.version + 1,
-            compacted_through: Some(stats.last),
             next_part: stats.part + 1,
             rows: self.record.rows + stats.rows,
             bytes: self.record.bytes + bytes,
-            claim_until_ms: now + self.deps.claim_ms,
-            updated_ms: now,
-            ..self.record.clone()
+            ..self.next_record(stats.last, now)
         };
         let outcome = retry("record part", || {
             self.deps
@@ -301,11 +297,7 @@ impl Claimed<'_> {
                     part = stats.part, rows = stats.rows, bytes, attempt = %self.attempt,
                     "part recorded"
                 );
-                self.record = next;
-                self.last_renew_ms = now;
-                if let Some(early) = self.early.as_mut() {
-                    early.offer(self.record.compacted_through);
-                }
+                self.adopt(next, now);
                 self.parts.push(part);
                 self.report.parts += 1;
                 self.report.latest_part = Some((stats.schema_id.clone(), stats.last));
@@ -523,7 +515,7 @@ impl Claimed<'_> {
                 // is copied beside it.
                 if last < Some(batch.last) {
                     if !work.dead.iter().any(|d| d.line == 0) {
-                        let after = last.map(|p| p.key()).unwrap_or_default();
+                        let after = last.map_or_else(|| "the hour's start".to_owned(), |p| p.key());
                         let reason = if work.dead.is_empty() {
                             format!(
                                 "staging object ends before the last change its batch item records ({})",
@@ -531,7 +523,7 @@ impl Claimed<'_> {
                             )
                         } else {
                             format!(
-                                "changes after {after:?} up to {} are not written: the object's last lines are dead letters, or it ends early",
+                                "changes after {after} up to {} are not written: the object's last lines are dead letters, or it ends early",
                                 batch.last.key()
                             )
                         };
@@ -607,13 +599,7 @@ impl Claimed<'_> {
             return Ok(());
         }
         let now = now_ms();
-        let next = HourRecord {
-            version: self.record.version + 1,
-            compacted_through: Some(handled),
-            claim_until_ms: now + self.deps.claim_ms,
-            updated_ms: now,
-            ..self.record.clone()
-        };
+        let next = self.next_record(handled, now);
         let outcome = retry("raise watermark", || {
             self.deps
                 .ledger
@@ -627,14 +613,32 @@ impl Claimed<'_> {
                     from = ?self.record.compacted_through.map(|p| p.key()), to = %handled.key(),
                     "watermark raised past batches whose last lines are dead letters"
                 );
-                self.record = next;
-                self.last_renew_ms = now;
-                if let Some(early) = self.early.as_mut() {
-                    early.offer(self.record.compacted_through);
-                }
+                self.adopt(next, now);
                 Ok(())
             }
             Recorded::Lost => Err(HourError::ClaimLost),
+        }
+    }
+
+    /// The hour record with the watermark at `through`, as this attempt writes it at `now`:
+    /// the version bumped (the write is conditional on the current one) and the claim renewed.
+    fn next_record(&self, through: Position, now: i64) -> HourRecord {
+        HourRecord {
+            version: self.record.version + 1,
+            compacted_through: Some(through),
+            claim_until_ms: now + self.deps.claim_ms,
+            updated_ms: now,
+            ..self.record.clone()
+        }
+    }
+
+    /// `next`, written at `now`, is the hour's record: the claim counts as renewed then, and
+    /// the flushes its watermark passes are offered to the early consumption.
+    fn adopt(&mut self, next: HourRecord, now: i64) {
+        self.record = next;
+        self.last_renew_ms = now;
+        if let Some(early) = self.early.as_mut() {
+            early.offer(self.record.compacted_through);
         }
     }
 
