@@ -18,7 +18,8 @@ import { SourceConfig, underBase } from './config';
 
 /** The ledger actions both binaries use. TransactWriteItems is no IAM action of its own: DynamoDB
  * authorises each item of a transaction through PutItem, UpdateItem, DeleteItem or
- * ConditionCheckItem. DescribeTable is the start-up check. */
+ * ConditionCheckItem. DescribeTable is the start-up check; BatchGetItem the compactor's plan
+ * reading flush records. */
 export const LEDGER_ACTIONS = [
   'dynamodb:DescribeTable',
   'dynamodb:GetItem',
@@ -27,6 +28,7 @@ export const LEDGER_ACTIONS = [
   'dynamodb:DeleteItem',
   'dynamodb:Query',
   'dynamodb:BatchWriteItem',
+  'dynamodb:BatchGetItem',
   'dynamodb:ConditionCheckItem',
 ];
 

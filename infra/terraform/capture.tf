@@ -4,7 +4,8 @@
 locals {
   # The ledger actions both binaries use. TransactWriteItems is no IAM action of its own: DynamoDB
   # authorises each item of a transaction through PutItem, UpdateItem, DeleteItem or
-  # ConditionCheckItem. DescribeTable is the start-up check.
+  # ConditionCheckItem. DescribeTable is the start-up check; BatchGetItem the compactor's plan
+  # reading flush records.
   ledger_actions = [
     "dynamodb:DescribeTable",
     "dynamodb:GetItem",
@@ -13,6 +14,7 @@ locals {
     "dynamodb:DeleteItem",
     "dynamodb:Query",
     "dynamodb:BatchWriteItem",
+    "dynamodb:BatchGetItem",
     "dynamodb:ConditionCheckItem",
   ]
 

@@ -5,6 +5,7 @@ import { before, describe, it } from 'node:test';
 import { exampleConfig, iamStatements, logicalId, minimalConfig, Statement, synth, Synthesized } from './helpers';
 
 const LEDGER_ACTIONS = [
+  'dynamodb:BatchGetItem',
   'dynamodb:BatchWriteItem',
   'dynamodb:ConditionCheckItem',
   'dynamodb:DeleteItem',

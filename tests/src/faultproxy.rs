@@ -3,6 +3,7 @@
 //! forwards and then drops the connection (the reply is lost after the call took effect), or
 //! forwards and holds the reply longer than the client waits.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,8 @@ pub struct FaultStats {
     pub faults: AtomicU64,
     /// A fault applied to every request, over the cycle ([`FaultProxy::force`]).
     forced: std::sync::Mutex<Option<Fault>>,
+    /// Requests seen by operation ([`operation`]).
+    operations: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 /// A running proxy.
@@ -101,6 +104,53 @@ impl FaultProxy {
     /// Faults injected so far.
     pub fn faults(&self) -> u64 {
         self.stats.faults.load(Ordering::Relaxed)
+    }
+
+    /// Requests seen so far by operation: `dynamodb:UpdateItem`, `s3:PUT?tagging`, `s3:GET`...
+    pub fn operations(&self) -> BTreeMap<String, u64> {
+        self.stats
+            .operations
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The operation a request head names: `dynamodb:` or `sqs:` and the target's operation for
+/// the JSON protocols, the `Action` of a query protocol, else `s3:` and the method with the
+/// sub-resource the query names (`?tagging`, `?uploads`...), if any.
+fn operation(head: &str) -> String {
+    let target = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("x-amz-target")
+            .then(|| value.trim())
+    });
+    if let Some((service, op)) = target.and_then(|t| t.split_once('.')) {
+        let service = if service.starts_with("DynamoDB") {
+            "dynamodb"
+        } else if service == "AmazonSQS" {
+            "sqs"
+        } else {
+            service
+        };
+        return format!("{service}:{op}");
+    }
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or("");
+    let query = words
+        .next()
+        .and_then(|path| path.split_once('?'))
+        .map(|(_, q)| q)
+        .unwrap_or("");
+    if let Some(action) = query.split('&').find_map(|kv| kv.strip_prefix("Action=")) {
+        return action.to_owned();
+    }
+    match query
+        .split('&')
+        .find(|kv| !kv.contains('=') && !kv.is_empty())
+    {
+        Some(sub) => format!("s3:{method}?{sub}"),
+        None => format!("s3:{method}"),
     }
 }
 
@@ -165,6 +215,9 @@ async fn serve(
     let mut reader = BufReader::new(client);
     while let Some((head, body)) = read_request(&mut reader).await? {
         let n = stats.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(mut ops) = stats.operations.lock() {
+            *ops.entry(operation(&head)).or_default() += 1;
+        }
         let forced = stats.forced.lock().ok().and_then(|f| *f);
         let fault = if let Some(f) = forced {
             f

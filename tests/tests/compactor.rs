@@ -1525,6 +1525,55 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
     Ok(())
 }
 
+/// The ledger actions infra grants the compactor's role (CDK's `LEDGER_ACTIONS` and Terraform's
+/// `ledger_actions`, read from their sources) cover every DynamoDB call a compaction makes: the
+/// emulator checks no permission, so a call the policies miss would only fail on AWS.
+#[tokio::test]
+async fn every_ledger_call_of_a_compaction_is_granted_by_infra() -> anyhow::Result<()> {
+    use pipeline_tests::faultproxy::FaultProxy;
+    let aws = AwsFixture::new().await?;
+    let slot = "slot_granted";
+    let mut stager = Stager::new(&aws, slot).await?;
+    for f in 0..3 {
+        stage_notes(&mut stager, 1 + f * 4, 4, 2).await?;
+    }
+    let proxy = FaultProxy::start(&aws.endpoint, 0, Vec::new()).await?;
+    let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
+    let report = Compactor::from_sdk(config(&aws), &sdk)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.hours[0].state, HourState::Done);
+    let called: BTreeSet<String> = proxy
+        .operations()
+        .into_keys()
+        .filter_map(|op| {
+            op.strip_prefix("dynamodb:")
+                .map(|a| format!("dynamodb:{a}"))
+        })
+        // Authorised item by item as PutItem, UpdateItem, DeleteItem or ConditionCheckItem.
+        .filter(|a| a != "dynamodb:TransactWriteItems")
+        .collect();
+    assert!(called.contains("dynamodb:BatchGetItem"), "{called:?}");
+    let infra = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra");
+    for (file, list) in [
+        ("lib/capture.ts", "LEDGER_ACTIONS = ["),
+        ("terraform/capture.tf", "ledger_actions = ["),
+    ] {
+        let text = std::fs::read_to_string(infra.join(file))?;
+        let start = text.find(list).context(list)? + list.len();
+        let end = start + text[start..].find(']').context("the list's end")?;
+        let granted: BTreeSet<String> = text[start..end]
+            .split(['\'', '"'])
+            .filter(|w| w.starts_with("dynamodb:"))
+            .map(str::to_owned)
+            .collect();
+        let missing: Vec<&String> = called.difference(&granted).collect();
+        assert!(missing.is_empty(), "{file} does not grant {missing:?}");
+    }
+    Ok(())
+}
+
 /// An hour written into many parts: a flush whose batches the recorded parts have passed is
 /// consumed while the later parts are written, not after the last one, and still only once all
 /// its batches in the hour are marked; every batch is consumed once and every change is final
