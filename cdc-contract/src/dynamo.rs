@@ -18,7 +18,7 @@ use crate::aws::AwsError;
 use crate::ledger::{key, s, Item};
 
 /// Items DynamoDB takes in one batch write.
-const BATCH_WRITE_MAX: usize = 25;
+pub const BATCH_WRITE_MAX: usize = 25;
 
 /// Keys DynamoDB takes in one batch read.
 const BATCH_GET_MAX: usize = 100;

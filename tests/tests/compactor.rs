@@ -946,24 +946,26 @@ impl Ledger for MortalLedger {
     async fn mark_compacted(
         &self,
         slot: &str,
-        batch: &BatchItem,
+        batches: &[&BatchItem],
         exp: i64,
     ) -> Result<(), LedgerError> {
         self.1.check(LedgerError::Definite)?;
-        let through = self
-            .0
-            .hour_record(slot, &batch.table, batch.hour)
-            .await?
-            .and_then(|r| r.compacted_through);
-        if through.is_none_or(|w| batch.last > w) {
-            if let Ok(mut p) = self.1.premature.lock() {
-                p.push(format!(
-                    "{} (last {:?}, watermark {through:?})",
-                    batch.key, batch.last
-                ));
+        for batch in batches {
+            let through = self
+                .0
+                .hour_record(slot, &batch.table, batch.hour)
+                .await?
+                .and_then(|r| r.compacted_through);
+            if through.is_none_or(|w| batch.last > w) {
+                if let Ok(mut p) = self.1.premature.lock() {
+                    p.push(format!(
+                        "{} (last {:?}, watermark {through:?})",
+                        batch.key, batch.last
+                    ));
+                }
             }
         }
-        self.0.mark_compacted(slot, batch, exp).await
+        self.0.mark_compacted(slot, batches, exp).await
     }
     async fn delete_batch(&self, slot: &str, batch: &BatchItem) -> Result<(), LedgerError> {
         self.1.check(LedgerError::Definite)?;
@@ -1522,6 +1524,69 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
         "told only once all its batches in the hour were marked: {calls:?}"
     );
     mortal.assert_none_premature()?;
+    Ok(())
+}
+
+/// Consuming an hour costs the ledger one write request per 25 batches, not one per batch: the
+/// items of many flushes are marked together (DynamoDB `BatchWriteItem`). A capture's flush holds
+/// one batch per table-hour, so marking a flush's batches together would save nothing; here
+/// every flush holds one. Each staging object is still tagged on its own (S3 has no batch
+/// tagging), and each flush told once.
+#[tokio::test]
+async fn an_hours_batches_are_marked_compacted_25_to_a_request() -> anyhow::Result<()> {
+    use pipeline_tests::faultproxy::FaultProxy;
+    let aws = AwsFixture::new().await?;
+    let slot = "slot_marks_together";
+    let mut stager = Stager::new(&aws, slot).await?;
+    let flushes: u64 = 60;
+    for f in 0..flushes as i64 {
+        stage_notes(&mut stager, 1 + f * 2, 2, 2).await?;
+    }
+    let t = notes_schema().table;
+    let items = batch_items(&aws, slot, &t, hour()).await?;
+    assert_eq!(items.len() as u64, flushes, "one batch per flush");
+
+    let proxy = FaultProxy::start(&aws.endpoint, 0, Vec::new()).await?;
+    let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
+    let report = Compactor::from_sdk(config(&aws), &sdk)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.hours.len(), 1);
+    assert_eq!(report.hours[0].state, HourState::Done);
+    assert_eq!(report.hours[0].consumed_batches as u64, flushes);
+    let marked = batch_items(&aws, slot, &t, hour()).await?;
+    assert!(marked.iter().all(|b| b.compacted), "every batch marked");
+    let expiring = aws
+        .dynamodb
+        .scan()
+        .table_name(&aws.table)
+        .send()
+        .await?
+        .items()
+        .iter()
+        .filter(|i| {
+            i.get("pk")
+                .and_then(|v| v.as_s().ok())
+                .is_some_and(|pk| pk.starts_with("batch#"))
+                && i.contains_key(cdc_contract::ledger::TTL_ATTRIBUTE)
+        })
+        .count() as u64;
+    assert_eq!(expiring, flushes, "every batch item has its TTL");
+
+    let ops = proxy.operations();
+    let count = |op: &str| ops.get(op).copied().unwrap_or(0);
+    assert_eq!(count("s3:PUT?tagging"), flushes, "{ops:?}");
+    assert!(
+        count("dynamodb:BatchWriteItem") <= flushes.div_ceil(25),
+        "marks 25 to a request: {ops:?}"
+    );
+    // Per flush: its table-hour noted done, and its record then set to expire; besides those,
+    // the hour's claim, part and release.
+    assert!(
+        count("dynamodb:UpdateItem") <= 2 * flushes + 8,
+        "no update per batch: {ops:?}"
+    );
     Ok(())
 }
 

@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
+use cdc_contract::dynamo::BATCH_WRITE_MAX;
 use cdc_contract::ledger::{BatchItem, FlushId, HourRecord};
 use cdc_contract::Position;
 
@@ -80,19 +80,9 @@ pub(super) async fn finish(
         }
     }
     let consumed: usize = work.iter().map(|(unmarked, _)| unmarked.len()).sum();
-    // Futures collected first: a stream holding the closure would make the compaction's
-    // future lose `Send` (the closure's borrow is not general enough).
-    let pending: Vec<_> = work
-        .iter()
-        .map(|(unmarked, flush)| consume(ledger, &**deps.store, slot, unmarked, flush, expires_at))
-        .collect();
-    let results = futures::stream::iter(pending)
-        .buffer_unordered(CONCURRENCY)
-        .collect::<Vec<_>>()
-        .await;
-    for r in results {
-        r?;
-    }
+    consume(ledger, &**deps.store, slot, &work, expires_at)
+        .await
+        .1?;
     report.consumed_batches = early.batches + consumed;
     let orphans = &batches.orphans;
     for orphan in orphans {
@@ -123,37 +113,97 @@ pub(super) async fn finish(
     Ok(())
 }
 
-/// Requests in flight at once: the steps below are one small request per batch (or flush), and
-/// their time is the ledger's and S3's latency.
+/// Requests in flight at once: the steps below are small requests, one per batch, per 25
+/// batches or per flush, and their time is the ledger's and S3's latency.
 const CONCURRENCY: usize = 16;
 
-/// Tags the consumed batches' staging objects for expiry and marks their items compacted (one
-/// flush's batches of this table-hour not marked yet, one after the other; none when all are),
-/// then notes the table-hour done in the record of `flush`'s flush.
+/// Consumes `flushes`, each given as its batches of this table-hour not marked yet (none when
+/// all are) and one batch naming the flush: tags every staging object for expiry, then marks
+/// every item compacted ([`BATCH_WRITE_MAX`] to a request, across flushes: a capture's flush
+/// holds one batch per table-hour), then notes the table-hour done in each flush's record. Each
+/// step starts once the one before is done for all, so a flush is told only after all its
+/// batches are marked, and a batch marked only after its object is tagged (a mark without a tag
+/// would leave the object for ever). Gives the flushes told, and the first error, which stops
+/// the step it happens in (everything repeats harmlessly).
 async fn consume(
     ledger: &dyn Ledger,
     store: &dyn ObjectStore,
     slot: &str,
-    batches: &[&BatchItem],
-    flush: &BatchItem,
+    flushes: &[(Vec<&BatchItem>, &BatchItem)],
     expires_at: i64,
-) -> Result<(), HourError> {
-    for batch in batches {
-        retry("tag staging object", || {
-            store.tag(&batch.key, &[("compacted", "true")])
+) -> (Vec<FlushId>, Result<(), HourError>) {
+    let batches: Vec<&BatchItem> = flushes
+        .iter()
+        .flat_map(|(unmarked, _)| unmarked.iter().copied())
+        .collect();
+    // Futures collected before they are streamed: a stream holding the closure would make the
+    // compaction's future lose `Send` (the closure's borrow is not general enough).
+    let tags: Vec<_> = batches
+        .iter()
+        .map(|batch| {
+            retry("tag staging object", || {
+                store.tag(&batch.key, &[("compacted", "true")])
+            })
         })
-        .await?;
-        retry("mark batch compacted", || {
-            ledger.mark_compacted(slot, batch, expires_at)
+        .collect();
+    let tagged = futures::stream::iter(tags)
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await;
+    if let Err(error) = tagged {
+        return (Vec::new(), Err(error.into()));
+    }
+    let marks: Vec<_> = batches
+        .chunks(BATCH_WRITE_MAX)
+        .map(|chunk| {
+            retry("mark batches compacted", || {
+                ledger.mark_compacted(slot, chunk, expires_at)
+            })
         })
-        .await?;
+        .collect();
+    let marked = futures::stream::iter(marks)
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await;
+    if let Err(error) = marked {
+        return (Vec::new(), Err(error.into()));
     }
     // After the items say compacted: the flush record may expire once all its hours are.
+    let tells: Vec<_> = flushes
+        .iter()
+        .map(|(_, flush)| tell(ledger, slot, flush, expires_at))
+        .collect();
+    let told = futures::stream::iter(tells)
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    let mut done = Vec::with_capacity(told.len());
+    let mut first_error = Ok(());
+    for result in told {
+        match result {
+            Ok(flush) => done.push(flush),
+            Err(error) => {
+                if first_error.is_ok() {
+                    first_error = Err(error);
+                }
+            }
+        }
+    }
+    (done, first_error)
+}
+
+/// Notes `flush`'s table-hour done in its flush record; gives the flush.
+async fn tell(
+    ledger: &dyn Ledger,
+    slot: &str,
+    flush: &BatchItem,
+    expires_at: i64,
+) -> Result<FlushId, HourError> {
     retry("note flush hour compacted", || {
         ledger.flush_hour_done(slot, flush, expires_at)
     })
     .await?;
-    Ok(())
+    Ok(flush.flush_id)
 }
 
 /// Consumption beside the writing: the parts recorded so far pass whole flushes, whose batches
@@ -221,60 +271,36 @@ impl EarlyConsumption {
     }
 }
 
-/// Consumes the flushes `rx` hands over until it closes, [`CONCURRENCY`] at once. A flush
-/// that fails is left to [`finish`] (the steps repeat harmlessly).
+/// Consumes the flushes `rx` hands over until it closes: all those waiting at once, together,
+/// while the next ones queue. A flush that fails is left to [`finish`] (the steps repeat
+/// harmlessly).
 pub(super) async fn consume_early(
     deps: Deps<'_>,
     slot: &str,
     mut rx: mpsc::UnboundedReceiver<Vec<BatchItem>>,
 ) -> Consumed {
     let mut done = Consumed::default();
-    let mut pending = FuturesUnordered::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            got = rx.recv(), if open && pending.len() < CONCURRENCY => match got {
-                Some(group) => pending.push(consume_owned(deps, slot, group)),
-                None => open = false,
-            },
-            Some((group, result)) = pending.next(), if !pending.is_empty() => match result {
-                Ok(()) => {
-                    if let Some(b) = group.first() {
-                        done.flushes.insert(b.flush_id);
-                    }
-                    done.batches += group.len();
-                }
-                Err(error) => {
-                    tracing::warn!(slot = %slot, error = %error, "could not consume a flush's batches beside the writing; the hour's end does it");
-                }
-            },
-            else => break,
+    while let Some(first) = rx.recv().await {
+        let mut groups = vec![first];
+        while let Ok(group) = rx.try_recv() {
+            groups.push(group);
+        }
+        let expires_at = now_ms() / 1000 + deps.batch_ttl_seconds;
+        let work: Vec<(Vec<&BatchItem>, &BatchItem)> = groups
+            .iter()
+            .filter_map(|group| Some((group.iter().collect(), group.first()?)))
+            .collect();
+        let (told, result) = consume(deps.ledger, &**deps.store, slot, &work, expires_at).await;
+        if let Err(error) = result {
+            tracing::warn!(slot = %slot, error = %error, "could not consume flushes' batches beside the writing; the hour's end does it");
+        }
+        let told: HashSet<FlushId> = told.into_iter().collect();
+        for (batches, flush) in &work {
+            if told.contains(&flush.flush_id) {
+                done.flushes.insert(flush.flush_id);
+                done.batches += batches.len();
+            }
         }
     }
     done
-}
-
-/// [`consume`] of an owned group, which it gives back.
-async fn consume_owned(
-    deps: Deps<'_>,
-    slot: &str,
-    group: Vec<BatchItem>,
-) -> (Vec<BatchItem>, Result<(), HourError>) {
-    let expires_at = now_ms() / 1000 + deps.batch_ttl_seconds;
-    let unmarked: Vec<&BatchItem> = group.iter().collect();
-    let result = match group.first() {
-        Some(flush) => {
-            consume(
-                deps.ledger,
-                &**deps.store,
-                slot,
-                &unmarked,
-                flush,
-                expires_at,
-            )
-            .await
-        }
-        None => Ok(()),
-    };
-    (group, result)
 }
