@@ -517,14 +517,15 @@ impl Ledger for DynamoLedger {
         expires_at: i64,
     ) -> Result<(), LedgerError> {
         // Puts, not conditional updates: a batch write takes no condition, and in the emulator
-        // 25 puts in one request cost a tenth of 25 updates. Nothing else writes these items
-        // meanwhile, so writing them whole changes only the two attributes: the capture writes
-        // a batch item once, before its flush record commits (the sort key names the flush); it
-        // deletes one only when retiring an old incomplete snapshot, whose batches are
-        // undecided and never consumed; the compactor deletes one only as an orphan (its flush
-        // record gone, which waits for this mark: the record expires once its table-hours are
-        // told done, after their marks), and DynamoDB on the expiry set here. Two runs that
-        // both read an item as not compacted write it with the same content.
+        // 25 puts in one request cost a tenth of 25 updates. Writing an item whole changes only
+        // the two attributes, since its other writers write the same content or leave it alone:
+        // the capture puts it (the sort key names the flush) before its flush record commits,
+        // and again only when retrying a flush whose reply was lost (the same content, not
+        // compacted: a mark it overwrites is made again by a later run, as the retry marks the
+        // hour pending again); it deletes one only when retiring an old incomplete snapshot,
+        // whose batches are undecided and never consumed; the compactor deletes one only as an
+        // orphan (its flush never recorded: never read as valid), and DynamoDB on the expiry
+        // set here. Two runs that both read an item as not compacted write the same content.
         let marked = batches
             .iter()
             .map(|batch| {

@@ -1,9 +1,10 @@
 //! Step 4 of an hour: the consumed batches' staging objects tagged for expiry and their items
 //! marked compacted, the orphan items removed, the pending marker cleared when nothing is left.
 //!
-//! Batches are consumed a flush at a time: a flush's batches in the hour once every one of them
-//! is at or below the watermark, then the flush is told the table-hour is done (its record may
-//! then expire, and a batch of it not yet consumed would be judged an orphan). A flush whose
+//! Batches are consumed by whole flushes: a flush's batches in the hour once every one of them is
+//! at or below the watermark, then the flush is told the table-hour is done (its record may then
+//! expire, and a batch of it not yet consumed would be judged an orphan). The flushes ready at
+//! one time go together, step by step ([`consume`]). A flush whose
 //! batches the watermark has passed while later parts are still being written is consumed then
 //! ([`EarlyConsumption`]), beside the writing; the rest here, after it.
 
@@ -120,11 +121,13 @@ const CONCURRENCY: usize = 16;
 /// Consumes `flushes`, each given as its batches of this table-hour not marked yet (none when
 /// all are) and one batch naming the flush: tags every staging object for expiry, then marks
 /// every item compacted ([`BATCH_WRITE_MAX`] to a request, across flushes: a capture's flush
-/// holds one batch per table-hour), then notes the table-hour done in each flush's record. Each
-/// step starts once the one before is done for all, so a flush is told only after all its
-/// batches are marked, and a batch marked only after its object is tagged (a mark without a tag
-/// would leave the object for ever). Gives the flushes told, and the first error, which stops
-/// the step it happens in (everything repeats harmlessly).
+/// holds one batch per table, hour and schema version), then notes the table-hour done in each
+/// flush's record. Each step starts once the one before is done for all, so a flush is told only
+/// after all its batches are marked, and a batch marked only after its object is tagged (a mark
+/// without a tag would leave the object for ever). Gives the flushes told and the first error: a
+/// tag or mark that fails stops its step and the steps after it (no flush told; a failing object
+/// holds back the others of the job, all left to a later run), a tell that fails leaves only its
+/// flush untold. Everything repeats harmlessly.
 async fn consume(
     ledger: &dyn Ledger,
     store: &dyn ObjectStore,

@@ -17,9 +17,10 @@
 //!    lines dead letters) is raised to their end, on the same condition, so they are consumed
 //!    rather than left to do for ever. Then the claim is released; after a failure it is given
 //!    up unreleased, so the next run cleans up.
-//! 4. Consume the batches a flush at a time, once the watermark passes all of that flush's
-//!    batches in the hour: tag their staging objects, mark their items compacted (with a TTL),
-//!    tell the flush record the table-hour is done. Flushes a recorded part passes are consumed
+//! 4. Consume the batches by whole flushes, once the watermark passes all of a flush's batches
+//!    in the hour: tag their staging objects, mark their items compacted (with a TTL, 25 to a
+//!    request), tell the flush record the table-hour is done; the flushes ready at one time
+//!    together, each step for all before the next. Flushes a recorded part passes are consumed
 //!    beside the writing of the later parts (`finish::EarlyConsumption`), the rest after it.
 //!    Then delete orphan items, and clear the pending marker unless a batch is undecided or not
 //!    consumed, a recheck is to come, or a flush touched it meanwhile.
