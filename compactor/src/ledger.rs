@@ -2,7 +2,7 @@
 //! pending hours and batches by key, and recording an hour's parts under a versioned claim.
 //! [`DynamoLedger`] is the DynamoDB implementation; tests wrap the trait to inject faults.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -59,19 +59,23 @@ pub trait Ledger: Send + Sync {
         table: &TableName,
         hour: Hour,
     ) -> Result<Vec<BatchItem>, LedgerError>;
-    /// True when the flush record exists (its batches count).
-    async fn flush_recorded(&self, slot: &str, id: &FlushId) -> Result<bool, LedgerError>;
-    /// Those of `ids` whose flush record exists. One request per id unless the ledger can
-    /// read many at once.
+    /// The flush record, if it exists (its batches count), as read now.
+    async fn flush_recorded(
+        &self,
+        slot: &str,
+        id: &FlushId,
+    ) -> Result<Option<FlushSeen>, LedgerError>;
+    /// Those of `ids` whose flush record exists, as read now. One request per id unless the
+    /// ledger can read many at once.
     async fn flushes_recorded(
         &self,
         slot: &str,
         ids: &[FlushId],
-    ) -> Result<HashSet<FlushId>, LedgerError> {
-        let mut recorded = HashSet::new();
+    ) -> Result<HashMap<FlushId, FlushSeen>, LedgerError> {
+        let mut recorded = HashMap::new();
         for id in ids {
-            if self.flush_recorded(slot, id).await? {
-                recorded.insert(*id);
+            if let Some(seen) = self.flush_recorded(slot, id).await? {
+                recorded.insert(*id, seen);
             }
         }
         Ok(recorded)
@@ -151,15 +155,58 @@ pub trait Ledger: Send + Sync {
     async fn delete_batch(&self, slot: &str, batch: &BatchItem) -> Result<(), LedgerError>;
     /// Notes on a batch's flush record that its table-hour is compacted; once every table-hour
     /// the record names is, the record expires at `expires_at` (it validates nothing any more:
-    /// a compacted batch stays valid without it). Idempotent; an absent record is fine.
+    /// a compacted batch stays valid without it). `last`: the record was read with every other
+    /// table-hour it names done ([`FlushSeen::last_undone`]), so it expires in the same request
+    /// (done hours only grow). Idempotent; an absent record is fine.
     async fn flush_hour_done(
         &self,
         slot: &str,
         batch: &BatchItem,
         expires_at: i64,
+        last: bool,
     ) -> Result<(), LedgerError>;
     /// Deletes a pending marker if no flush touched it since it was read; false otherwise.
     async fn clear_pending(&self, slot: &str, marker: &PendingHour) -> Result<bool, LedgerError>;
+}
+
+/// A flush record as a run read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushSeen {
+    /// The table-hours it names (`{hour}#{schema.table}`) not noted done when it was read;
+    /// None when the record names none it can read.
+    pub undone: Option<BTreeSet<String>>,
+}
+
+impl FlushSeen {
+    /// Reads what a flush record says of its table-hours.
+    pub fn from_item(item: &items::Item) -> Self {
+        let done: HashSet<&str> = match item.get("done_hours") {
+            Some(AttributeValue::Ss(done)) => done.iter().map(String::as_str).collect(),
+            _ => HashSet::new(),
+        };
+        let undone = match item.get("hours") {
+            Some(AttributeValue::L(hours)) => hours
+                .iter()
+                .map(|h| h.as_s().ok().cloned())
+                .collect::<Option<Vec<String>>>()
+                .map(|hours| {
+                    hours
+                        .into_iter()
+                        .filter(|h| !done.contains(h.as_str()))
+                        .collect()
+                }),
+            _ => None,
+        };
+        FlushSeen { undone }
+    }
+
+    /// True when `table_hour` (`{hour}#{schema.table}`) was the only table-hour of the flush
+    /// not done when read: noting it done makes the record expire.
+    pub fn last_undone(&self, table_hour: &str) -> bool {
+        self.undone
+            .as_ref()
+            .is_some_and(|undone| undone.iter().all(|h| h == table_hour))
+    }
 }
 
 /// The DynamoDB ledger.
@@ -287,19 +334,24 @@ impl Ledger for DynamoLedger {
             .collect()
     }
 
-    async fn flush_recorded(&self, slot: &str, id: &FlushId) -> Result<bool, LedgerError> {
+    async fn flush_recorded(
+        &self,
+        slot: &str,
+        id: &FlushId,
+    ) -> Result<Option<FlushSeen>, LedgerError> {
         Ok(self
             .table
             .get(items::slot_pk(slot), items::flush_sk(id))
             .await?
-            .is_some())
+            .as_ref()
+            .map(FlushSeen::from_item))
     }
 
     async fn flushes_recorded(
         &self,
         slot: &str,
         ids: &[FlushId],
-    ) -> Result<HashSet<FlushId>, LedgerError> {
+    ) -> Result<HashMap<FlushId, FlushSeen>, LedgerError> {
         let by_sk: HashMap<String, FlushId> =
             ids.iter().map(|id| (items::flush_sk(id), *id)).collect();
         let keys = by_sk
@@ -310,7 +362,9 @@ impl Ledger for DynamoLedger {
         Ok(found
             .iter()
             .filter_map(|item| match item.get(items::SK) {
-                Some(AttributeValue::S(sk)) => by_sk.get(sk).copied(),
+                Some(AttributeValue::S(sk)) => {
+                    by_sk.get(sk).map(|id| (*id, FlushSeen::from_item(item)))
+                }
                 _ => None,
             })
             .collect())
@@ -544,8 +598,26 @@ impl Ledger for DynamoLedger {
         slot: &str,
         batch: &BatchItem,
         expires_at: i64,
+        last: bool,
     ) -> Result<(), LedgerError> {
         let key = items::key(items::slot_pk(slot), items::flush_sk(&batch.flush_id));
+        if last {
+            // The other table-hours were done when the record was read, and done hours only
+            // grow: this one completes them. An expiry set before (a retry) is kept.
+            let expr = Expr::update("ADD done_hours :h SET #ttl = if_not_exists(#ttl, :exp)")
+                .and_when("attribute_exists(pk)")
+                .name("#ttl", items::TTL_ATTRIBUTE)
+                .value(
+                    ":h",
+                    AttributeValue::Ss(vec![items::pending_sk(batch.hour, &batch.table)]),
+                )
+                .value(":exp", items::n(expires_at));
+            // A condition failure: the record is gone, nothing to note.
+            self.table
+                .update_only("note last flush hour compacted", key, expr)
+                .await?;
+            return Ok(());
+        }
         // A string set: adding the same table-hour again (a retried compaction) changes nothing.
         let expr = Expr::update("ADD done_hours :h")
             .and_when("attribute_exists(pk)")

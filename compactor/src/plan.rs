@@ -5,14 +5,14 @@
 //! a flush that never committed (and never can: the checkpoint only moves forward); one whose
 //! flush sequence is past the checkpoint may still be committing, so the hour waits for it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use cdc_contract::ledger::{BatchItem, Checkpoint, FlushId, SnapshotState};
 use cdc_contract::{Hour, TableName};
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{FlushSeen, Ledger, LedgerError};
 
 /// The first hour that is still open: every earlier hour ended more than `grace` before the
 /// checkpoint's closing time (the later of its last commit and the last time it was caught up).
@@ -36,7 +36,7 @@ pub struct SlotRun {
     pub checkpoint: Checkpoint,
     /// Its initial snapshot's state, when it took one.
     pub snapshot: Option<SnapshotState>,
-    flushes: Mutex<HashMap<FlushId, bool>>,
+    flushes: Mutex<HashMap<FlushId, Option<FlushSeen>>>,
 }
 
 /// What a batch item is worth.
@@ -59,6 +59,9 @@ pub struct HourBatches {
     pub orphans: Vec<BatchItem>,
     /// True when an undecided batch stopped the list: the hour stays pending.
     pub undecided: bool,
+    /// The flushes of valid batches whose records, when this run read them, had every
+    /// table-hour done but this one ([`FlushSeen::last_undone`]).
+    pub last_undone: HashSet<FlushId>,
 }
 
 impl SlotRun {
@@ -105,13 +108,18 @@ impl SlotRun {
         if id.seq > self.checkpoint.flush_seq {
             return Ok(Validity::Undecided);
         }
-        let known = self.flushes.lock().ok().and_then(|m| m.get(&id).copied());
+        let known = self
+            .flushes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).map(Option::is_some));
         let recorded = match known {
             Some(r) => r,
             None => {
-                let r = ledger.flush_recorded(&self.slot, &id).await?;
+                let seen = ledger.flush_recorded(&self.slot, &id).await?;
+                let r = seen.is_some();
                 if let Ok(mut m) = self.flushes.lock() {
-                    m.insert(id, r);
+                    m.insert(id, seen);
                 }
                 r
             }
@@ -150,10 +158,10 @@ impl SlotRun {
         if unknown.is_empty() {
             return Ok(());
         }
-        let recorded = ledger.flushes_recorded(&self.slot, &unknown).await?;
+        let mut recorded = ledger.flushes_recorded(&self.slot, &unknown).await?;
         if let Ok(mut known) = self.flushes.lock() {
             for id in unknown {
-                known.insert(id, recorded.contains(&id));
+                known.insert(id, recorded.remove(&id));
             }
         }
         Ok(())
@@ -170,9 +178,20 @@ impl SlotRun {
         items.sort_by(|a, b| a.first.cmp(&b.first).then(a.last.cmp(&b.last)));
         self.look_up_flushes(ledger, &items).await?;
         let mut out = HourBatches::default();
+        let table_hour = cdc_contract::ledger::pending_sk(hour, table);
         for item in items {
             match self.validity(ledger, &item).await? {
-                Validity::Valid => out.valid.push(item),
+                Validity::Valid => {
+                    let last = self.flushes.lock().ok().is_some_and(|m| {
+                        m.get(&item.flush_id)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|seen| seen.last_undone(&table_hour))
+                    });
+                    if last {
+                        out.last_undone.insert(item.flush_id);
+                    }
+                    out.valid.push(item);
+                }
                 Validity::Orphan => out.orphans.push(item),
                 Validity::Undecided => {
                     // Nothing after it may be compacted before it is decided: once compacted,

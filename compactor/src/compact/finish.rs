@@ -81,9 +81,16 @@ pub(super) async fn finish(
         }
     }
     let consumed: usize = work.iter().map(|(unmarked, _)| unmarked.len()).sum();
-    consume(ledger, &**deps.store, slot, &work, expires_at)
-        .await
-        .1?;
+    consume(
+        ledger,
+        &**deps.store,
+        slot,
+        &work,
+        &batches.last_undone,
+        expires_at,
+    )
+    .await
+    .1?;
     report.consumed_batches = early.batches + consumed;
     let orphans = &batches.orphans;
     for orphan in orphans {
@@ -127,12 +134,14 @@ const CONCURRENCY: usize = 16;
 /// without a tag would leave the object for ever). Gives the flushes told and the first error: a
 /// tag or mark that fails stops its step and the steps after it (no flush told; a failing object
 /// holds back the others of the job, all left to a later run), a tell that fails leaves only its
-/// flush untold. Everything repeats harmlessly.
+/// flush untold. Everything repeats harmlessly. A flush in `last_undone` is told, and its record
+/// set to expire, in one request.
 async fn consume(
     ledger: &dyn Ledger,
     store: &dyn ObjectStore,
     slot: &str,
     flushes: &[(Vec<&BatchItem>, &BatchItem)],
+    last_undone: &HashSet<FlushId>,
     expires_at: i64,
 ) -> (Vec<FlushId>, Result<(), HourError>) {
     let batches: Vec<&BatchItem> = flushes
@@ -174,7 +183,10 @@ async fn consume(
     // After the items say compacted: the flush record may expire once all its hours are.
     let tells: Vec<_> = flushes
         .iter()
-        .map(|(_, flush)| tell(ledger, slot, flush, expires_at))
+        .map(|(_, flush)| {
+            let last = last_undone.contains(&flush.flush_id);
+            tell(ledger, slot, flush, expires_at, last)
+        })
         .collect();
     let told = futures::stream::iter(tells)
         .buffer_unordered(CONCURRENCY)
@@ -201,9 +213,10 @@ async fn tell(
     slot: &str,
     flush: &BatchItem,
     expires_at: i64,
+    last: bool,
 ) -> Result<FlushId, HourError> {
     retry("note flush hour compacted", || {
-        ledger.flush_hour_done(slot, flush, expires_at)
+        ledger.flush_hour_done(slot, flush, expires_at, last)
     })
     .await?;
     Ok(flush.flush_id)
@@ -281,6 +294,7 @@ pub(super) async fn consume_early(
     deps: Deps<'_>,
     slot: &str,
     mut rx: mpsc::UnboundedReceiver<Vec<BatchItem>>,
+    last_undone: &HashSet<FlushId>,
 ) -> Consumed {
     let mut done = Consumed::default();
     while let Some(first) = rx.recv().await {
@@ -293,7 +307,15 @@ pub(super) async fn consume_early(
             .iter()
             .filter_map(|group| Some((group.iter().collect(), group.first()?)))
             .collect();
-        let (told, result) = consume(deps.ledger, &**deps.store, slot, &work, expires_at).await;
+        let (told, result) = consume(
+            deps.ledger,
+            &**deps.store,
+            slot,
+            &work,
+            last_undone,
+            expires_at,
+        )
+        .await;
         if let Err(error) = result {
             tracing::warn!(slot = %slot, error = %error, "could not consume flushes' batches beside the writing; the hour's end does it");
         }

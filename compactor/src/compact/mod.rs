@@ -238,7 +238,10 @@ impl Compactor {
                 run.early = None;
                 run.end(result).await
             };
-            let (ended, consumed) = tokio::join!(writing, consume_early(deps, &slot.slot, rx));
+            let (ended, consumed) = tokio::join!(
+                writing,
+                consume_early(deps, &slot.slot, rx, &batches.last_undone)
+            );
             early = consumed;
             let ended = ended?;
             tracing::debug!(table = %job.table, hour = %job.hour, ms = started.elapsed().as_millis() as u64, "parts written, claim released");
