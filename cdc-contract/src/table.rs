@@ -34,17 +34,21 @@ impl TableName {
     }
 }
 
-/// Escapes an identifier for S3 keys and ledger keys: `%`, `/`, control characters and (in a
-/// schema, where a dot would end it) `.` become `%XX` of their UTF-8 bytes. Every other
-/// character, and so every ordinary identifier, stays as it is. [`unescape`] reverses it.
+/// Escapes an identifier for S3 keys and ledger keys: `%`, `/`, control characters, whitespace
+/// at either end (which a reader trims: a quoted `"orders "`) and (in a schema, where a dot would
+/// end it) `.` become `%XX` of their UTF-8 bytes. Every other character, and so every ordinary
+/// identifier, stays as it is. [`unescape`] reverses it.
 fn escape(part: &str, escape_dot: bool) -> Cow<'_, str> {
     let special = |c: char| matches!(c, '%' | '/') || c.is_control() || (escape_dot && c == '.');
-    if !part.contains(special) {
+    // Byte offsets: whitespace before `lead` or from `trail` on is at an end.
+    let lead = part.len() - part.trim_start().len();
+    let trail = part.trim_end().len().max(lead);
+    if lead == 0 && trail == part.len() && !part.contains(special) {
         return Cow::Borrowed(part);
     }
     let mut out = String::with_capacity(part.len() + 8);
-    for c in part.chars() {
-        if special(c) {
+    for (i, c) in part.char_indices() {
+        if special(c) || i < lead || i >= trail {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
                 let _ = write!(out, "%{b:02X}");
@@ -158,6 +162,27 @@ mod tests {
             assert_eq!(text.parse::<TableName>().unwrap(), t);
         }
         assert_eq!(TableName::new("s", "a/b").key_name(), "a%2Fb");
+        // Whitespace that a reader would trim (a quoted `"public"."orders "`) is escaped at the
+        // ends of a part, where trimming would take it; inside a name it stays as it is.
+        for (schema, name, text) in [
+            ("public", "orders ", "public.orders%20"),
+            (" s", "t", "%20s.t"),
+            ("s ", " t", "s%20.%20t"),
+            ("public", "my table", "public.my table"),
+            ("public", "nb\u{a0}", "public.nb%C2%A0"),
+            ("public", "  ", "public.%20%20"),
+        ] {
+            let t = TableName::new(schema, name);
+            assert_eq!(t.to_string(), text);
+            assert_eq!(text.parse::<TableName>().unwrap(), t, "{text:?}");
+            assert_eq!(t.to_string().parse::<TableName>().unwrap(), t);
+        }
+        assert_eq!(TableName::new("s", "t ").key_name(), "t%20");
+        // Text around a name, as in a list typed by hand, is still trimmed.
+        assert_eq!(
+            " public.users ".parse::<TableName>().unwrap(),
+            TableName::new("public", "users")
+        );
         assert!("public.a%2".parse::<TableName>().is_err());
         assert!("public.a%ZZ".parse::<TableName>().is_err());
         assert!("public.a%+1".parse::<TableName>().is_err());

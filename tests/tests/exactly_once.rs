@@ -497,8 +497,9 @@ async fn a_snapshot_survives_a_crash_at_every_step_of_taking_it() -> anyhow::Res
 }
 
 /// Issue 15, item 8: identifiers that are not S3-friendly (a table named `a/b`, a schema with a
-/// dot, a `%`) each map to one key segment that reads back as the same table, so the slot's
-/// every table compacts and verifies, and no table's files land under another's prefix.
+/// dot, a `%`, a name ending in a space, which a reader trimming the text would lose) each map
+/// to one key segment that reads back as the same table, so the slot's every table compacts and
+/// verifies, and no table's files land under another's prefix.
 #[tokio::test]
 async fn odd_table_names_compact_under_their_own_prefix() -> anyhow::Result<()> {
     let pg = PgCluster::start()?;
@@ -508,7 +509,8 @@ async fn odd_table_names_compact_under_their_own_prefix() -> anyhow::Result<()> 
         "CREATE TABLE \"a/b\" (id int PRIMARY KEY, v text);
          CREATE SCHEMA \"we.ird\";
          CREATE TABLE \"we.ird\".\"x%y\" (id int PRIMARY KEY, v text);
-         CREATE TABLE plain (id int PRIMARY KEY, v text);",
+         CREATE TABLE plain (id int PRIMARY KEY, v text);
+         CREATE TABLE \"pad \" (id int PRIMARY KEY, v text);",
     )
     .await?;
     let cap = CaptureSetup::new(&pg, &db, &aws);
@@ -518,6 +520,7 @@ async fn odd_table_names_compact_under_their_own_prefix() -> anyhow::Result<()> 
         "INSERT INTO \"a/b\" VALUES (1, 'one');
          INSERT INTO \"we.ird\".\"x%y\" VALUES (1, 'one');
          INSERT INTO plain VALUES (1, 'one');
+         INSERT INTO \"pad \" VALUES (1, 'one'), (2, 'two');
          UPDATE \"a/b\" SET v = 'uno';",
     )
     .await?;
@@ -528,8 +531,16 @@ async fn odd_table_names_compact_under_their_own_prefix() -> anyhow::Result<()> 
     let events = cap.recorded_events("we%2Eird.x%25y").await?;
     assert_eq!(events[0]["source"]["schema"], "we.ird");
     assert_eq!(events[0]["source"]["table"], "x%y");
-    let names = ["public.a%2Fb", "we%2Eird.x%25y", "public.plain"];
-    cap.compact_and_verify(&names).await?;
+    let pad = cdc_contract::TableName::new("public", "pad ").to_string();
+    let events = cap.recorded_events(&pad).await?;
+    assert_eq!(events[0]["source"]["table"], "pad ");
+    let names = ["public.a%2Fb", "we%2Eird.x%25y", "public.plain", &pad];
+    let reports = cap.compact_and_verify(&names).await?;
+    assert_eq!(reports[3]["final_changes"], 2, "{reports:?}");
+    assert!(
+        cap.pending_hours().await?.is_empty(),
+        "every table-hour compacted"
+    );
 
     let keys = aws.list_keys("").await?;
     for name in names {
