@@ -1532,34 +1532,45 @@ async fn a_flush_hears_its_hour_is_done_once_after_all_its_batches_are_marked() 
     Ok(())
 }
 
-/// Consuming an hour costs the ledger one write request per 25 batches, not one per batch: the
-/// items of many flushes are marked together (DynamoDB `BatchWriteItem`). A capture's flush holds
-/// one batch per table, hour and schema version, so marking a flush's batches together would
-/// save nothing; here every flush holds one. Each staging object is still tagged on its own (S3 has no batch
-/// tagging), and each flush told once.
-#[tokio::test]
-async fn an_hours_batches_are_marked_compacted_25_to_a_request() -> anyhow::Result<()> {
+/// Stages `flushes` flushes of one two-change batch each in `slot`'s one table-hour, compacts
+/// them through a fault proxy that injects nothing, checks that the hour is done with every
+/// batch consumed, and gives the requests the compaction made by operation.
+async fn compact_one_batch_flushes_counting_requests(
+    aws: &AwsFixture,
+    slot: &str,
+    flushes: u64,
+) -> anyhow::Result<BTreeMap<String, u64>> {
     use pipeline_tests::faultproxy::FaultProxy;
-    let aws = AwsFixture::new().await?;
-    let slot = "slot_marks_together";
-    let mut stager = Stager::new(&aws, slot).await?;
-    let flushes: u64 = 60;
+    let mut stager = Stager::new(aws, slot).await?;
     for f in 0..flushes as i64 {
         stage_notes(&mut stager, 1 + f * 2, 2, 2).await?;
     }
-    let t = notes_schema().table;
-    let items = batch_items(&aws, slot, &t, hour()).await?;
+    let items = batch_items(aws, slot, &notes_schema().table, hour()).await?;
     assert_eq!(items.len() as u64, flushes, "one batch per flush");
-
     let proxy = FaultProxy::start(&aws.endpoint, 0, Vec::new()).await?;
     let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
-    let report = Compactor::from_sdk(config(&aws), &sdk)
+    let report = Compactor::from_sdk(config(aws), &sdk)
         .sweep(&SweepRequest::default())
         .await?;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(report.hours.len(), 1);
     assert_eq!(report.hours[0].state, HourState::Done);
     assert_eq!(report.hours[0].consumed_batches as u64, flushes);
+    Ok(proxy.operations())
+}
+
+/// Consuming an hour costs the ledger one write request per 25 batches, not one per batch: the
+/// items of many flushes are marked together (DynamoDB `BatchWriteItem`). A capture's flush holds
+/// one batch per table, hour and schema version, so marking a flush's batches together would
+/// save nothing; here every flush holds one. Each staging object is still tagged on its own (S3
+/// has no batch tagging), and each flush told once.
+#[tokio::test]
+async fn an_hours_batches_are_marked_compacted_25_to_a_request() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let slot = "slot_marks_together";
+    let flushes: u64 = 60;
+    let ops = compact_one_batch_flushes_counting_requests(&aws, slot, flushes).await?;
+    let t = notes_schema().table;
     let marked = batch_items(&aws, slot, &t, hour()).await?;
     assert!(marked.iter().all(|b| b.compacted), "every batch marked");
     let expiring = aws
@@ -1579,7 +1590,6 @@ async fn an_hours_batches_are_marked_compacted_25_to_a_request() -> anyhow::Resu
         .count() as u64;
     assert_eq!(expiring, flushes, "every batch item has its TTL");
 
-    let ops = proxy.operations();
     let count = |op: &str| ops.get(op).copied().unwrap_or(0);
     assert!(count("s3:PUT?tagging") >= flushes, "{ops:?}");
     assert!(
@@ -1600,30 +1610,18 @@ async fn an_hours_batches_are_marked_compacted_25_to_a_request() -> anyhow::Resu
 /// emulator checks no permission, so a call the policies miss would only fail on AWS.
 #[tokio::test]
 async fn every_ledger_call_of_a_compaction_is_granted_by_infra() -> anyhow::Result<()> {
-    use pipeline_tests::faultproxy::FaultProxy;
     let aws = AwsFixture::new().await?;
-    let slot = "slot_granted";
-    let mut stager = Stager::new(&aws, slot).await?;
-    for f in 0..3 {
-        stage_notes(&mut stager, 1 + f * 4, 4, 2).await?;
-    }
-    let proxy = FaultProxy::start(&aws.endpoint, 0, Vec::new()).await?;
-    let sdk = pipeline_tests::aws::sdk_config(&proxy.endpoint).await;
-    let report = Compactor::from_sdk(config(&aws), &sdk)
-        .sweep(&SweepRequest::default())
-        .await?;
-    assert!(report.failures.is_empty(), "{:?}", report.failures);
-    assert_eq!(report.hours[0].state, HourState::Done);
-    let called: BTreeSet<String> = proxy
-        .operations()
-        .into_keys()
-        .filter_map(|op| {
-            op.strip_prefix("dynamodb:")
-                .map(|a| format!("dynamodb:{a}"))
-        })
-        // Authorised item by item as PutItem, UpdateItem, DeleteItem or ConditionCheckItem.
-        .filter(|a| a != "dynamodb:TransactWriteItems")
-        .collect();
+    let called: BTreeSet<String> =
+        compact_one_batch_flushes_counting_requests(&aws, "slot_granted", 3)
+            .await?
+            .into_keys()
+            .filter_map(|op| {
+                op.strip_prefix("dynamodb:")
+                    .map(|a| format!("dynamodb:{a}"))
+            })
+            // Authorised item by item as PutItem, UpdateItem, DeleteItem or ConditionCheckItem.
+            .filter(|a| a != "dynamodb:TransactWriteItems")
+            .collect();
     assert!(called.contains("dynamodb:BatchGetItem"), "{called:?}");
     let infra = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra");
     for (file, list) in [

@@ -158,12 +158,8 @@ async fn consume(
             })
         })
         .collect();
-    let tagged = futures::stream::iter(tags)
-        .buffer_unordered(CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await;
-    if let Err(error) = tagged {
-        return (Vec::new(), Err(error.into()));
+    if let Err(error) = all_of(tags).await {
+        return (Vec::new(), Err(error));
     }
     let marks: Vec<_> = batches
         .chunks(BATCH_WRITE_MAX)
@@ -173,12 +169,8 @@ async fn consume(
             })
         })
         .collect();
-    let marked = futures::stream::iter(marks)
-        .buffer_unordered(CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await;
-    if let Err(error) = marked {
-        return (Vec::new(), Err(error.into()));
+    if let Err(error) = all_of(marks).await {
+        return (Vec::new(), Err(error));
     }
     // After the items say compacted: the flush record may expire once all its hours are.
     let tells: Vec<_> = flushes
@@ -205,6 +197,21 @@ async fn consume(
         }
     }
     (done, first_error)
+}
+
+/// Runs `steps`, [`CONCURRENCY`] at once, until all have succeeded or one has failed (those in
+/// flight then are dropped).
+async fn all_of<E, F>(steps: Vec<F>) -> Result<(), HourError>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    HourError: From<E>,
+{
+    futures::stream::iter(steps)
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(|_| ())
+        .map_err(HourError::from)
 }
 
 /// Notes `flush`'s table-hour done in its flush record; gives the flush.
