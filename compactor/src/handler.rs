@@ -2,8 +2,8 @@
 //!
 //! - SQS (event source mapping): `{"Records":[{"messageId", "body", ...}]}`, each body a
 //!   `cdc_contract::notify::Notification`. Any notification triggers a full sweep; the answer is
-//!   the partial batch failure response naming only the messages whose body did not parse
-//!   (or every message when the sweep could not run at all).
+//!   the partial batch failure response naming the messages whose body did not parse or that
+//!   name a table-hour whose compaction failed (every message when the sweep could not run).
 //! - The EventBridge schedule: constant input `{"action":"sweep"}` (an unmodified scheduled
 //!   event is a sweep too).
 //! - Direct invokes: `{"action":"sweep","include_open":true}`,

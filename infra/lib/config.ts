@@ -451,7 +451,8 @@ export function parseConfig(raw: unknown): PipelineConfig {
   const timeoutSeconds = int('compactor.timeoutSeconds', cmp.timeoutSeconds, DEFAULTS.compactor.timeoutSeconds, 10, 900);
   const compactor = {
     asset: str('compactor.asset', cmp.asset, DEFAULTS.compactor.asset),
-    memoryMiB: int('compactor.memoryMiB', cmp.memoryMiB, DEFAULTS.compactor.memoryMiB, 128, 10240),
+    // At least the smallest size measured: an hour's compaction peaks at 143-213 MB (README).
+    memoryMiB: int('compactor.memoryMiB', cmp.memoryMiB, DEFAULTS.compactor.memoryMiB, 512, 10240),
     timeoutSeconds,
     reservedConcurrency:
       cmp.reservedConcurrency === undefined

@@ -196,8 +196,8 @@ variable "compactor" {
   nullable = false
 
   validation {
-    condition     = var.compactor.memory_mib >= 128 && var.compactor.memory_mib <= 10240 && var.compactor.timeout_seconds >= 10 && var.compactor.timeout_seconds <= 900
-    error_message = "compactor.memory_mib must be between 128 and 10240, compactor.timeout_seconds between 10 and 900."
+    condition     = var.compactor.memory_mib >= 512 && var.compactor.memory_mib <= 10240 && var.compactor.timeout_seconds >= 10 && var.compactor.timeout_seconds <= 900
+    error_message = "compactor.memory_mib must be between 512 (an hour's compaction peaks at 143-213 MB) and 10240, compactor.timeout_seconds between 10 and 900."
   }
   validation {
     # The event source's maximum concurrency must be at least 2.

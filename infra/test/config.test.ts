@@ -110,6 +110,8 @@ describe('configuration', () => {
     fails({ sources: [source, { ...source, slotName: 'cdc_x' }] }, /name.*appears twice/);
     fails({ sources: [{ ...source, cpu: 256, memoryMiB: 4096 }] }, /sources\[0\]\.memoryMiB/);
     fails({ sources: [{ ...source, cpu: 300 }] }, /sources\[0\]\.cpu/);
+    // Below the smallest size measured: an hour's compaction peaks at 143-213 MB.
+    fails({ sources: [source], compactor: { memoryMiB: 256 } }, /compactor\.memoryMiB/);
     fails({ sources: [{ ...source, sslMode: 'allow' }] }, /sources\[0\]\.sslMode/);
     fails({ sources: [{ ...source, tables: ['orders'] }] }, /sources\[0\]\.tables/);
     fails({ sources: [{ ...source, host: undefined }] }, /sources\[0\]\.host: is required/);
