@@ -472,10 +472,10 @@ export function parseConfig(raw: unknown): PipelineConfig {
     slotFilter,
     openHourCompactMinutes: int('compactor.openHourCompactMinutes', cmp.openHourCompactMinutes, DEFAULTS.compactor.openHourCompactMinutes, 0, 60),
   };
-  if (compactor.reservedConcurrency !== undefined && compactor.reservedConcurrency < compactor.maxConcurrency) {
+  if (compactor.reservedConcurrency !== undefined && compactor.reservedConcurrency <= compactor.maxConcurrency) {
     throw new ConfigError(
       'compactor.reservedConcurrency',
-      `must be at least compactor.maxConcurrency (${compactor.maxConcurrency}): SQS pollers beyond it are throttled into false dead-letter alarms`,
+      `must be more than compactor.maxConcurrency (${compactor.maxConcurrency}): the scheduled and manual sweeps need a slot beside the SQS pollers, which are otherwise throttled into false dead-letter alarms`,
     );
   }
 

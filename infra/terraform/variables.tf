@@ -205,8 +205,8 @@ variable "compactor" {
     error_message = "compactor.max_concurrency must be between 2 and 1000."
   }
   validation {
-    condition     = var.compactor.reserved_concurrency == null || try(var.compactor.reserved_concurrency >= var.compactor.max_concurrency && var.compactor.reserved_concurrency <= 1000, false)
-    error_message = "compactor.reserved_concurrency must be at least compactor.max_concurrency: SQS pollers beyond it are throttled into false dead-letter alarms."
+    condition     = var.compactor.reserved_concurrency == null || try(var.compactor.reserved_concurrency > var.compactor.max_concurrency && var.compactor.reserved_concurrency <= 1000, false)
+    error_message = "compactor.reserved_concurrency must be more than compactor.max_concurrency: the scheduled and manual sweeps need a slot beside the SQS pollers, which are otherwise throttled into false dead-letter alarms."
   }
   validation {
     condition     = var.compactor.batch_size >= 1 && var.compactor.batch_size <= 10000 && var.compactor.max_batching_window_seconds >= 0 && var.compactor.max_batching_window_seconds <= 300

@@ -120,7 +120,9 @@ describe('configuration', () => {
     fails({ sources: [{ ...source, passwordSecretArn: 'arn:aws:secretsmanager:eu-west-1:123456789012:secret:x-AbCdEf', passwordSecretName: 'x' }] }, /either passwordSecretArn or passwordSecretName/);
     fails({ sources: [{ ...source, passwordSecretArn: 'arn:aws:secretsmanager:eu-west-1:123456789012:secret:x' }] }, /complete secret ARN/);
     fails({ queue: { maxReceiveCount: 0 }, sources: [source] }, /queue\.maxReceiveCount/);
-    fails({ compactor: { reservedConcurrency: 1 }, sources: [source] }, /compactor\.reservedConcurrency: must be at least compactor\.maxConcurrency/);
+    fails({ compactor: { reservedConcurrency: 1 }, sources: [source] }, /compactor\.reservedConcurrency: must be more than compactor\.maxConcurrency/);
+    // Equal: a scheduled or manual sweep takes a slot the SQS pollers count on.
+    fails({ compactor: { reservedConcurrency: 2, maxConcurrency: 2 }, sources: [source] }, /compactor\.reservedConcurrency/);
     fails({ compactor: { maxConcurrency: 1 }, sources: [source] }, /compactor\.maxConcurrency/);
     fails({ compactor: { outputFormats: 'csv' }, sources: [source] }, /compactor\.outputFormats/);
     fails({ compactor: { outputFormats: 'avro,avro' }, sources: [source] }, /compactor\.outputFormats/);
