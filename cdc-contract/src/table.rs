@@ -155,16 +155,8 @@ mod tests {
             ("public", "tab\tle", "public.tab%09le"),
             ("Ünï", "名前.v2", "Ünï.名前.v2"),
             ("public", "users", "public.users"),
-        ] {
-            let t = TableName::new(schema, name);
-            assert_eq!(t.to_string(), text);
-            assert!(!t.to_string().contains('/'));
-            assert_eq!(text.parse::<TableName>().unwrap(), t);
-        }
-        assert_eq!(TableName::new("s", "a/b").key_name(), "a%2Fb");
-        // Whitespace that a reader would trim (a quoted `"public"."orders "`) is escaped at the
-        // ends of a part, where trimming would take it; inside a name it stays as it is.
-        for (schema, name, text) in [
+            // Whitespace that a reader would trim (a quoted `"public"."orders "`) is escaped
+            // at the ends of a part, where trimming would take it; inside a name it stays.
             ("public", "orders ", "public.orders%20"),
             (" s", "t", "%20s.t"),
             ("s ", " t", "s%20.%20t"),
@@ -174,9 +166,10 @@ mod tests {
         ] {
             let t = TableName::new(schema, name);
             assert_eq!(t.to_string(), text);
+            assert!(!t.to_string().contains('/'));
             assert_eq!(text.parse::<TableName>().unwrap(), t, "{text:?}");
-            assert_eq!(t.to_string().parse::<TableName>().unwrap(), t);
         }
+        assert_eq!(TableName::new("s", "a/b").key_name(), "a%2Fb");
         assert_eq!(TableName::new("s", "t ").key_name(), "t%20");
         // Text around a name, as in a list typed by hand, is still trimmed.
         assert_eq!(

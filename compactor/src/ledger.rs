@@ -601,16 +601,14 @@ impl Ledger for DynamoLedger {
         last: bool,
     ) -> Result<(), LedgerError> {
         let key = items::key(items::slot_pk(slot), items::flush_sk(&batch.flush_id));
+        let hour = AttributeValue::Ss(vec![items::pending_sk(batch.hour, &batch.table)]);
         if last {
             // The other table-hours were done when the record was read, and done hours only
             // grow: this one completes them. An expiry set before (a retry) is kept.
             let expr = Expr::update("ADD done_hours :h SET #ttl = if_not_exists(#ttl, :exp)")
                 .and_when("attribute_exists(pk)")
                 .name("#ttl", items::TTL_ATTRIBUTE)
-                .value(
-                    ":h",
-                    AttributeValue::Ss(vec![items::pending_sk(batch.hour, &batch.table)]),
-                )
+                .value(":h", hour)
                 .value(":exp", items::n(expires_at));
             // A condition failure: the record is gone, nothing to note.
             self.table
@@ -621,10 +619,7 @@ impl Ledger for DynamoLedger {
         // A string set: adding the same table-hour again (a retried compaction) changes nothing.
         let expr = Expr::update("ADD done_hours :h")
             .and_when("attribute_exists(pk)")
-            .value(
-                ":h",
-                AttributeValue::Ss(vec![items::pending_sk(batch.hour, &batch.table)]),
-            );
+            .value(":h", hour);
         let record = match self
             .table
             .update("note flush hour compacted", key.clone(), expr)

@@ -265,6 +265,27 @@ impl AwsFixture {
             .context("getting a ledger item")
     }
 
+    /// Writes a ledger item whole (over any with its key).
+    pub async fn put_ledger_item(&self, item: ledger::Item) -> anyhow::Result<()> {
+        self.ledger_table()
+            .put_all("put a ledger item", vec![item])
+            .await
+            .context("putting a ledger item")
+    }
+
+    /// Deletes a ledger item (an absent one too).
+    pub async fn delete_ledger_item(&self, pk: &str, sk: &str) -> anyhow::Result<()> {
+        self.ledger_table()
+            .delete(
+                "delete a ledger item",
+                ledger::key(pk.to_owned(), sk.to_owned()),
+                None,
+            )
+            .await
+            .context("deleting a ledger item")?;
+        Ok(())
+    }
+
     /// Receives (and deletes) every message currently in the notification queue.
     pub async fn drain_queue(&self) -> anyhow::Result<Vec<String>> {
         let mut bodies = Vec::new();

@@ -29,14 +29,20 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    /// Seeded from the clock; the seed goes to stderr.
+    /// Seeded from `FAULT_TEST_SEED` when set (to replay a logged seed), else from the clock;
+    /// the seed goes to stderr.
     pub fn from_time() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9)
+        let seed = std::env::var("FAULT_TEST_SEED")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0x9E37_79B9)
+            })
             | 1;
-        eprintln!("random seed {seed}");
+        eprintln!("random seed {seed} (FAULT_TEST_SEED={seed} replays it)");
         Rng(seed)
     }
 

@@ -1392,12 +1392,7 @@ async fn a_flush_newer_than_the_checkpoint_read_waits_even_if_its_record_is_foun
     };
     c.compact_hour(&run, &job).await?;
     // The missing item lands; the next sweep reads a newer checkpoint.
-    aws.dynamodb
-        .put_item()
-        .table_name(&aws.table)
-        .set_item(Some(missing.to_item(slot)))
-        .send()
-        .await?;
+    aws.put_ledger_item(missing.to_item(slot)).await?;
     let report = c.sweep(&SweepRequest::default()).await?;
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_all_final_once(&aws, &t, staged.len()).await?;
@@ -1758,7 +1753,6 @@ async fn a_flush_left_untold_by_a_dead_run_is_told_by_the_next() -> anyhow::Resu
 /// an expiry already set is kept, and a table-hour told while another is undone leaves it.
 #[tokio::test]
 async fn a_flush_record_expires_in_the_request_that_notes_its_last_hour() -> anyhow::Result<()> {
-    use aws_sdk_dynamodb::types::AttributeValue;
     use cdc_contract::ledger::{self, FlushRecord, TTL_ATTRIBUTE};
     let aws = AwsFixture::new().await?;
     let slot = "slot_last_hour";
@@ -1775,12 +1769,7 @@ async fn a_flush_record_expires_in_the_request_that_notes_its_last_hour() -> any
         lsn: Default::default(),
         expires_at: None,
     };
-    aws.dynamodb
-        .put_item()
-        .table_name(&aws.table)
-        .set_item(Some(record.to_item(slot)))
-        .send()
-        .await?;
+    aws.put_ledger_item(record.to_item(slot)).await?;
     let batch = |table: &TableName| BatchItem {
         table: table.clone(),
         hour: hour(),
@@ -1797,14 +1786,8 @@ async fn a_flush_record_expires_in_the_request_that_notes_its_last_hour() -> any
     };
     let expiry = || async {
         let item = aws
-            .dynamodb
-            .get_item()
-            .table_name(&aws.table)
-            .key("pk", AttributeValue::S(ledger::slot_pk(slot)))
-            .key("sk", AttributeValue::S(ledger::flush_sk(&id)))
-            .send()
+            .get_ledger_item(&ledger::slot_pk(slot), &ledger::flush_sk(&id))
             .await?
-            .item
             .context("the record")?;
         anyhow::Ok(item.get(TTL_ATTRIBUTE).and_then(|v| v.as_n().ok()).cloned())
     };
@@ -1850,7 +1833,6 @@ async fn a_flush_record_expires_in_the_request_that_notes_its_last_hour() -> any
 /// without an expiry (the other's batches still need it), compacting the other sets it.
 #[tokio::test]
 async fn a_flush_of_two_table_hours_expires_only_once_both_are_compacted() -> anyhow::Result<()> {
-    use aws_sdk_dynamodb::types::AttributeValue;
     let aws = AwsFixture::new().await?;
     let slot = "slot_two_hours";
     let mut stager = Stager::new(&aws, slot).await?;
@@ -1885,31 +1867,16 @@ async fn a_flush_of_two_table_hours_expires_only_once_both_are_compacted() -> an
         .into_iter()
         .find(|m| PendingHour::from_item(m).is_ok_and(|p| p.table == users.table))
         .context("the users table-hour's marker")?;
-    let marker_key = |m: &cdc_contract::ledger::Item| {
-        ["pk", "sk"].map(|k| {
-            (
-                k.to_owned(),
-                m.get(k)
-                    .cloned()
-                    .unwrap_or_else(|| AttributeValue::S(String::new())),
-            )
-        })
-    };
-    aws.dynamodb
-        .delete_item()
-        .table_name(&aws.table)
-        .set_key(Some(marker_key(&users_marker).into_iter().collect()))
-        .send()
-        .await?;
+    let users_hour = PendingHour::from_item(&users_marker)?;
+    aws.delete_ledger_item(
+        &cdc_contract::ledger::pending_pk(slot),
+        &cdc_contract::ledger::pending_sk(users_hour.hour, &users_hour.table),
+    )
+    .await?;
     let c = compactor_with(&aws, config(&aws));
     for (table, expires) in [(&notes.table, false), (&users.table, true)] {
         if expires {
-            aws.dynamodb
-                .put_item()
-                .table_name(&aws.table)
-                .set_item(Some(users_marker.clone()))
-                .send()
-                .await?;
+            aws.put_ledger_item(users_marker.clone()).await?;
         }
         let report = c.sweep(&SweepRequest::default()).await?;
         assert!(report.failures.is_empty(), "{:?}", report.failures);
@@ -2695,22 +2662,11 @@ async fn a_poisoned_hour_fails_the_invocation_and_raises_the_oldest_pending_age(
     stager.tx(at(2, 0), vec![Change::insert(&users, full_row(1))]);
     stager.flush(Some(now_ms())).await?;
     // The poison: the notes table's schema item is gone.
-    aws.dynamodb
-        .delete_item()
-        .table_name(&aws.table)
-        .key(
-            "pk",
-            aws_sdk_dynamodb::types::AttributeValue::S(cdc_contract::ledger::schema_pk(
-                "slot_poison",
-                &notes.table,
-            )),
-        )
-        .key(
-            "sk",
-            aws_sdk_dynamodb::types::AttributeValue::S(notes.version_id()),
-        )
-        .send()
-        .await?;
+    aws.delete_ledger_item(
+        &cdc_contract::ledger::schema_pk("slot_poison", &notes.table),
+        &notes.version_id(),
+    )
+    .await?;
 
     let c = compactor_with(&aws, config(&aws));
     let sweep = c.handle(json!({"action": "sweep"})).await;

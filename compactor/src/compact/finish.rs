@@ -4,9 +4,9 @@
 //! Batches are consumed by whole flushes: a flush's batches in the hour once every one of them is
 //! at or below the watermark, then the flush is told the table-hour is done (its record may then
 //! expire, and a batch of it not yet consumed would be judged an orphan). The flushes ready at
-//! one time go together, step by step ([`consume`]). A flush whose
-//! batches the watermark has passed while later parts are still being written is consumed then
-//! ([`EarlyConsumption`]), beside the writing; the rest here, after it.
+//! one time go together, step by step ([`consume`]). A flush whose batches the watermark has
+//! passed while later parts are still being written is consumed then ([`EarlyConsumption`]),
+//! beside the writing; the rest here, after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
