@@ -676,8 +676,8 @@ fn moved_key<'a>(
     schema: &PartSchema,
     lookup: &ColumnLookup,
     env: &Envelope<'a>,
-    after: &[Option<&'a serde_json::value::RawValue>],
-) -> Result<Option<Vec<Option<&'a serde_json::value::RawValue>>>, BadRow> {
+    after: &[Option<&'a str>],
+) -> Result<Option<Vec<Option<&'a str>>>, BadRow> {
     let (Op::Update, Some(before), Some(_)) = (env.op, env.before.as_ref(), env.after.as_ref())
     else {
         return Ok(None);
@@ -693,7 +693,7 @@ fn moved_key<'a>(
     let same = schema
         .key_columns
         .iter()
-        .all(|&i| old.values[i].map(|v| v.get()) == after[i].map(|v| v.get()));
+        .all(|&i| old.values[i] == after[i]);
     Ok((!same).then(|| schema.key_columns.iter().map(|&i| old.values[i]).collect()))
 }
 
@@ -730,7 +730,7 @@ fn push_row<'a>(
             builder.append_null();
             continue;
         };
-        let text = value.get();
+        let text = value;
         let placeholder = text.len() == UNAVAILABLE_VALUE.len() + 2
             && text.starts_with('"')
             && &text[1..text.len() - 1] == UNAVAILABLE_VALUE;
@@ -754,7 +754,7 @@ fn push_row<'a>(
     // Values of columns the schema does not name are kept as text rather than dropped.
     for (name, value) in &row.unknown {
         p.raw.keys().append_value(name);
-        p.raw.values().append_value(text_form(value.get()));
+        p.raw.values().append_value(text_form(value));
         raw_entries += 1;
     }
     // Keys and values always have equal lengths here.
@@ -766,7 +766,7 @@ fn push_row<'a>(
                 for ((builder, value), &i) in
                     k.children.iter_mut().zip(values).zip(&schema.key_columns)
                 {
-                    match value.and_then(|v| convert(&schema.columns[i].ty, v.get()).ok()) {
+                    match value.and_then(|v| convert(&schema.columns[i].ty, v).ok()) {
                         Some(v) => builder.append(&v),
                         None => builder.append_null(),
                     }
