@@ -10,7 +10,7 @@
 //! serde_json checks them when it skips a value: the JSON grammar, escapes included.
 //!
 //! Most of a staged line is the envelope, not the row: reading it this way costs much less than
-//! serde's general path (see docs/COMPACTOR.md, "Where the time goes").
+//! serde's general path (docs/COMPACTOR.md, "Memory and speed").
 
 use std::borrow::Cow;
 
