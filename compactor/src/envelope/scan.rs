@@ -160,14 +160,20 @@ impl<'a> Scan<'a> {
         }
     }
 
-    /// Opens an object: true when it is empty (and closed).
-    fn open_object(&mut self) -> Option<bool> {
+    /// Reads an object's members, each by `member`, given its name, at its value.
+    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
         self.eat(b'{')?;
         if self.peek()? == b'}' {
             self.at += 1;
-            return Some(true);
+            return Some(());
         }
-        Some(false)
+        loop {
+            let name = self.key()?;
+            member(self, name)?;
+            if self.object_end()? {
+                return Some(());
+            }
+        }
     }
 
     /// Passes over any JSON value; its text.
@@ -309,37 +315,22 @@ impl<'a> Scan<'a> {
             return Some(None);
         }
         let mut members = Vec::with_capacity(MEMBERS);
-        if !self.open_object()? {
-            loop {
-                let name = self.key()?;
-                let value = self.value(2)?;
-                members.push((Cow::Borrowed(name), value));
-                if self.object_end()? {
-                    break;
-                }
-            }
-        }
+        self.object(|s, name| {
+            members.push((Cow::Borrowed(name), s.value(2)?));
+            Some(())
+        })?;
         Some(Some(Image::Members(members)))
     }
 
     fn source(&mut self) -> Option<EnvelopeSource> {
         let (mut ts_ms, mut ts_us, mut tx_id, mut commit_lsn) = (None, None, None, None);
-        if !self.open_object()? {
-            loop {
-                match self.key()? {
-                    "ts_ms" => once(&mut ts_ms, self.signed()?)?,
-                    "ts_us" => once(&mut ts_us, self.optional()?)?,
-                    "txId" => once(&mut tx_id, self.optional()?)?,
-                    "commit_lsn" => once(&mut commit_lsn, self.unsigned()?)?,
-                    _ => {
-                        self.value(2)?;
-                    }
-                }
-                if self.object_end()? {
-                    break;
-                }
-            }
-        }
+        self.object(|s, name| match name {
+            "ts_ms" => once(&mut ts_ms, s.signed()?),
+            "ts_us" => once(&mut ts_us, s.optional()?),
+            "txId" => once(&mut tx_id, s.optional()?),
+            "commit_lsn" => once(&mut commit_lsn, s.unsigned()?),
+            _ => s.value(2).map(drop),
+        })?;
         Some(EnvelopeSource {
             ts_ms: ts_ms?,
             ts_us: ts_us.flatten(),
@@ -350,19 +341,10 @@ impl<'a> Scan<'a> {
 
     fn transaction(&mut self) -> Option<EnvelopeTransaction> {
         let mut total_order = None;
-        if !self.open_object()? {
-            loop {
-                match self.key()? {
-                    "total_order" => once(&mut total_order, u32::try_from(self.unsigned()?).ok()?)?,
-                    _ => {
-                        self.value(2)?;
-                    }
-                }
-                if self.object_end()? {
-                    break;
-                }
-            }
-        }
+        self.object(|s, name| match name {
+            "total_order" => once(&mut total_order, u32::try_from(s.unsigned()?).ok()?),
+            _ => s.value(2).map(drop),
+        })?;
         Some(EnvelopeTransaction {
             total_order: total_order?,
         })
@@ -402,24 +384,15 @@ impl<'a> Scan<'a> {
     fn envelope(&mut self) -> Option<Envelope<'a>> {
         let (mut before, mut after, mut source, mut op) = (None, None, None, None);
         let (mut transaction, mut raw_columns) = (None, None);
-        if !self.open_object()? {
-            loop {
-                match self.key()? {
-                    "before" => once(&mut before, self.image()?)?,
-                    "after" => once(&mut after, self.image()?)?,
-                    "source" => once(&mut source, self.source()?)?,
-                    "op" => once(&mut op, self.op()?)?,
-                    "transaction" => once(&mut transaction, self.transaction()?)?,
-                    "raw_columns" => once(&mut raw_columns, self.raw_columns()?)?,
-                    _ => {
-                        self.value(1)?;
-                    }
-                }
-                if self.object_end()? {
-                    break;
-                }
-            }
-        }
+        self.object(|s, name| match name {
+            "before" => once(&mut before, s.image()?),
+            "after" => once(&mut after, s.image()?),
+            "source" => once(&mut source, s.source()?),
+            "op" => once(&mut op, s.op()?),
+            "transaction" => once(&mut transaction, s.transaction()?),
+            "raw_columns" => once(&mut raw_columns, s.raw_columns()?),
+            _ => s.value(1).map(drop),
+        })?;
         Some(Envelope {
             before: before.flatten(),
             after: after.flatten(),
@@ -597,6 +570,44 @@ mod tests {
         assert!(serde(&line).is_some());
     }
 
+    #[test]
+    fn the_largest_integers_are_read_and_those_beyond_are_left_to_serde_json() {
+        let line = |ts: &str, lsn: &str, order: &str| {
+            format!(
+                r#"{{"source":{{"ts_ms":{ts},"commit_lsn":{lsn}}},"op":"c","transaction":{{"total_order":{order}}}}}"#
+            )
+        };
+        let max = line(
+            &i64::MAX.to_string(),
+            &u64::MAX.to_string(),
+            &u32::MAX.to_string(),
+        );
+        let env = parse(&max).expect("the largest values are read");
+        assert_eq!(
+            (
+                env.source.ts_ms,
+                env.source.commit_lsn,
+                env.transaction.total_order
+            ),
+            (i64::MAX, u64::MAX, u32::MAX)
+        );
+        assert_eq!(Some(env), serde(&max));
+        let negative = line("-9223372036854775807", "0", "0");
+        assert_eq!(parse(&negative).map(|e| e.source.ts_ms), Some(-i64::MAX));
+        // i64::MIN, which serde_json reads, is left to it.
+        let min = line(&i64::MIN.to_string(), "0", "0");
+        assert!(parse(&min).is_none());
+        assert_eq!(serde(&min).map(|e| e.source.ts_ms), Some(i64::MIN));
+        for beyond in [
+            line("9223372036854775808", "0", "0"),
+            line("0", "18446744073709551616", "0"),
+            line("0", "0", "4294967296"),
+        ] {
+            assert!(parse(&beyond).is_none(), "{beyond}");
+            assert!(serde(&beyond).is_none(), "{beyond}");
+        }
+    }
+
     /// Tokens lines are built from: some JSON, some not, some only serde_json reads.
     const VALUES: &[&str] = &[
         "null",
@@ -684,6 +695,22 @@ mod tests {
         out.push_str(SPACES[pick(SPACES.len())]);
         out.push('}');
         out
+    }
+
+    proptest! {
+        /// The word-at-a-time search finds what a byte-by-byte one finds, from every byte of
+        /// texts mixing the bytes it looks for with multi-byte characters and DEL.
+        #[test]
+        fn the_word_search_finds_the_first_quote_backslash_or_control_byte(
+            text in "[a\"\\\\\u{0}\u{1f} \u{7f}\u{a0}é✓\n]{0,40}",
+        ) {
+            let scan = Scan { text: &text, bytes: text.as_bytes(), at: 0 };
+            let b = text.as_bytes();
+            for from in 0..=b.len() {
+                let naive = (from..b.len()).find(|&i| matches!(b[i], b'"' | b'\\' | 0..=0x1f));
+                prop_assert_eq!(scan.special(from), naive, "{:?} from {}", text, from);
+            }
+        }
     }
 
     proptest! {
