@@ -1969,7 +1969,7 @@ async fn a_table_backfilled_while_writes_hit_it_replays_to_the_table() -> anyhow
             Ok::<_, anyhow::Error>(i)
         }));
     }
-    pipeline_tests::wait_for("the backfill to end", Duration::from_secs(120), || async {
+    pipeline_tests::wait_for("the backfill to end", Duration::from_secs(300), || async {
         Ok(cap.log().contains("backfill complete").then_some(()))
     })
     .await?;
@@ -2207,7 +2207,7 @@ async fn a_table_without_a_key_is_read_once_while_it_changes() -> anyhow::Result
             .await?;
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    pipeline_tests::wait_for("the backfill to end", Duration::from_secs(120), || async {
+    pipeline_tests::wait_for("the backfill to end", Duration::from_secs(300), || async {
         Ok(cap.log().contains("backfill complete").then_some(()))
     })
     .await?;
