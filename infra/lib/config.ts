@@ -318,6 +318,11 @@ function parseSource(i: number, raw: unknown, defaults: PipelineConfig['capture'
   if (passwordSecretArn && !/^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:.+-[A-Za-z0-9]{6}$/.test(passwordSecretArn)) {
     throw new ConfigError(`${where}passwordSecretArn`, 'must be the complete secret ARN (ending in -XXXXXX); use passwordSecretName to give a name');
   }
+  // ECS reads a secret given by name through its ARN without the random suffix; Secrets Manager
+  // may not resolve that when the name itself ends in a hyphen and six characters.
+  if (passwordSecretName && /-[A-Za-z0-9]{6}$/.test(passwordSecretName)) {
+    throw new ConfigError(`${where}passwordSecretName`, `${JSON.stringify(passwordSecretName)} ends in a hyphen and six characters, which Secrets Manager may take for its random suffix when ECS looks the secret up by name: give passwordSecretArn, the complete ARN, instead`);
+  }
   const sslMode = str(`${where}sslMode`, s.sslMode, DEFAULTS.source.sslMode) as SslMode;
   if (!SSL_MODES.includes(sslMode)) {
     throw new ConfigError(`${where}sslMode`, `must be one of ${SSL_MODES.join(', ')}`);

@@ -119,6 +119,10 @@ describe('configuration', () => {
     fails({ compactor: { timeout: 3 }, sources: [source] }, /compactor\.timeout: unknown setting/);
     fails({ sources: [{ ...source, passwordSecretArn: 'arn:aws:secretsmanager:eu-west-1:123456789012:secret:x-AbCdEf', passwordSecretName: 'x' }] }, /either passwordSecretArn or passwordSecretName/);
     fails({ sources: [{ ...source, passwordSecretArn: 'arn:aws:secretsmanager:eu-west-1:123456789012:secret:x' }] }, /complete secret ARN/);
+    // ECS finds a secret given by name through its ARN without the random suffix, which Secrets
+    // Manager cannot resolve when the name itself ends in a hyphen and six characters.
+    fails({ sources: [{ ...source, passwordSecretName: 'pgcdc/app-reader' }] }, /sources\[0\]\.passwordSecretName: .*passwordSecretArn/);
+    assert.equal(parseConfig({ sources: [{ ...source, passwordSecretName: 'pgcdc/app-db' }] }).sources[0].passwordSecretName, 'pgcdc/app-db');
     fails({ queue: { maxReceiveCount: 0 }, sources: [source] }, /queue\.maxReceiveCount/);
     fails({ compactor: { reservedConcurrency: 1 }, sources: [source] }, /compactor\.reservedConcurrency: must be more than compactor\.maxConcurrency/);
     // Equal: a scheduled or manual sweep takes a slot the SQS pollers count on.
