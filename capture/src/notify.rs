@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use cdc_contract::notify::Notification;
+use cdc_contract::notify::{Notification, SQS_MAX_BODY_BYTES};
 
 /// Sends notifications.
 #[async_trait]
@@ -27,16 +27,26 @@ impl SqsNotifier {
 
 #[async_trait]
 impl Notifier for SqsNotifier {
+    /// Sends the notification in as many messages as SQS's size limit needs (a flush of many
+    /// table-hours); every message is tried, and the first error is given.
     async fn notify(&self, note: &Notification) -> Result<(), String> {
-        let body = serde_json::to_string(note).map_err(|e| e.to_string())?;
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .send()
-            .await
-            .map_err(|e| cdc_contract::aws::AwsError::sqs("send notification", e).to_string())?;
-        Ok(())
+        let bodies = note.bodies(SQS_MAX_BODY_BYTES).map_err(|e| e.to_string())?;
+        let mut first_error = None;
+        for body in bodies {
+            let sent = self
+                .client
+                .send_message()
+                .queue_url(&self.queue_url)
+                .message_body(body)
+                .send()
+                .await;
+            if let Err(e) = sent {
+                first_error.get_or_insert_with(|| {
+                    cdc_contract::aws::AwsError::sqs("send notification", e).to_string()
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -2248,3 +2248,55 @@ async fn a_table_without_a_key_is_read_once_while_it_changes() -> anyhow::Result
     assert_eq!(cap.recorded_events("public.log").await?.len(), events.len());
     Ok(())
 }
+
+/// A flush of more table-hours than one SQS message holds (SQS refuses bodies over 256 KiB on a
+/// queue with the default limit; the emulator does not) is told in several messages, each
+/// within the limit, naming every table-hour once.
+#[tokio::test]
+async fn a_notification_too_large_for_one_message_is_sent_in_several() -> anyhow::Result<()> {
+    use capture::notify::{Notifier, SqsNotifier};
+    use cdc_contract::notify::{Notification, TableHour, SQS_MAX_BODY_BYTES};
+
+    let aws = AwsFixture::new().await?;
+    let hours: Vec<TableHour> = (0..6000)
+        .map(|i| TableHour {
+            table: cdc_contract::TableName::new("public", format!("orders_partition_{i:05}")),
+            hour: cdc_contract::Hour::from_millis(
+                1_736_330_400_000 + i64::from(i % 24) * 3_600_000,
+            ),
+        })
+        .collect();
+    let note = Notification {
+        slot: "app".into(),
+        flush_id: "000000000042-1".into(),
+        commit_ms: 1_736_332_200_123,
+        caught_up_ms: None,
+        hours: hours.clone(),
+    };
+    assert!(serde_json::to_string(&note)?.len() > SQS_MAX_BODY_BYTES);
+    SqsNotifier::new(aws.sqs.clone(), aws.queue_url.clone())
+        .notify(&note)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let bodies = aws.drain_queue().await?;
+    assert!(bodies.len() > 1, "{} messages", bodies.len());
+    let mut told = Vec::new();
+    for body in &bodies {
+        assert!(
+            body.len() <= SQS_MAX_BODY_BYTES,
+            "a message of {} bytes",
+            body.len()
+        );
+        let piece: Notification = serde_json::from_str(body)?;
+        assert_eq!(
+            (piece.slot.as_str(), piece.flush_id.as_str()),
+            ("app", "000000000042-1")
+        );
+        told.extend(piece.hours);
+    }
+    told.sort();
+    let mut expected = hours;
+    expected.sort();
+    assert_eq!(told, expected, "every table-hour told once");
+    Ok(())
+}
