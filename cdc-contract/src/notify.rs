@@ -24,7 +24,8 @@ pub struct Notification {
     pub hours: Vec<TableHour>,
 }
 
-/// The largest message body SQS takes on a queue with the default maximum message size.
+/// The message body size notifications keep within: SQS's limit before 2025, when it was raised
+/// to 1 MiB (a queue's own `MaximumMessageSize` may still be lower).
 pub const SQS_MAX_BODY_BYTES: usize = 256 * 1024;
 
 impl Notification {

@@ -319,9 +319,9 @@ function parseSource(i: number, raw: unknown, defaults: PipelineConfig['capture'
     throw new ConfigError(`${where}passwordSecretArn`, 'must be the complete secret ARN (ending in -XXXXXX); use passwordSecretName to give a name');
   }
   // ECS reads a secret given by name through its ARN without the random suffix; Secrets Manager
-  // may not resolve that when the name itself ends in a hyphen and six characters.
+  // may not resolve that when the name itself ends in a hyphen and six letters or digits.
   if (passwordSecretName && /-[A-Za-z0-9]{6}$/.test(passwordSecretName)) {
-    throw new ConfigError(`${where}passwordSecretName`, `${JSON.stringify(passwordSecretName)} ends in a hyphen and six characters, which Secrets Manager may take for its random suffix when ECS looks the secret up by name: give passwordSecretArn, the complete ARN, instead`);
+    throw new ConfigError(`${where}passwordSecretName`, `${JSON.stringify(passwordSecretName)} ends in a hyphen and six letters or digits, which Secrets Manager may take for its random suffix when ECS looks the secret up by name: give passwordSecretArn, the complete ARN, instead`);
   }
   const sslMode = str(`${where}sslMode`, s.sslMode, DEFAULTS.source.sslMode) as SslMode;
   if (!SSL_MODES.includes(sslMode)) {

@@ -327,7 +327,7 @@ variable "sources" {
     The source databases: one capture service and one replication slot each. Per source: name (a
     letter then letters, digits or -, at most 32), host, port (5432), database, user (a role with
     REPLICATION), the password's secret (password_secret_arn, the complete ARN, or
-    password_secret_name, not one ending in a hyphen and six characters; neither creates a
+    password_secret_name, not one ending in a hyphen and six letters or digits; neither creates a
     placeholder secret to fill in), password_secret_field
     (the JSON key when the secret is a JSON document), password_secret_kms_key_arn (when the secret
     is under a customer-managed key), slot_name, publication (cdc_publication), tables
@@ -395,9 +395,9 @@ variable "sources" {
   }
   validation {
     # ECS reads a secret given by name through its ARN without the random suffix, which Secrets
-    # Manager may not resolve when the name itself ends in a hyphen and six characters.
+    # Manager may not resolve when the name itself ends in a hyphen and six letters or digits.
     condition     = alltrue([for s in var.sources : s.password_secret_name == null || !can(regex("-[A-Za-z0-9]{6}$", coalesce(s.password_secret_name, "-")))])
-    error_message = "sources[].password_secret_name ends in a hyphen and six characters, which Secrets Manager may take for its random suffix when ECS looks the secret up by name: give password_secret_arn, the complete ARN, instead."
+    error_message = "sources[].password_secret_name ends in a hyphen and six letters or digits, which Secrets Manager may take for its random suffix when ECS looks the secret up by name: give password_secret_arn, the complete ARN, instead."
   }
   validation {
     condition     = alltrue([for s in var.sources : contains(["disable", "prefer", "require", "verify-ca", "verify-full"], s.ssl_mode)])
