@@ -2298,5 +2298,13 @@ async fn a_notification_too_large_for_one_message_is_sent_in_several() -> anyhow
     let mut expected = hours;
     expected.sort();
     assert_eq!(told, expected, "every table-hour told once");
+
+    // A queue that is gone: every message fails, and the error names the send.
+    let gone = format!("{}-gone", aws.queue_url);
+    let error = SqsNotifier::new(aws.sqs.clone(), gone)
+        .notify(&note)
+        .await
+        .expect_err("sending to a queue that does not exist fails");
+    assert!(error.contains("send notification"), "{error}");
     Ok(())
 }
