@@ -303,6 +303,16 @@ export class PipelineStack extends Stack {
     );
     compactorRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
+        // FinalObjects covers the whole base path, staging included: the compactor never writes a
+        // staged batch (it reads, tags and deletes them), so nothing it does can overwrite one.
+        sid: 'NoStagingWrites',
+        effect: iam.Effect.DENY,
+        actions: ['s3:PutObject', 's3:AbortMultipartUpload'],
+        resources: [this.bucket.arnForObjects(`${stagingPrefix}*`)],
+      }),
+    );
+    compactorRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({
         // HeadBucket (the start-up check) and listing an hour's prefix for parts no attempt recorded.
         // No s3:prefix condition: S3 authorises HeadBucket as s3:ListBucket without any prefix in
         // the request, so a condition would either refuse it or (IfExists) still allow any listing.

@@ -47,6 +47,14 @@ data "aws_iam_policy_document" "compactor" {
     resources = ["${aws_s3_bucket.data.arn}/${local.key_prefix}*", "${aws_s3_bucket.data.arn}/${local.dead_letter_prefix}*"]
   }
   statement {
+    # FinalObjects covers the whole key prefix, staging included: the compactor never writes a
+    # staged batch (it reads, tags and deletes them), so nothing it does can overwrite one.
+    sid       = "NoStagingWrites"
+    effect    = "Deny"
+    actions   = ["s3:PutObject", "s3:AbortMultipartUpload"]
+    resources = ["${aws_s3_bucket.data.arn}/${local.staging_prefix}*"]
+  }
+  statement {
     # HeadBucket (the start-up check) and listing an hour's prefix for parts no attempt recorded.
     # No s3:prefix condition: S3 authorises HeadBucket as s3:ListBucket without any prefix.
     sid       = "ListBucket"

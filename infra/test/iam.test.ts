@@ -27,6 +27,15 @@ function grants(statements: Statement[], role: string): Map<string, string[]> {
   return m;
 }
 
+/** action -> sorted resources an explicit Deny of one role covers. */
+function denials(statements: Statement[], role: string): Map<string, string[]> {
+  const m = new Map<string, string[]>();
+  for (const s of statements.filter((s) => s.roles.includes(role) && s.effect === 'Deny')) {
+    for (const a of s.actions) m.set(a, [...(m.get(a) ?? []), ...s.resources].sort());
+  }
+  return m;
+}
+
 function roleOf(json: any, prefix: string, kind: 'TaskRole' | 'ExecutionRole' | 'CompactorRole'): string {
   return logicalId(json, 'AWS::IAM::Role', kind === 'CompactorRole' ? 'CompactorRole' : `${prefix}Task${kind}`);
 }
@@ -93,6 +102,10 @@ describe('IAM with a base path', () => {
     assert.deepEqual(g.get('s3:PutObjectTagging'), [staging]);
     assert.deepEqual(g.get('s3:PutObject'), finals);
     assert.deepEqual(g.get('s3:AbortMultipartUpload'), finals);
+    // The final objects' grant covers the base path, staging included: an explicit Deny keeps the
+    // compactor from writing over (or abandoning an upload of) a staged batch it has not read yet.
+    const d = denials(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'));
+    assert.deepEqual(new Map([...d].sort()), new Map([['s3:AbortMultipartUpload', [staging]], ['s3:PutObject', [staging]]]));
     assert.deepEqual(g.get('s3:ListBucket'), [`<${bucket}.Arn>`]);
     for (const a of LEDGER_ACTIONS) assert.deepEqual(g.get(a), [`<${table}.Arn>`], a);
     assert.deepEqual(g.get('sqs:SendMessage'), [`<${notices}.Arn>`]);
@@ -139,6 +152,8 @@ describe('IAM with an empty base path', () => {
     const compactor = grants(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'));
     assert.deepEqual(compactor.get('s3:PutObjectTagging'), [`<${bucket}.Arn>/_staging/*`]);
     assert.deepEqual(compactor.get('s3:PutObject'), [`<${bucket}.Arn>/*`, `<${bucket}.Arn>/_dead_letter/*`].sort());
+    const denied = denials(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'));
+    assert.deepEqual(denied.get('s3:PutObject'), [`<${bucket}.Arn>/_staging/*`]);
     s.template.hasResourceProperties('AWS::S3::Bucket', {
       LifecycleConfiguration: {
         Rules: [

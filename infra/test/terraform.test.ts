@@ -243,12 +243,12 @@ const onCatalog = (v: unknown): boolean => /\blocal\.catalog_enabled\b/.test(JSO
  * The actions of the statements of a policy document data source, `dynamic` ones included unless
  * `live` rules out their for_each.
  */
-function documentActions(body: Hcl, live: (forEach: unknown) => boolean = () => true): string[] {
+function documentActions(body: Hcl, live: (forEach: unknown) => boolean = () => true, effect = 'Allow'): string[] {
   const out: string[] = [];
   const dynamic = (body.dynamic?.statement ?? []).filter((d: any) => live(d.for_each));
   const statements = [...(body.statement ?? []), ...dynamic.flatMap((d: any) => d.content ?? [])];
   for (const s of statements) {
-    if ((s.effect ?? 'Allow') !== 'Allow') continue;
+    if ((s.effect ?? 'Allow') !== effect) continue;
     const actions = s.actions;
     if (Array.isArray(actions)) out.push(...actions);
   }
@@ -328,6 +328,9 @@ for (const [label, config, catalog] of PARITY) describe(`terraform: parity with 
       const tf = tfActions(docName);
       // kms:Decrypt is granted only for a source whose secret has a customer-managed key, as in the CDK app.
       assert.deepEqual(tf.filter((a) => a !== 'kms:Decrypt'), cdkActions(role), `${role} vs data.aws_iam_policy_document.${docName}`);
+      // And the same explicit denials (the compactor's on staged objects).
+      const cdkDenied = sorted(statements.filter((st) => st.roles.includes(role) && st.effect === 'Deny').flatMap((st) => st.actions));
+      assert.deepEqual(sorted(documentActions(doc(docName), live, 'Deny')), cdkDenied, `${role} denials vs data.aws_iam_policy_document.${docName}`);
     }
     // Every role policy attaches one of these documents.
     for (const b of blocks(module, 'resource').filter((b) => b.type === 'aws_iam_role_policy')) {
