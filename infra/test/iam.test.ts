@@ -18,19 +18,10 @@ const LEDGER_ACTIONS = [
 const GLUE_ACTIONS = ['glue:GetTable', 'glue:CreateTable', 'glue:UpdateTable'];
 const DATA_PLANE = /^(s3|dynamodb|sqs|sns|secretsmanager|kms|logs|lambda|ecs|ssm|glue|athena):/;
 
-/** action -> sorted resources, over the statements of one role. */
-function grants(statements: Statement[], role: string): Map<string, string[]> {
+/** action -> sorted resources, over the statements of one role with `effect` (Deny: what an explicit denial covers). */
+function grants(statements: Statement[], role: string, effect: 'Allow' | 'Deny' = 'Allow'): Map<string, string[]> {
   const m = new Map<string, string[]>();
-  for (const s of statements.filter((s) => s.roles.includes(role) && s.effect === 'Allow')) {
-    for (const a of s.actions) m.set(a, [...(m.get(a) ?? []), ...s.resources].sort());
-  }
-  return m;
-}
-
-/** action -> sorted resources an explicit Deny of one role covers. */
-function denials(statements: Statement[], role: string): Map<string, string[]> {
-  const m = new Map<string, string[]>();
-  for (const s of statements.filter((s) => s.roles.includes(role) && s.effect === 'Deny')) {
+  for (const s of statements.filter((s) => s.roles.includes(role) && s.effect === effect)) {
     for (const a of s.actions) m.set(a, [...(m.get(a) ?? []), ...s.resources].sort());
   }
   return m;
@@ -104,7 +95,7 @@ describe('IAM with a base path', () => {
     assert.deepEqual(g.get('s3:AbortMultipartUpload'), finals);
     // The final objects' grant covers the base path, staging included: an explicit Deny keeps the
     // compactor from writing over (or abandoning an upload of) a staged batch it has not read yet.
-    const d = denials(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'));
+    const d = grants(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'), 'Deny');
     assert.deepEqual(new Map([...d].sort()), new Map([['s3:AbortMultipartUpload', [staging]], ['s3:PutObject', [staging]]]));
     assert.deepEqual(g.get('s3:ListBucket'), [`<${bucket}.Arn>`]);
     for (const a of LEDGER_ACTIONS) assert.deepEqual(g.get(a), [`<${table}.Arn>`], a);
@@ -152,7 +143,7 @@ describe('IAM with an empty base path', () => {
     const compactor = grants(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'));
     assert.deepEqual(compactor.get('s3:PutObjectTagging'), [`<${bucket}.Arn>/_staging/*`]);
     assert.deepEqual(compactor.get('s3:PutObject'), [`<${bucket}.Arn>/*`, `<${bucket}.Arn>/_dead_letter/*`].sort());
-    const denied = denials(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'));
+    const denied = grants(iamStatements(s.json), roleOf(s.json, '', 'CompactorRole'), 'Deny');
     assert.deepEqual(denied.get('s3:PutObject'), [`<${bucket}.Arn>/_staging/*`]);
     s.template.hasResourceProperties('AWS::S3::Bucket', {
       LifecycleConfiguration: {

@@ -309,7 +309,7 @@ for (const [label, config, catalog] of PARITY) describe(`terraform: parity with 
 
   it('the same IAM actions per role', () => {
     const statements = iamStatements(s.json);
-    const cdkActions = (role: string) => sorted(statements.filter((st) => st.roles.includes(role) && st.effect === 'Allow').flatMap((st) => st.actions));
+    const cdkActions = (role: string, effect = 'Allow') => sorted(statements.filter((st) => st.roles.includes(role) && st.effect === effect).flatMap((st) => st.actions));
     const doc = (name: string) => blocks(module, 'data').find((b) => b.type === 'aws_iam_policy_document' && b.name === name)!.body;
     const resolve = (actions: string[]) => actions.flatMap((a) => (a === '${local.ledger_actions}' ? ledgerActions : [a]));
     const tfActions = (name: string) => {
@@ -329,8 +329,7 @@ for (const [label, config, catalog] of PARITY) describe(`terraform: parity with 
       // kms:Decrypt is granted only for a source whose secret has a customer-managed key, as in the CDK app.
       assert.deepEqual(tf.filter((a) => a !== 'kms:Decrypt'), cdkActions(role), `${role} vs data.aws_iam_policy_document.${docName}`);
       // And the same explicit denials (the compactor's on staged objects).
-      const cdkDenied = sorted(statements.filter((st) => st.roles.includes(role) && st.effect === 'Deny').flatMap((st) => st.actions));
-      assert.deepEqual(sorted(documentActions(doc(docName), live, 'Deny')), cdkDenied, `${role} denials vs data.aws_iam_policy_document.${docName}`);
+      assert.deepEqual(sorted(documentActions(doc(docName), live, 'Deny')), cdkActions(role, 'Deny'), `${role} denials vs data.aws_iam_policy_document.${docName}`);
     }
     // Every role policy attaches one of these documents.
     for (const b of blocks(module, 'resource').filter((b) => b.type === 'aws_iam_role_policy')) {
