@@ -17,6 +17,7 @@ pub mod compact;
 pub mod config;
 pub mod convert;
 pub mod dead_letter;
+pub mod dictionary;
 pub mod envelope;
 pub mod handler;
 pub mod ledger;

@@ -11,13 +11,14 @@ use arrow::array::{
     ArrayRef, Int64Builder, MapBuilder, MapFieldNames, NullBufferBuilder, StringBuilder,
     StructArray, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::Fields;
+use arrow::datatypes::{Fields, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::KeyValue;
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesBuilder};
+use parquet::schema::types::ColumnPath;
 
 use cdc_contract::event::{Op, UNAVAILABLE_VALUE};
 use cdc_contract::layout::{Format, JsonlCompression};
@@ -29,6 +30,7 @@ use crate::background_zstd::BackgroundZstd;
 use crate::columns::ColumnBuilder;
 use crate::config::Compression;
 use crate::convert::{convert, text_form, Scalar};
+use crate::dictionary;
 use crate::envelope::{split_row, ColumnLookup, Envelope, RowValues};
 use crate::parquet_schema::{utc, PartSchema};
 
@@ -108,9 +110,53 @@ pub struct FinishedPart {
 }
 
 struct ParquetPart {
-    writer: ArrowWriter<Vec<u8>>,
+    /// Made when the first rows come, which choose the columns without a dictionary
+    /// ([`crate::dictionary`]).
+    writer: Option<ArrowWriter<Vec<u8>>>,
+    props: WriterPropertiesBuilder,
+    arrow: SchemaRef,
     drained: u64,
     estimate: u64,
+}
+
+impl ParquetPart {
+    /// The writer, made now if it was not, with `first` (the part's first rows, if any)
+    /// choosing which columns go without a dictionary.
+    fn writer(
+        &mut self,
+        first: Option<&RecordBatch>,
+    ) -> Result<&mut ArrowWriter<Vec<u8>>, PartError> {
+        let writer = match self.writer.take() {
+            Some(w) => w,
+            None => {
+                let mut props = self.props.clone();
+                for name in first
+                    .map(dictionary::without_dictionary)
+                    .unwrap_or_default()
+                {
+                    props = props.set_column_dictionary_enabled(ColumnPath::new(vec![name]), false);
+                }
+                ArrowWriter::try_new(Vec::new(), self.arrow.clone(), Some(props.build()))?
+            }
+        };
+        Ok(self.writer.insert(writer))
+    }
+
+    /// Encoded bytes not taken yet.
+    fn ready_len(&self) -> usize {
+        self.writer.as_ref().map_or(0, |w| w.inner().len())
+    }
+
+    /// Takes the encoded bytes produced so far.
+    fn take(&mut self) -> Vec<u8> {
+        let out = self
+            .writer
+            .as_mut()
+            .map(|w| std::mem::take(w.inner_mut()))
+            .unwrap_or_default();
+        self.drained += out.len() as u64;
+        out
+    }
 }
 
 /// The Arrow columns of rows being gathered for the typed formats: the metadata columns,
@@ -360,11 +406,11 @@ impl PartWriter {
                 .set_key_value_metadata(Some(vec![
                     KeyValue::new("cdc.table".to_owned(), table.to_owned()),
                     KeyValue::new("cdc.schema_id".to_owned(), schema_id.clone()),
-                ]))
-                .build();
-            let writer = ArrowWriter::try_new(Vec::new(), schema.arrow.clone(), Some(props))?;
+                ]));
             Some(ParquetPart {
-                writer,
+                writer: None,
+                props,
+                arrow: schema.arrow.clone(),
                 drained: 0,
                 estimate: 0,
             })
@@ -515,11 +561,12 @@ impl PartWriter {
             a.write(batch)?;
         }
         if let Some(p) = self.parquet.as_mut() {
-            p.writer.write(batch)?;
-            if p.writer.in_progress_size() as u64 >= self.limits.row_group_bytes {
-                p.writer.flush()?;
+            let writer = p.writer(Some(batch))?;
+            writer.write(batch)?;
+            if writer.in_progress_size() as u64 >= self.limits.row_group_bytes {
+                writer.flush()?;
             }
-            p.estimate = p.writer.bytes_written() as u64 + p.writer.in_progress_size() as u64;
+            p.estimate = writer.bytes_written() as u64 + writer.in_progress_size() as u64;
         }
         Ok(())
     }
@@ -613,11 +660,7 @@ impl PartWriter {
             Format::Parquet => self
                 .parquet
                 .as_mut()
-                .map(|p| {
-                    let out = std::mem::take(p.writer.inner_mut());
-                    p.drained += out.len() as u64;
-                    out
-                })
+                .map(ParquetPart::take)
                 .unwrap_or_default(),
             Format::Avro => self.avro.as_mut().map(AvroPart::take).unwrap_or_default(),
         })
@@ -627,7 +670,7 @@ impl PartWriter {
     pub fn output_len(&self, format: Format) -> usize {
         match format {
             Format::Jsonl => self.jsonl.as_ref().map(|j| j.ready_len()),
-            Format::Parquet => self.parquet.as_ref().map(|p| p.writer.inner().len()),
+            Format::Parquet => self.parquet.as_ref().map(ParquetPart::ready_len),
             Format::Avro => self.avro.as_ref().map(AvroPart::ready_len),
         }
         .unwrap_or(0)
@@ -642,9 +685,9 @@ impl PartWriter {
             tails.push((Format::Jsonl, tail, total));
         }
         if let Some(mut p) = self.parquet.take() {
-            p.writer.finish()?;
-            let tail = std::mem::take(p.writer.inner_mut());
-            let total = p.drained + tail.len() as u64;
+            p.writer(None)?.finish()?;
+            let tail = p.take();
+            let total = p.drained;
             tails.push((Format::Parquet, tail, total));
         }
         if let Some(a) = self.avro.take() {
@@ -931,6 +974,90 @@ mod tests {
         );
         let extra = raw.value(3);
         assert_eq!(extra.column(0).as_string::<i32>().value(0), "extra");
+    }
+
+    /// Column name to whether its first row group's chunk has a dictionary page.
+    fn dictionary_pages(pq: &[u8]) -> std::collections::BTreeMap<String, bool> {
+        let reader =
+            parquet::file::serialized_reader::SerializedFileReader::new(Bytes::from(pq.to_vec()))
+                .unwrap();
+        let meta = parquet::file::reader::FileReader::metadata(&reader);
+        meta.row_group(0)
+            .columns()
+            .iter()
+            .map(|c| {
+                (
+                    c.column_path().string(),
+                    c.dictionary_page_offset().is_some(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn columns_without_repeats_in_their_first_rows_are_written_without_a_dictionary() {
+        let mut w = PartWriter::new(
+            0,
+            "sid".into(),
+            schema(),
+            &[Format::Parquet],
+            limits(64 << 20),
+            "public.t",
+        )
+        .unwrap();
+        let rows = 4000u64;
+        for i in 0..rows {
+            // id: every value new; price: seven values; note: three.
+            let after = format!(r#"{{"id":{i},"price":"{}.25","note":"n{}"}}"#, i % 7, i % 3);
+            let l = line("c", 100 + i / 10, (i % 10) as u32 + 1, "null", &after, "");
+            let env: Envelope<'_> = serde_json::from_str(&l).unwrap();
+            w.push(&l, &env).unwrap().unwrap();
+        }
+        let finished = w.finish().unwrap();
+        let (_, pq, _) = &finished.tails[0];
+        let dict = dictionary_pages(pq);
+        assert!(!dict["id"], "a column of distinct values: {dict:?}");
+        assert!(dict["price"] && dict["note"], "repeated values: {dict:?}");
+        assert!(dict["_op"] && dict["_lsn"], "repeated values: {dict:?}");
+        // The rows read back the same, whatever the encoding.
+        let b = read_back(pq);
+        assert_eq!(b.num_rows() as u64, rows);
+        let id = b.column_by_name("id").unwrap().as_primitive::<Int32Type>();
+        let price = b
+            .column_by_name("price")
+            .unwrap()
+            .as_primitive::<Decimal128Type>();
+        let note = b.column_by_name("note").unwrap().as_string::<i32>();
+        for i in 0..rows as usize {
+            assert_eq!(id.value(i) as usize, i);
+            assert_eq!(price.value(i), (i % 7) as i128 * 100 + 25);
+            assert_eq!(note.value(i), format!("n{}", i % 3));
+        }
+    }
+
+    #[test]
+    fn a_part_of_few_rows_keeps_every_dictionary() {
+        let mut w = PartWriter::new(
+            0,
+            "sid".into(),
+            schema(),
+            &[Format::Parquet],
+            limits(64 << 20),
+            "public.t",
+        )
+        .unwrap();
+        for i in 0..100u64 {
+            let after = format!(r#"{{"id":{i},"price":"1.00","note":"n"}}"#);
+            let l = line("c", 100 + i, 1, "null", &after, "");
+            let env: Envelope<'_> = serde_json::from_str(&l).unwrap();
+            w.push(&l, &env).unwrap().unwrap();
+        }
+        let finished = w.finish().unwrap();
+        let dict = dictionary_pages(&finished.tails[0].1);
+        assert!(
+            dict["id"] && dict["note"],
+            "too few rows to judge: {dict:?}"
+        );
     }
 
     #[test]
