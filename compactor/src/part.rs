@@ -994,8 +994,8 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn columns_without_repeats_in_their_first_rows_are_written_without_a_dictionary() {
+    /// The Parquet file of a part (Parquet alone) of inserts: (commit LSN, ordinal, row image).
+    fn parquet_part(rows: impl Iterator<Item = (u64, u32, String)>) -> Vec<u8> {
         let mut w = PartWriter::new(
             0,
             "sid".into(),
@@ -1005,16 +1005,23 @@ mod tests {
             "public.t",
         )
         .unwrap();
-        let rows = 4000u64;
-        for i in 0..rows {
-            // id: every value new; price: seven values; note: three.
-            let after = format!(r#"{{"id":{i},"price":"{}.25","note":"n{}"}}"#, i % 7, i % 3);
-            let l = line("c", 100 + i / 10, (i % 10) as u32 + 1, "null", &after, "");
+        for (lsn, ord, after) in rows {
+            let l = line("c", lsn, ord, "null", &after, "");
             let env: Envelope<'_> = serde_json::from_str(&l).unwrap();
             w.push(&l, &env).unwrap().unwrap();
         }
-        let finished = w.finish().unwrap();
-        let (_, pq, _) = &finished.tails[0];
+        let mut finished = w.finish().unwrap();
+        finished.tails.remove(0).1
+    }
+
+    #[test]
+    fn columns_without_repeats_in_their_first_rows_are_written_without_a_dictionary() {
+        let rows = 4000u64;
+        // id: every value new; price: seven values; note: three.
+        let pq = &parquet_part((0..rows).map(|i| {
+            let after = format!(r#"{{"id":{i},"price":"{}.25","note":"n{}"}}"#, i % 7, i % 3);
+            (100 + i / 10, (i % 10) as u32 + 1, after)
+        }));
         let dict = dictionary_pages(pq);
         assert!(!dict["id"], "a column of distinct values: {dict:?}");
         assert!(dict["price"] && dict["note"], "repeated values: {dict:?}");
@@ -1037,23 +1044,11 @@ mod tests {
 
     #[test]
     fn a_part_of_few_rows_keeps_every_dictionary() {
-        let mut w = PartWriter::new(
-            0,
-            "sid".into(),
-            schema(),
-            &[Format::Parquet],
-            limits(64 << 20),
-            "public.t",
-        )
-        .unwrap();
-        for i in 0..100u64 {
+        let pq = parquet_part((0..100u64).map(|i| {
             let after = format!(r#"{{"id":{i},"price":"1.00","note":"n"}}"#);
-            let l = line("c", 100 + i, 1, "null", &after, "");
-            let env: Envelope<'_> = serde_json::from_str(&l).unwrap();
-            w.push(&l, &env).unwrap().unwrap();
-        }
-        let finished = w.finish().unwrap();
-        let dict = dictionary_pages(&finished.tails[0].1);
+            (100 + i, 1, after)
+        }));
+        let dict = dictionary_pages(&pq);
         assert!(
             dict["id"] && dict["note"],
             "too few rows to judge: {dict:?}"
