@@ -9,12 +9,15 @@
 //! The part's first batch of rows decides, column by column: a column whose values repeat
 //! there less than half as often as values drawn from [`USEFUL_DISTINCT`] distinct ones would
 //! (the birthday bound) is written without a dictionary for the whole part. A column with
-//! fewer distinct values than that keeps its dictionary, whatever order they come in: at 1,024
-//! values drawn from 50,000 it repeats about ten times, against about four expected of
-//! 131,072. A column of distinct values in its first rows that repeats later (values met in
-//! order, cycling) loses its dictionary: a larger file, never other values. Too small a batch
-//! ([`MIN_SAMPLE`] values) decides nothing, and nested columns and booleans are left as they
-//! are.
+//! fewer distinct values than that keeps its dictionary when they come in no particular order
+//! (at 1,024 values drawn from 50,000 it repeats about ten times, against about four expected
+//! of 131,072) or when the first batch holds more rows than it has distinct values. A column
+//! whose values come in order, cycling over more of them than the first batch holds, looks
+//! distinct there and loses a dictionary that would have paid: a larger file, never other
+//! values. Too small a batch ([`MIN_SAMPLE`] values) decides nothing, and nested columns and
+//! booleans are left as they are. The first batch is a chunk of about 1 MiB of staged text when
+//! a batch is read whole, up to 8,192 rows when it is read line by line, so the same rows can
+//! be encoded differently on the two paths.
 
 use std::collections::HashSet;
 
