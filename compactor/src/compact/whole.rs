@@ -115,16 +115,29 @@ pub(super) fn gunzip_whole(data: &[u8], limit: usize, pool: &TextPool) -> Option
     }
     let mut buffer = pool.take();
     let mut reader = flate2::read::MultiGzDecoder::new(data);
+    // The size the gzip trailer gives (of the last member, which is the whole text when the
+    // object is one member, as the capture writes it): room for it and the read that finds the
+    // end is made at once. A size over the limit is not trusted.
+    let told = data
+        .last_chunk::<4>()
+        .map(|t| u32::from_le_bytes(*t) as usize)
+        .filter(|&n| n <= limit);
     let mut len = 0;
     let read = loop {
         if len == buffer.len() {
             if len > limit {
                 break None;
             }
-            // Staged JSON lines gunzip to about six times their size; growing doubles. Only
-            // what is written to is zeroed (a step at a time): untouched room costs no memory.
+            // Without a size to go by (or past it: several members), staged JSON lines
+            // gunzip to about six times their size, and growing doubles. Only what is written
+            // to is zeroed (a step at a time): untouched room costs no memory.
             if buffer.len() == buffer.capacity() {
-                buffer.reserve(len.max(data.len() * 6).max(GROW_STEP).min(limit + 1 - len));
+                match told {
+                    Some(n) if n >= len => buffer.reserve_exact(n + 1 - len),
+                    _ => {
+                        buffer.reserve(len.max(data.len() * 6).max(GROW_STEP).min(limit + 1 - len))
+                    }
+                }
             }
             let end = (len + GROW_STEP).min(buffer.capacity()).min(limit + 1);
             buffer.resize(end, 0);
@@ -919,6 +932,35 @@ mod tests {
         assert!(gunzip_whole(&data, 999, &pool).is_none());
         assert!(gunzip_whole(b"plain text\n", 1000, &pool).is_none());
         assert!(gunzip_whole(&data[..data.len() - 9], 1000, &pool).is_none());
+    }
+
+    #[test]
+    fn a_batch_is_gunzipped_into_a_buffer_of_its_own_size() {
+        // Text that gzip shrinks far more than six times: a guess from the staged size is short,
+        // and growing by doubling would hold up to twice the text.
+        let text: Vec<u8> = (0..400_000u32)
+            .flat_map(|i| format!("{{\"n\":{}}}\n", i % 64).into_bytes())
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&text).unwrap();
+        let data = gz.finish().unwrap();
+        assert!(data.len() * 6 < text.len());
+        let read = gunzip_whole(&data, 1 << 30, &TextPool::default()).unwrap();
+        assert_eq!(read[..], text[..]);
+        assert!(
+            read.buffer.capacity() <= text.len() + 1,
+            "{} bytes held for a text of {}",
+            read.buffer.capacity(),
+            text.len()
+        );
+        // A trailer that claims more than the limit is not trusted with the buffer's size.
+        let mut lying = data.clone();
+        let n = lying.len();
+        lying[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(gunzip_whole(&lying, text.len() + 10, &TextPool::default()).is_none());
+        let mut short = data;
+        short[n - 4..].copy_from_slice(&10u32.to_le_bytes());
+        assert!(gunzip_whole(&short, 1 << 30, &TextPool::default()).is_none());
     }
 
     #[test]
