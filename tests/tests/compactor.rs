@@ -1058,6 +1058,169 @@ impl ObjectStore for MortalStore {
     }
 }
 
+/// A store whose part uploads (multipart) answer slowly, one of which fails.
+struct SlowUploads {
+    inner: Arc<S3Store>,
+    delay: Duration,
+    /// The upload of a part that fails (1-based, over the store's life); 0: none.
+    fail_at: u32,
+    parts: AtomicU32,
+}
+
+#[async_trait]
+impl ObjectStore for SlowUploads {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StoreError> {
+        self.inner.put(key, body, ct).await
+    }
+    async fn create_multipart(&self, key: &str, ct: &str) -> Result<String, StoreError> {
+        self.inner.create_multipart(key, ct).await
+    }
+    async fn upload_part(
+        &self,
+        key: &str,
+        id: &str,
+        n: i32,
+        body: Bytes,
+    ) -> Result<String, StoreError> {
+        tokio::time::sleep(self.delay).await;
+        if self.parts.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(StoreError::Definite("injected: upload part failed".into()));
+        }
+        self.inner.upload_part(key, id, n, body).await
+    }
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        id: &str,
+        parts: &[(i32, String)],
+    ) -> Result<(), StoreError> {
+        self.inner.complete_multipart(key, id, parts).await
+    }
+    async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), StoreError> {
+        self.inner.abort_multipart(key, id).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        self.inner.delete(keys).await
+    }
+    async fn tag(&self, key: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
+        self.inner.tag(key, tags).await
+    }
+}
+
+/// Part files of several 8 MiB upload chunks are uploaded behind the reading (the next batches
+/// are read while a chunk goes out), and parts roll meanwhile: every part recorded holds all
+/// its bytes; an upload that fails behind the reading fails the hour with nothing of its part
+/// recorded and no upload left open; the next run writes each change once.
+#[tokio::test]
+async fn parts_uploaded_behind_the_reading_hold_every_change_once_through_a_failed_upload(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_behind").await?;
+    stager.batch_rows = 250;
+    let schema = notes_schema();
+    // About 3.6 KB of barely compressible text a row: some 25 MB of staged JSON; Parquet files
+    // of more than one upload chunk.
+    let mut staged = Vec::new();
+    for tx in 0..70i64 {
+        let changes: Vec<Change> = (tx * 100 + 1..=tx * 100 + 100)
+            .map(|i| {
+                let body: String = (0..50).map(|r| noisy(i, r)).collect();
+                Change::insert(&schema, json!({"id": i, "body": body}))
+            })
+            .collect();
+        staged.extend(stager.tx(at(10, tx), changes));
+    }
+    stager.flush(Some(now_ms())).await?;
+    let mut cfg = config(&aws);
+    cfg.part_max_bytes = 9 << 20;
+    cfg.row_group_bytes = 1 << 20;
+    let t = schema.table.clone();
+
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws.config)
+            .force_path_style(true)
+            .build(),
+    );
+    let inner = Arc::new(S3Store::new(s3, &aws.bucket));
+    let ledger = || {
+        Arc::new(DynamoLedger::new(
+            aws_sdk_dynamodb::Client::new(&aws.config),
+            &aws.table,
+        ))
+    };
+    let slow = |fail_at| {
+        Compactor::new(
+            cfg.clone(),
+            Arc::new(SlowUploads {
+                inner: inner.clone(),
+                delay: Duration::from_millis(300),
+                fail_at,
+                parts: AtomicU32::new(0),
+            }),
+            ledger(),
+            None,
+        )
+    };
+
+    // The fifth chunk fails: the first part (each file a chunk and a rest) is recorded; the
+    // second part's first chunk fails behind the reading.
+    let failed = slow(5).sweep(&SweepRequest::default()).await?;
+    assert_eq!(failed.failures.len(), 1, "{failed:?}");
+    assert!(
+        format!("{:?}", failed.failures).contains("injected"),
+        "the hour fails on the upload that failed: {:?}",
+        failed.failures
+    );
+    let recorded = parts(&aws, "slot_behind", &t, hour()).await?;
+    assert_eq!(
+        recorded.len(),
+        1,
+        "only the part uploaded whole is recorded"
+    );
+    let open = aws
+        .s3
+        .list_multipart_uploads()
+        .bucket(&aws.bucket)
+        .send()
+        .await?;
+    assert!(
+        open.uploads().is_empty(),
+        "the failed part's uploads are abandoned: {:?}",
+        open.uploads()
+    );
+
+    // The next runs (slow, without failures) finish the hour.
+    let mut done = false;
+    for _ in 0..10 {
+        let report = slow(0).sweep(&SweepRequest::default()).await?;
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        if report.hours.iter().all(|h| h.state == HourState::Done) && !report.hours.is_empty() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(done, "the hour is compacted");
+    let all = parts(&aws, "slot_behind", &t, hour()).await?;
+    assert!(all.len() >= 3, "parts rolled: {}", all.len());
+    assert_eq!(all[0], recorded[0], "the recorded part is kept as it was");
+    let events = final_events(&aws, &t, hour()).await?;
+    assert_each_once_in_order(&events)?;
+    assert_eq!(events.len(), staged.len());
+    let read = read_parquet(&aws, &t).await?;
+    assert_eq!(
+        read["duckdb"]["rows"].as_array().map(Vec::len),
+        Some(staged.len())
+    );
+    Ok(())
+}
+
 /// A compaction killed between uploading a part and recording it: the next run removes the
 /// unrecorded files, and (issue 15, item 11) lists the hour again once the dead attempt could no
 /// longer complete an upload, so a late one does not stay as a stray file.

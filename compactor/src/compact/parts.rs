@@ -22,7 +22,7 @@ use crate::now_ms;
 use crate::parquet_schema::PartSchema;
 use crate::part::{FinishedPart, Limits, PartError, PartStats, PartWriter};
 use crate::retry::retry;
-use crate::store::StoreError;
+use crate::store::{ObjectStore, StoreError};
 use crate::upload::FileUpload;
 
 /// A staging object handed to the CPU work: its batch item and what the download gave.
@@ -399,7 +399,7 @@ impl Claimed<'_> {
         table_text: &str,
     ) -> Result<(), HourError> {
         let mut writer: Option<PartWriter> = None;
-        let mut uploads: Option<PartUploads> = None;
+        let mut uploads = Uploader::default();
         let mut pending_output: Vec<(u32, Format, Vec<u8>)> = Vec::new();
         let mut last: Option<Position> = watermark;
         // The last change of the batches read whole so far: each of their lines is written,
@@ -434,7 +434,8 @@ impl Claimed<'_> {
                             tracing::warn!(table = %self.table, hour = %self.hour, schema = %batch.schema_id, columns = ?narrowed, "column types changed in a way readers cannot widen; the new schema gets its own part");
                         }
                         let w = writer.take().ok_or_else(|| HourError::Definite("no writer".into()))?;
-                        self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
+                        uploads.settle().await?;
+                        self.close_part(w, std::mem::take(&mut pending_output), &mut uploads.files)
                             .await?;
                     }
                 }
@@ -450,8 +451,9 @@ impl Claimed<'_> {
                     )?,
                 };
 
-                // CPU work on this batch while the previous batch's output uploads and the
-                // next batch, when it has the same schema version, starts parsing (against
+                // CPU work on this batch while the previous batch's output is handed to its
+                // upload task (which goes on meanwhile: `Uploader`) and the next batch, when
+                // it has the same schema version, starts parsing (against
                 // this part's schema and the last change before this batch: the reading
                 // checks both).
                 let cx = whole::Context::of(&w, watermark);
@@ -466,12 +468,7 @@ impl Claimed<'_> {
                     let output = std::mem::take(&mut pending_output);
                     let this: &Claimed<'_> = self;
                     let schema_id = batch.schema_id.clone();
-                    let upload = async {
-                        for (part, format, bytes) in output {
-                            upload_to(&mut uploads, part, format, bytes, this).await?;
-                        }
-                        Ok::<(), HourError>(())
-                    };
+                    let upload = uploads.send(this, output);
                     let receive = async {
                         let next = rx.recv().await?;
                         let parsing = match &next {
@@ -547,8 +544,11 @@ impl Claimed<'_> {
                     early.read(&batch);
                 }
                 handled = handled.max(Some(batch.last));
+                if !work.finished.is_empty() {
+                    uploads.settle().await?;
+                }
                 for done in std::mem::take(&mut work.finished) {
-                    let files = take_uploads(&mut uploads, done.stats.part);
+                    let files = take_uploads(&mut uploads.files, done.stats.part);
                     self.complete_part(done, files).await?;
                 }
                 let mut w = work.writer;
@@ -568,14 +568,17 @@ impl Claimed<'_> {
                 }
             }
             if let Some(w) = writer.take() {
-                self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
+                uploads.settle().await?;
+                self.close_part(w, std::mem::take(&mut pending_output), &mut uploads.files)
                     .await?;
             }
             self.pass_handled(handled).await
         }
         .await;
         if result.is_err() {
-            if let Some(PartUploads { files, .. }) = uploads.take() {
+            // The files a failed upload task gives back are abandoned too.
+            let _ = uploads.settle().await;
+            if let Some(PartUploads { files, .. }) = uploads.files.take() {
                 for (_, f) in files {
                     f.abort(&**self.deps.store).await;
                 }
@@ -716,6 +719,113 @@ async fn upload_to(
     let entry = uploads.get_or_insert_with(|| claimed.new_uploads(part));
     if let Some((_, f)) = entry.files.iter_mut().find(|(f, _)| *f == format) {
         f.write(&**claimed.deps.store, bytes).await?;
+    }
+    Ok(())
+}
+
+/// Outputs handed to upload tasks and not written yet, in bytes, beyond which handing over
+/// more waits for them: about a Parquet row group and a few upload chunks.
+const UPLOAD_AHEAD_BYTES: usize = 48 << 20;
+
+/// What an upload task gives back: the part's files (to go on with, finish or abandon) and how
+/// its writes went.
+type Uploaded = (Option<PartUploads>, Result<(), HourError>);
+
+/// An upload task, stopped if it is dropped (a run that was dropped stops uploading).
+struct UploadTask(tokio::task::JoinHandle<Uploaded>);
+
+impl Drop for UploadTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The uploads of the part being written. A batch's output is written by a task of its own,
+/// after the outputs handed over before it (each task waits for the one before), so the next
+/// batch is read meanwhile: a slow upload (an 8 MiB part sent to S3, a Parquet row group)
+/// holds the reading back only once more than [`UPLOAD_AHEAD_BYTES`] wait. Before the part's
+/// files are finished, taken or abandoned, [`Uploader::settle`] waits for every task.
+#[derive(Default)]
+pub(super) struct Uploader {
+    /// The files, while no task holds them.
+    files: Option<PartUploads>,
+    /// The last task started: it holds the files until it ends.
+    task: Option<UploadTask>,
+    /// Bytes handed to tasks and not written yet.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Uploader {
+    /// Waits until every output handed over is written (or a write failed); the files are
+    /// back in `self.files`.
+    async fn settle(&mut self) -> Result<(), HourError> {
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        let (files, result) = (&mut task.0)
+            .await
+            .unwrap_or_else(|e| (None, Err(HourError::Definite(format!("upload task: {e}")))));
+        self.files = files;
+        result
+    }
+
+    /// Hands `output` (of the part being written) over to be uploaded after the outputs handed
+    /// over before it.
+    async fn send(
+        &mut self,
+        claimed: &Claimed<'_>,
+        output: Vec<(u32, Format, Vec<u8>)>,
+    ) -> Result<(), HourError> {
+        use std::sync::atomic::Ordering;
+        let Some(&(part, _, _)) = output.first() else {
+            return Ok(());
+        };
+        if self.queued.load(Ordering::Acquire) > UPLOAD_AHEAD_BYTES {
+            self.settle().await?;
+        }
+        if self.task.is_none() && self.files.is_none() {
+            self.files = Some(claimed.new_uploads(part));
+        }
+        let before = self.task.take();
+        let files = self.files.take();
+        let store = claimed.deps.store.clone();
+        let queued = self.queued.clone();
+        let bytes: usize = output.iter().map(|(_, _, b)| b.len()).sum();
+        queued.fetch_add(bytes, Ordering::AcqRel);
+        let task = tokio::spawn(async move {
+            let (mut files, result) = match before {
+                None => (files, Ok(())),
+                Some(mut task) => (&mut task.0).await.unwrap_or_else(|e| {
+                    (None, Err(HourError::Definite(format!("upload task: {e}"))))
+                }),
+            };
+            let result = match result {
+                Ok(()) => write_output(&*store, &mut files, output).await,
+                failed => failed,
+            };
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+            (files, result)
+        });
+        self.task = Some(UploadTask(task));
+        Ok(())
+    }
+}
+
+/// Writes `output` to `files` (the uploads of the part it belongs to).
+async fn write_output(
+    store: &dyn ObjectStore,
+    files: &mut Option<PartUploads>,
+    output: Vec<(u32, Format, Vec<u8>)>,
+) -> Result<(), HourError> {
+    for (part, format, bytes) in output {
+        let Some(uploads) = files.as_mut().filter(|u| u.part == part) else {
+            return Err(HourError::Definite(format!(
+                "output of part {part} arrived while another part was uploading"
+            )));
+        };
+        if let Some((_, f)) = uploads.files.iter_mut().find(|(f, _)| *f == format) {
+            f.write(store, bytes).await?;
+        }
     }
     Ok(())
 }
