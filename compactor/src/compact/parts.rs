@@ -743,8 +743,11 @@ impl Drop for UploadTask {
 /// The uploads of the part being written. A batch's output is written by a task of its own,
 /// after the outputs handed over before it (each task waits for the one before), so the next
 /// batch is read meanwhile: a slow upload (an 8 MiB part sent to S3, a Parquet row group)
-/// holds the reading back only once more than [`UPLOAD_AHEAD_BYTES`] wait. Before the part's
-/// files are finished, taken or abandoned, [`Uploader::settle`] waits for every task.
+/// holds the reading back only once more than [`UPLOAD_AHEAD_BYTES`] wait (then until every
+/// task has ended). A failed write fails the hour when the next batch's output is handed over.
+/// Before the part's files are finished, taken or abandoned, [`Uploader::settle`] waits for
+/// every task. (A task that panicked loses its files: their uploads are left to the bucket's
+/// rule for incomplete uploads.)
 #[derive(Default)]
 pub(super) struct Uploader {
     /// The files, while no task holds them.
@@ -753,6 +756,8 @@ pub(super) struct Uploader {
     task: Option<UploadTask>,
     /// Bytes handed to tasks and not written yet.
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// A task's write failed: the next output handed over waits for the chain and fails.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Uploader {
@@ -780,7 +785,9 @@ impl Uploader {
         let Some(&(part, _, _)) = output.first() else {
             return Ok(());
         };
-        if self.queued.load(Ordering::Acquire) > UPLOAD_AHEAD_BYTES {
+        if self.failed.load(Ordering::Acquire)
+            || self.queued.load(Ordering::Acquire) > UPLOAD_AHEAD_BYTES
+        {
             self.settle().await?;
         }
         if self.task.is_none() && self.files.is_none() {
@@ -789,7 +796,7 @@ impl Uploader {
         let before = self.task.take();
         let files = self.files.take();
         let store = claimed.deps.store.clone();
-        let queued = self.queued.clone();
+        let (queued, failed) = (self.queued.clone(), self.failed.clone());
         let bytes: usize = output.iter().map(|(_, _, b)| b.len()).sum();
         queued.fetch_add(bytes, Ordering::AcqRel);
         let task = tokio::spawn(async move {
@@ -804,6 +811,9 @@ impl Uploader {
                 failed => failed,
             };
             queued.fetch_sub(bytes, Ordering::AcqRel);
+            if result.is_err() {
+                failed.store(true, Ordering::Release);
+            }
             (files, result)
         });
         self.task = Some(UploadTask(task));
