@@ -2519,6 +2519,65 @@ async fn ledger_writes_whose_reply_is_lost_are_recognised_as_done() -> anyhow::R
     Ok(())
 }
 
+/// A part that ends without a row (its only batch unreadable) before a schema change: the
+/// next part takes its number, and its files must start afresh. An Avro file's header is
+/// output as soon as its part is opened; the header of the part without rows must not stay in
+/// front of the next part's file.
+#[tokio::test]
+async fn a_part_left_without_rows_at_a_schema_change_leaves_nothing_in_the_next_parts_files(
+) -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_empty_part").await?;
+    let v1 = notes_schema();
+    let mut v2 = v1.clone();
+    v2.columns.push(column("score", "integer", 23));
+    stager.tx(
+        at(1, 0),
+        vec![Change::insert(&v1, json!({"id": 1, "body": "v1"}))],
+    );
+    let unreadable = stager.flush(Some(now_ms())).await?;
+    anyhow::ensure!(unreadable.len() == 1);
+    aws.put_bytes(
+        &unreadable[0].item.key,
+        pipeline_tests::staging::gzip(b"{\"not\": \"an event\"}\n")?,
+    )
+    .await?;
+    let kept = stager.tx(
+        at(2, 0),
+        vec![Change::insert(
+            &v2,
+            json!({"id": 2, "body": "v2", "score": 5}),
+        )],
+    );
+    stager.flush(Some(now_ms())).await?;
+    let mut cfg = config(&aws);
+    cfg.formats = vec![Format::Jsonl, Format::Parquet, Format::Avro];
+    let report = compactor_with(&aws, cfg)
+        .sweep(&SweepRequest::default())
+        .await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.hours[0].dead_letters > 0, "{report:?}");
+    let recorded = parts(&aws, "slot_empty_part", &v1.table, hour()).await?;
+    assert_eq!(recorded.len(), 1, "the part without rows is not recorded");
+    assert_eq!(recorded[0].schema_id, v2.version_id());
+    let avro = recorded[0]
+        .files
+        .iter()
+        .find(|f| f.format == Format::Avro)
+        .context("an Avro file")?;
+    let bytes = aws.get_bytes(&avro.key).await?;
+    assert!(bytes.starts_with(b"Obj\x01"), "an Avro file");
+    assert_eq!(
+        bytes.windows(4).filter(|w| w == b"Obj\x01").count(),
+        1,
+        "one header: the part without rows left none of its own in front"
+    );
+    let events = final_events(&aws, &v1.table, hour()).await?;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0], serde_json::from_str::<Value>(&kept[0])?);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_schema_change_mid_hour_starts_a_new_part() -> anyhow::Result<()> {
     let aws = AwsFixture::new().await?;

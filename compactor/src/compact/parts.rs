@@ -370,24 +370,31 @@ impl Claimed<'_> {
         result
     }
 
-    /// Uploads the part's output not uploaded yet, closes its files and records it (a part
-    /// without rows is dropped).
+    /// Uploads the part's output not uploaded yet, closes its files and records it. A part
+    /// without rows is dropped with its files: the next part takes its number, and must not
+    /// write after what this one wrote (an Avro file's header is written when its part opens).
     pub(super) async fn close_part(
         &mut self,
         w: PartWriter,
         pending_output: Vec<(u32, Format, Vec<u8>)>,
         uploads: &mut Option<PartUploads>,
     ) -> Result<(), HourError> {
+        if w.rows() == 0 {
+            if let Some(PartUploads { files, .. }) = uploads.take() {
+                for (_, f) in files {
+                    f.abort(&**self.deps.store).await;
+                }
+            }
+            return Ok(());
+        }
         for (part, format, bytes) in pending_output {
             upload_to(uploads, part, format, bytes, self).await?;
         }
-        if w.rows() > 0 {
-            let done = tokio::task::spawn_blocking(move || w.finish())
-                .await
-                .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
-            let files = take_uploads(uploads, done.stats.part);
-            self.complete_part(done, files).await?;
-        }
+        let done = tokio::task::spawn_blocking(move || w.finish())
+            .await
+            .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
+        let files = take_uploads(uploads, done.stats.part);
+        self.complete_part(done, files).await?;
         Ok(())
     }
 
