@@ -775,6 +775,11 @@ struct Mortal {
     /// Batches marked compacted while the hour record's watermark was below their last change
     /// (their changes not all in recorded parts): must stay empty.
     premature: std::sync::Mutex<Vec<String>>,
+    /// How long each upload of a part (multipart) takes before it is sent.
+    part_delay: Duration,
+    /// The upload of a part that fails (1-based, over the process's life); 0: none.
+    fail_part_at: u32,
+    parts: AtomicU32,
 }
 
 impl Mortal {
@@ -787,7 +792,29 @@ impl Mortal {
             flush_done: Default::default(),
             fail_flush_done: AtomicU32::new(0),
             premature: Default::default(),
+            part_delay: Duration::ZERO,
+            fail_part_at: 0,
+            parts: AtomicU32::new(0),
         })
+    }
+
+    /// Never killed; each upload of a part takes `delay`, and the `fail_at`-th fails (0: none).
+    fn slow_uploads(delay: Duration, fail_at: u32) -> Arc<Self> {
+        let mut m = Mortal::new(u32::MAX);
+        if let Some(m) = Arc::get_mut(&mut m) {
+            m.part_delay = delay;
+            m.fail_part_at = fail_at;
+        }
+        m
+    }
+
+    /// Before an upload of a part: its delay, and the injected failure.
+    async fn part_upload(&self) -> Result<(), StoreError> {
+        tokio::time::sleep(self.part_delay).await;
+        if self.parts.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_part_at {
+            return Err(StoreError::Definite("injected: upload part failed".into()));
+        }
+        self.check(StoreError::Definite)
     }
 
     /// Fails the test if a batch was marked compacted before the watermark passed it.
@@ -1028,7 +1055,7 @@ impl ObjectStore for MortalStore {
         n: i32,
         body: Bytes,
     ) -> Result<String, StoreError> {
-        self.1.check(StoreError::Definite)?;
+        self.1.part_upload().await?;
         self.0.upload_part(key, id, n, body).await
     }
     async fn complete_multipart(
@@ -1055,61 +1082,6 @@ impl ObjectStore for MortalStore {
     async fn tag(&self, key: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
         self.1.check(StoreError::Definite)?;
         self.0.tag(key, tags).await
-    }
-}
-
-/// A store whose part uploads (multipart) answer slowly, one of which fails.
-struct SlowUploads {
-    inner: Arc<S3Store>,
-    delay: Duration,
-    /// The upload of a part that fails (1-based, over the store's life); 0: none.
-    fail_at: u32,
-    parts: AtomicU32,
-}
-
-#[async_trait]
-impl ObjectStore for SlowUploads {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, body: Bytes, ct: &str) -> Result<(), StoreError> {
-        self.inner.put(key, body, ct).await
-    }
-    async fn create_multipart(&self, key: &str, ct: &str) -> Result<String, StoreError> {
-        self.inner.create_multipart(key, ct).await
-    }
-    async fn upload_part(
-        &self,
-        key: &str,
-        id: &str,
-        n: i32,
-        body: Bytes,
-    ) -> Result<String, StoreError> {
-        tokio::time::sleep(self.delay).await;
-        if self.parts.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
-            return Err(StoreError::Definite("injected: upload part failed".into()));
-        }
-        self.inner.upload_part(key, id, n, body).await
-    }
-    async fn complete_multipart(
-        &self,
-        key: &str,
-        id: &str,
-        parts: &[(i32, String)],
-    ) -> Result<(), StoreError> {
-        self.inner.complete_multipart(key, id, parts).await
-    }
-    async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), StoreError> {
-        self.inner.abort_multipart(key, id).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
-        self.inner.delete(keys).await
-    }
-    async fn tag(&self, key: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
-        self.inner.tag(key, tags).await
     }
 }
 
@@ -1155,17 +1127,11 @@ async fn parts_uploaded_behind_the_reading_hold_every_change_once_through_a_fail
         ))
     };
     let slow = |fail_at| {
-        Compactor::new(
-            cfg.clone(),
-            Arc::new(SlowUploads {
-                inner: inner.clone(),
-                delay: Duration::from_millis(300),
-                fail_at,
-                parts: AtomicU32::new(0),
-            }),
-            ledger(),
-            None,
-        )
+        let store = MortalStore(
+            inner.clone(),
+            Mortal::slow_uploads(Duration::from_millis(300), fail_at),
+        );
+        Compactor::new(cfg.clone(), Arc::new(store), ledger(), None)
     };
 
     // The fifth chunk fails: the first part (each file a chunk and a rest) is recorded; the
@@ -1210,13 +1176,13 @@ async fn parts_uploaded_behind_the_reading_hold_every_change_once_through_a_fail
     let all = parts(&aws, "slot_behind", &t, hour()).await?;
     assert!(all.len() >= 3, "parts rolled: {}", all.len());
     assert_eq!(all[0], recorded[0], "the recorded part is kept as it was");
-    let events = final_events(&aws, &t, hour()).await?;
-    assert_each_once_in_order(&events)?;
-    assert_eq!(events.len(), staged.len());
+    assert_all_final_once(&aws, &t, staged.len()).await?;
     let read = read_parquet(&aws, &t).await?;
+    let typed = read["duckdb"]["rows"].as_array().map(Vec::len);
     assert_eq!(
-        read["duckdb"]["rows"].as_array().map(Vec::len),
-        Some(staged.len())
+        typed,
+        Some(staged.len()),
+        "every change in the Parquet parts"
     );
     Ok(())
 }
