@@ -100,31 +100,23 @@ impl FileUpload {
         tail: Vec<u8>,
     ) -> Result<(), StoreError> {
         self.write(store, tail).await?;
-        match self.multipart.take() {
-            None => {
-                let body = Bytes::from(std::mem::take(&mut self.buffer));
-                retry("put file", || {
-                    store.put(&self.key, body.clone(), self.content_type)
-                })
-                .await
-            }
-            Some(mp) => {
-                let mut mp = mp;
-                if !self.buffer.is_empty() {
-                    let number = mp.parts.len() as i32 + 1;
-                    let body = Bytes::from(std::mem::take(&mut self.buffer));
-                    let etag = retry("upload part", || {
-                        store.upload_part(&self.key, &mp.id, number, body.clone())
-                    })
-                    .await?;
-                    mp.parts.push((number, etag));
-                }
-                retry("complete upload", || {
-                    store.complete_multipart(&self.key, &mp.id, &mp.parts)
-                })
-                .await
-            }
+        let body = Bytes::from(std::mem::take(&mut self.buffer));
+        if self.multipart.is_none() {
+            return retry("put file", || {
+                store.put(&self.key, body.clone(), self.content_type)
+            })
+            .await;
         }
+        if !body.is_empty() {
+            self.send_part(store, body).await?;
+        }
+        let Some(mp) = self.multipart.take() else {
+            return Err(StoreError::Definite("multipart upload missing".into()));
+        };
+        retry("complete upload", || {
+            store.complete_multipart(&self.key, &mp.id, &mp.parts)
+        })
+        .await
     }
 
     /// Abandons the file (best effort: an incomplete upload is also expired by the bucket's

@@ -377,23 +377,23 @@ impl Claimed<'_> {
         &mut self,
         w: PartWriter,
         pending_output: Vec<(u32, Format, Vec<u8>)>,
-        uploads: &mut Option<PartUploads>,
+        uploads: &mut Uploader,
     ) -> Result<(), HourError> {
         if w.rows() == 0 {
-            if let Some(PartUploads { files, .. }) = uploads.take() {
+            uploads.settle().await?;
+            if let Some(PartUploads { files, .. }) = uploads.files.take() {
                 for (_, f) in files {
                     f.abort(&**self.deps.store).await;
                 }
             }
             return Ok(());
         }
-        for (part, format, bytes) in pending_output {
-            upload_to(uploads, part, format, bytes, self).await?;
-        }
+        uploads.send(self, pending_output).await?;
+        uploads.settle().await?;
         let done = tokio::task::spawn_blocking(move || w.finish())
             .await
             .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
-        let files = take_uploads(uploads, done.stats.part);
+        let files = take_uploads(&mut uploads.files, done.stats.part);
         self.complete_part(done, files).await?;
         Ok(())
     }
@@ -441,8 +441,7 @@ impl Claimed<'_> {
                             tracing::warn!(table = %self.table, hour = %self.hour, schema = %batch.schema_id, columns = ?narrowed, "column types changed in a way readers cannot widen; the new schema gets its own part");
                         }
                         let w = writer.take().ok_or_else(|| HourError::Definite("no writer".into()))?;
-                        uploads.settle().await?;
-                        self.close_part(w, std::mem::take(&mut pending_output), &mut uploads.files)
+                        self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
                             .await?;
                     }
                 }
@@ -575,8 +574,7 @@ impl Claimed<'_> {
                 }
             }
             if let Some(w) = writer.take() {
-                uploads.settle().await?;
-                self.close_part(w, std::mem::take(&mut pending_output), &mut uploads.files)
+                self.close_part(w, std::mem::take(&mut pending_output), &mut uploads)
                     .await?;
             }
             self.pass_handled(handled).await
@@ -707,27 +705,6 @@ impl Claimed<'_> {
         }
         Ok(())
     }
-}
-
-/// Appends bytes to the uploads of `part` (the writer's current part: earlier parts are
-/// complete by the time its output is uploaded).
-async fn upload_to(
-    uploads: &mut Option<PartUploads>,
-    part: u32,
-    format: Format,
-    bytes: Vec<u8>,
-    claimed: &Claimed<'_>,
-) -> Result<(), HourError> {
-    if uploads.as_ref().is_some_and(|u| u.part != part) {
-        return Err(HourError::Definite(format!(
-            "output of part {part} arrived while another part was uploading"
-        )));
-    }
-    let entry = uploads.get_or_insert_with(|| claimed.new_uploads(part));
-    if let Some((_, f)) = entry.files.iter_mut().find(|(f, _)| *f == format) {
-        f.write(&**claimed.deps.store, bytes).await?;
-    }
-    Ok(())
 }
 
 /// Outputs handed to upload tasks and not written yet, in bytes, beyond which handing over
