@@ -16,6 +16,11 @@
 //! `cargo bench -p compactor --bench compact -- [--workload readme|mixed] [--rows N]
 //! [--batch-rows N] [--store disk|emulator] [--part-max-bytes N] [--jsonl-gzip-level N]
 //! [--no-duckdb] [--stage-only]`; `scripts/bench-compactor.sh` starts the emulator and runs it.
+//!
+//! `--parse-only DIR` times the reading of the staged files under `DIR/_staging` (as
+//! `--stage-only` leaves them) on one thread, without the emulator: each line's envelope read,
+//! then its typed row built, as a parsing thread does. Its figures (ns per line, MB/s of staged
+//! JSON) compare two builds on the same files.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +70,8 @@ struct Args {
     compact_child: bool,
     /// Stage only, print the bucket and ledger table (for profiling `--compact-child`).
     stage_only: bool,
+    /// Time the parsing of the staged files under this directory, and nothing else.
+    parse_only: Option<PathBuf>,
     /// Run the compaction under a CPU quota of this many CPUs (a cgroup; as Lambda gives a
     /// function 1 vCPU per 1,769 MB of memory).
     cpu_share: Option<f64>,
@@ -82,6 +89,7 @@ fn args() -> anyhow::Result<Args> {
         duckdb: true,
         compact_child: false,
         stage_only: false,
+        parse_only: None,
         cpu_share: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -120,6 +128,7 @@ fn args() -> anyhow::Result<Args> {
             "--no-duckdb" => a.duckdb = false,
             "--compact-child" => a.compact_child = true,
             "--stage-only" => a.stage_only = true,
+            "--parse-only" => a.parse_only = Some(it.next().context("--parse-only DIR")?.into()),
             "--cpu-share" => a.cpu_share = Some(it.next().context("--cpu-share F")?.parse()?),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -626,6 +635,120 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The staged files under `dir/_staging`, gunzipped, in key order.
+fn staged_texts(dir: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.join("_staging")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(".jsonl.gz") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let mut text = Vec::new();
+            let data = std::fs::read(f)?;
+            std::io::Read::read_to_end(
+                &mut flate2::read::MultiGzDecoder::new(&data[..]),
+                &mut text,
+            )?;
+            Ok(text)
+        })
+        .collect()
+}
+
+/// Times reading the staged lines under `dir` on this thread: the envelopes alone, then the
+/// envelopes and their typed rows (in batches of about 1 MiB of text, as the parsing threads
+/// build them). Best of three passes each.
+fn parse_only(dir: &Path, workload: Workload) -> anyhow::Result<()> {
+    use compactor::envelope::{Envelope, RowValues};
+    use compactor::part::{column_lookup, RowBuilders};
+    let texts = staged_texts(dir)?;
+    let lines: Vec<&str> = texts
+        .iter()
+        .flat_map(|t| t.split(|&b| b == b'\n'))
+        .filter(|l| !l.is_empty())
+        .map(std::str::from_utf8)
+        .collect::<Result<_, _>>()?;
+    let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+    if lines.is_empty() {
+        bail!("no staged lines under {}", dir.display());
+    }
+    let schema = Arc::new(compactor::parquet_schema::PartSchema::new(&schema(
+        workload,
+    )));
+    let lookup = column_lookup(&schema);
+    let best = |pass: &dyn Fn() -> anyhow::Result<u64>| -> anyhow::Result<(f64, u64)> {
+        let mut best = f64::MAX;
+        let mut check = 0;
+        for _ in 0..3 {
+            let started = Instant::now();
+            check = pass()?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        Ok((best, check))
+    };
+    let (envelopes_s, positions) = best(&|| {
+        let mut sum = 0u64;
+        for l in &lines {
+            let env = Envelope::parse(l)?;
+            sum = sum.wrapping_add(env.position().ordinal.into());
+        }
+        Ok(sum)
+    })?;
+    let (rows_s, rows) = best(&|| {
+        let mut builders = RowBuilders::new(&schema)?;
+        let mut rows = 0u64;
+        let mut text = 0usize;
+        let mut row = RowValues {
+            values: Vec::with_capacity(schema.columns.len()),
+            unknown: Vec::new(),
+        };
+        for l in &lines {
+            let env = Envelope::parse(l)?;
+            builders
+                .push_with(&lookup, &mut row, &env, (env.position(), env.commit_us()))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            text += l.len() + 1;
+            if text >= 1 << 20 {
+                rows += builders.finish()?.map_or(0, |b| b.num_rows() as u64);
+                text = 0;
+            }
+        }
+        rows += builders.finish()?.map_or(0, |b| b.num_rows() as u64);
+        Ok(rows)
+    })?;
+    if rows != lines.len() as u64 {
+        bail!("built {rows} rows of {} lines", lines.len());
+    }
+    let per_line = |s: f64| s * 1e9 / lines.len() as f64;
+    println!(
+        "parsing {} staged lines ({:.1} MB of JSON) on one thread (check {positions}):",
+        lines.len(),
+        bytes as f64 / 1e6
+    );
+    println!(
+        "  envelopes:          {:.3} s, {:.0} ns a line, {:.0} MB/s",
+        envelopes_s,
+        per_line(envelopes_s),
+        bytes as f64 / 1e6 / envelopes_s
+    );
+    println!(
+        "  envelopes and rows: {:.3} s, {:.0} ns a line, {:.0} MB/s",
+        rows_s,
+        per_line(rows_s),
+        bytes as f64 / 1e6 / rows_s
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = args()?;
     if args.compact_child {
@@ -643,6 +766,9 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.compact_child {
         return compact_child(&args).await;
+    }
+    if let Some(dir) = &args.parse_only {
+        return parse_only(dir, args.workload);
     }
     let aws = AwsFixture::new().await?;
     let mut stager = Stager::new(&aws, "bench").await?;
