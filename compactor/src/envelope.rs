@@ -141,10 +141,44 @@ impl<'de> Deserialize<'de> for Name<'de> {
     }
 }
 
-/// Column positions by event column name. foldhash: a row's few names are hashed for every
-/// change, where the standard library's DoS-resistant SipHash costs a few percent of the
-/// parse; the names come from the ledger's schema, not from input an attacker picks.
-pub type ColumnLookup = HashMap<String, usize, foldhash::fast::RandomState>;
+/// Column positions by event column name.
+///
+/// A row image lists its members in the table's column order (pgoutput sends a row's columns
+/// in that order, and the capture writes them so): [`ColumnLookup::position`] first tries the
+/// column after the previous member's, and hashes the name only when that is not it.
+/// foldhash: where a name is hashed, the standard library's DoS-resistant SipHash costs a few
+/// percent of the parse; the names come from the ledger's schema, not from input an attacker
+/// picks.
+#[derive(Debug, Default, Clone)]
+pub struct ColumnLookup {
+    /// Column names by position (none where no name has that position).
+    names: Vec<Option<String>>,
+    positions: HashMap<String, usize, foldhash::fast::RandomState>,
+}
+
+impl ColumnLookup {
+    /// The position of column `name`, `guess` tried first.
+    pub fn position(&self, name: &str, guess: usize) -> Option<usize> {
+        match self.names.get(guess) {
+            Some(Some(n)) if n == name => Some(guess),
+            _ => self.positions.get(name).copied(),
+        }
+    }
+}
+
+impl FromIterator<(String, usize)> for ColumnLookup {
+    /// From (name, position) pairs (a name given twice keeps its last position).
+    fn from_iter<I: IntoIterator<Item = (String, usize)>>(pairs: I) -> Self {
+        let positions: HashMap<String, usize, foldhash::fast::RandomState> =
+            pairs.into_iter().collect();
+        let len = positions.values().map(|&i| i + 1).max().unwrap_or(0);
+        let mut names = vec![None; len];
+        for (name, &i) in &positions {
+            names[i] = Some(name.clone());
+        }
+        ColumnLookup { names, positions }
+    }
+}
 
 /// A row image split into values by column position; values of names the schema does not know
 /// are kept aside.
@@ -240,9 +274,13 @@ pub fn split_row<'a>(
         Image::Members(m) => m,
         Image::Unreadable(why) => return Err(why.clone()),
     };
+    let mut guess = 0;
     for (name, value) in members {
-        match lookup.get(name.as_ref()) {
-            Some(&i) => out.values[i] = Some(*value),
+        match lookup.position(name, guess) {
+            Some(i) => {
+                out.values[i] = Some(*value);
+                guess = i + 1;
+            }
             None => out.unknown.push((name.clone(), *value)),
         }
     }
@@ -349,6 +387,48 @@ mod tests {
             };
             let err = split_row(env.image().unwrap(), &ColumnLookup::default(), &mut row);
             assert_eq!(err, Err(why.to_string()), "{image}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever order an image lists its members in (the table's, another, some missing,
+        /// names the schema does not know among them), each value lands in its column's slot
+        /// and the unknown ones are kept aside in order.
+        #[test]
+        fn members_land_in_their_columns_in_any_order(
+            columns in proptest::collection::hash_set("[a-e]{1,3}", 1..8),
+            picks in proptest::collection::vec((0usize..12, proptest::bool::ANY), 0..14),
+        ) {
+            let names: Vec<String> = columns.into_iter().collect();
+            let lookup: ColumnLookup = names.iter().cloned().enumerate().map(|(i, n)| (n, i)).collect();
+            let mut members: Vec<(Cow<'_, str>, &str)> = Vec::new();
+            let unknown_names: Vec<String> = (0..12).map(|i| format!("x{i}")).collect();
+            for (i, known) in &picks {
+                let name = if *known { names[i % names.len()].clone() } else { unknown_names[*i].clone() };
+                if members.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
+                members.push((Cow::Owned(name), "1"));
+            }
+            let mut expected: Vec<Option<&str>> = vec![None; names.len()];
+            let mut expected_unknown = Vec::new();
+            for (name, value) in &members {
+                match names.iter().position(|n| n == name) {
+                    Some(i) => expected[i] = Some(*value),
+                    None => expected_unknown.push(name.to_string()),
+                }
+            }
+            let mut row = RowValues { values: vec![None; names.len()], unknown: Vec::new() };
+            split_row(&Image::Members(members.clone()), &lookup, &mut row).unwrap();
+            proptest::prop_assert_eq!(&row.values, &expected);
+            let unknown: Vec<String> = row.unknown.iter().map(|(n, _)| n.to_string()).collect();
+            proptest::prop_assert_eq!(unknown, expected_unknown);
+            for (name, _) in &members {
+                proptest::prop_assert_eq!(
+                    lookup.position(name, 0),
+                    names.iter().position(|n| n == name)
+                );
+            }
         }
     }
 }
