@@ -171,10 +171,25 @@ pub fn event_line(
     ordinal: u32,
     table_ordinal: u32,
 ) -> String {
-    let image = |v: &Option<Value>| {
-        v.as_ref()
-            .map(Value::to_string)
-            .unwrap_or_else(|| "null".into())
+    // An image's members in the table's column order, as the capture writes them (then any
+    // member the schema does not name).
+    let image = |v: &Option<Value>| match v {
+        Some(Value::Object(members)) => {
+            let columns = &change.schema.columns;
+            let known = columns
+                .iter()
+                .filter_map(|c| members.get_key_value(c.name.as_str()));
+            let unknown = members
+                .iter()
+                .filter(|(name, _)| !columns.iter().any(|c| c.name == **name));
+            let text: Vec<String> = known
+                .chain(unknown)
+                .map(|(name, value)| format!("{}:{value}", json(name.as_str())))
+                .collect();
+            format!("{{{}}}", text.join(","))
+        }
+        Some(v) => v.to_string(),
+        None => "null".into(),
     };
     let t = &change.schema.table;
     let mut line = format!(
