@@ -838,6 +838,35 @@ mod tests {
         }
     }
 
+    /// Choices taken one after the other from `choices`, each below the bound it is asked with.
+    fn picker(choices: &[u16]) -> impl FnMut(usize) -> usize + '_ {
+        let mut next = 0;
+        move |n: usize| {
+            next += 1;
+            usize::from(choices[next % choices.len()]) % n
+        }
+    }
+
+    /// `line` with `edits` made: (where, what): 0 and 1 remove the character there, others
+    /// insert one of a few that matter to JSON.
+    fn edited(line: &str, edits: &[(u16, usize)]) -> String {
+        const INSERTS: &[char] = &[
+            '"', '\\', ',', '}', '{', ']', '0', '-', ' ', '\u{1}', 'e', '.', ':', 'n',
+        ];
+        let mut line: Vec<char> = line.chars().collect();
+        for &(at, what) in edits {
+            let at = usize::from(at) % (line.len() + 1);
+            match what {
+                0 | 1 if at < line.len() => {
+                    line.remove(at);
+                }
+                0 | 1 => {}
+                _ => line.insert(at, INSERTS[what % INSERTS.len()]),
+            }
+        }
+        line.into_iter().collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
 
@@ -846,11 +875,7 @@ mod tests {
             choices in prop::collection::vec(any::<u16>(), 64..256),
             edits in prop::collection::vec((any::<u16>(), 0usize..12), 0..3),
         ) {
-            let mut next = 0;
-            let mut pick = |n: usize| {
-                next += 1;
-                usize::from(choices[next % choices.len()]) % n
-            };
+            let mut pick = picker(&choices);
             // A well-formed event, its fields in any order, with random extra members.
             let mut members = vec![
                 format!("\"before\":{}", if pick(2) == 0 { "null".to_string() } else { object(&mut pick, 1) }),
@@ -872,18 +897,8 @@ mod tests {
                 members.swap(i, pick(i + 1));
             }
             members.retain(|m| !m.is_empty());
-            let mut line: Vec<char> = format!("{{{}}}", members.join(",")).chars().collect();
             // Then a few random edits.
-            const INSERTS: &[char] = &['"', '\\', ',', '}', '{', ']', '0', '-', ' ', '\u{1}', 'e', '.', ':'];
-            for (at, what) in edits {
-                let at = usize::from(at) % (line.len() + 1);
-                match what {
-                    0 | 1 if at < line.len() => { line.remove(at); }
-                    0 | 1 => {}
-                    _ => line.insert(at, INSERTS[what % INSERTS.len()]),
-                }
-            }
-            let line: String = line.into_iter().collect();
+            let line = edited(&format!("{{{}}}", members.join(",")), &edits);
             agrees(&line)?;
         }
 
@@ -895,11 +910,7 @@ mod tests {
             choices in prop::collection::vec(any::<u16>(), 64..256),
             edits in prop::collection::vec((any::<u16>(), 0usize..14), 0..3),
         ) {
-            let mut next = 0;
-            let mut pick = |n: usize| {
-                next += 1;
-                usize::from(choices[next % choices.len()]) % n
-            };
+            let mut pick = picker(&choices);
             let optional = |v: usize, null: bool| if null { "null".to_string() } else { v.to_string() };
             let line = format!(
                 "{{\"before\":{},\"after\":{},\"source\":{{\"version\":\"0.1.0\",\"connector\":\"postgresql\",\"name\":\"s\",\"ts_ms\":{},\"ts_us\":{},\"snapshot\":\"false\",\"db\":\"app\",\"sequence\":\"[\\\"1\\\",\\\"2\\\"]\",\"schema\":\"public\",\"table\":\"t\",\"txId\":{},\"lsn\":{},\"commit_lsn\":{}}},\"op\":\"{}\",\"ts_ms\":{},\"transaction\":{{\"id\":\"7:512\",\"total_order\":{},\"data_collection_order\":{}}}{}}}",
@@ -920,17 +931,7 @@ mod tests {
             // Unedited, it is read in order whenever it is read in one pass at all (an image
             // with an escaped member name is left to serde_json either way).
             prop_assert_eq!(s.envelope_in_order().is_some(), parse(&line).is_some(), "{}", line);
-            let mut line: Vec<char> = line.chars().collect();
-            const INSERTS: &[char] = &['"', '\\', ',', '}', '{', ']', '0', '-', ' ', '\u{1}', 'e', '.', ':', 'n'];
-            for (at, what) in edits {
-                let at = usize::from(at) % (line.len() + 1);
-                match what {
-                    0 | 1 if at < line.len() => { line.remove(at); }
-                    0 | 1 => {}
-                    _ => line.insert(at, INSERTS[what % INSERTS.len()]),
-                }
-            }
-            let line: String = line.into_iter().collect();
+            let line = edited(&line, &edits);
             agrees(&line)?;
         }
     }
