@@ -74,7 +74,9 @@ impl<'a> Scan<'a> {
         (self.peek()? == byte).then(|| self.at += 1)
     }
 
-    /// Consumes `word` exactly.
+    /// Consumes `word` exactly (no whitespace first). Inlined: with a constant `word` the
+    /// comparison is a few loads (see [`Scan::either`]).
+    #[inline(always)]
     fn literal(&mut self, word: &[u8]) -> Option<()> {
         let end = self.at + word.len();
         (self.bytes.get(self.at..end)? == word).then(|| self.at = end)
@@ -322,13 +324,6 @@ impl<'a> Scan<'a> {
         Some(Some(Image::Members(members)))
     }
 
-    /// Consumes `lit` if the text goes on with exactly it (no whitespace first).
-    #[inline(always)]
-    fn expect(&mut self, lit: &[u8]) -> Option<()> {
-        let end = self.at + lit.len();
-        (self.bytes.get(self.at..end)? == lit).then(|| self.at = end)
-    }
-
     /// Reads with `in_order` (an object in the form the capture writes it: its fields in the
     /// capture's order, without whitespace between them), else from the same place with
     /// `any_order` (any form). For the form it reads, `in_order` must give what `any_order`
@@ -354,33 +349,33 @@ impl<'a> Scan<'a> {
     /// The source object as the capture writes it (`TableEncoder::write_event`).
     fn source_in_order(&mut self) -> Option<EnvelopeSource> {
         self.ws();
-        self.expect(b"{\"version\":")?;
+        self.literal(b"{\"version\":")?;
         self.value(2)?;
-        self.expect(b",\"connector\":")?;
+        self.literal(b",\"connector\":")?;
         self.value(2)?;
-        self.expect(b",\"name\":")?;
+        self.literal(b",\"name\":")?;
         self.value(2)?;
-        self.expect(b",\"ts_ms\":")?;
+        self.literal(b",\"ts_ms\":")?;
         let ts_ms = self.signed()?;
-        self.expect(b",\"ts_us\":")?;
+        self.literal(b",\"ts_us\":")?;
         let ts_us = self.optional()?;
-        self.expect(b",\"snapshot\":")?;
+        self.literal(b",\"snapshot\":")?;
         self.value(2)?;
-        self.expect(b",\"db\":")?;
+        self.literal(b",\"db\":")?;
         self.value(2)?;
-        self.expect(b",\"sequence\":")?;
+        self.literal(b",\"sequence\":")?;
         self.value(2)?;
-        self.expect(b",\"schema\":")?;
+        self.literal(b",\"schema\":")?;
         self.value(2)?;
-        self.expect(b",\"table\":")?;
+        self.literal(b",\"table\":")?;
         self.value(2)?;
-        self.expect(b",\"txId\":")?;
+        self.literal(b",\"txId\":")?;
         let tx_id = self.optional()?;
-        self.expect(b",\"lsn\":")?;
+        self.literal(b",\"lsn\":")?;
         self.value(2)?;
-        self.expect(b",\"commit_lsn\":")?;
+        self.literal(b",\"commit_lsn\":")?;
         let commit_lsn = self.unsigned()?;
-        self.expect(b"}")?;
+        self.literal(b"}")?;
         Some(EnvelopeSource {
             ts_ms,
             ts_us,
@@ -413,13 +408,13 @@ impl<'a> Scan<'a> {
     /// The transaction object as the capture writes it.
     fn transaction_in_order(&mut self) -> Option<EnvelopeTransaction> {
         self.ws();
-        self.expect(b"{\"id\":")?;
+        self.literal(b"{\"id\":")?;
         self.value(2)?;
-        self.expect(b",\"total_order\":")?;
+        self.literal(b",\"total_order\":")?;
         let total_order = u32::try_from(self.unsigned()?).ok()?;
-        self.expect(b",\"data_collection_order\":")?;
+        self.literal(b",\"data_collection_order\":")?;
         self.value(2)?;
-        self.expect(b"}")?;
+        self.literal(b"}")?;
         Some(EnvelopeTransaction { total_order })
     }
 
@@ -472,23 +467,23 @@ impl<'a> Scan<'a> {
     /// The envelope as the capture writes it, `raw_columns` last when it is there.
     fn envelope_in_order(&mut self) -> Option<Envelope<'a>> {
         self.ws();
-        self.expect(b"{\"before\":")?;
+        self.literal(b"{\"before\":")?;
         let before = self.image()?;
-        self.expect(b",\"after\":")?;
+        self.literal(b",\"after\":")?;
         let after = self.image()?;
-        self.expect(b",\"source\":")?;
+        self.literal(b",\"source\":")?;
         let source = self.source()?;
-        self.expect(b",\"op\":")?;
+        self.literal(b",\"op\":")?;
         let op = self.op()?;
-        self.expect(b",\"ts_ms\":")?;
+        self.literal(b",\"ts_ms\":")?;
         self.value(1)?;
-        self.expect(b",\"transaction\":")?;
+        self.literal(b",\"transaction\":")?;
         let transaction = self.transaction()?;
-        let raw_columns = match self.expect(b",\"raw_columns\":") {
+        let raw_columns = match self.literal(b",\"raw_columns\":") {
             Some(()) => self.raw_columns()?,
             None => Vec::new(),
         };
-        self.expect(b"}")?;
+        self.literal(b"}")?;
         Some(Envelope {
             before,
             after,
@@ -929,8 +924,13 @@ mod tests {
             );
             let mut s = Scan { text: &line, bytes: line.as_bytes(), at: 0 };
             // Unedited, it is read in order whenever it is read in one pass at all (an image
-            // with an escaped member name is left to serde_json either way).
-            prop_assert_eq!(s.envelope_in_order().is_some(), parse(&line).is_some(), "{}", line);
+            // with an escaped member name is left to serde_json either way), and as serde_json
+            // reads it.
+            let in_order = s.envelope_in_order();
+            prop_assert_eq!(in_order.is_some(), parse(&line).is_some(), "{}", line);
+            if in_order.is_some() {
+                prop_assert_eq!(in_order, serde(&line), "{}", line);
+            }
             let line = edited(&line, &edits);
             agrees(&line)?;
         }
