@@ -70,27 +70,20 @@ impl FileUpload {
         Ok(())
     }
 
+    /// Uploads `body` as the next part, starting the multipart upload first if it was not.
     async fn send_part(&mut self, store: &dyn ObjectStore, body: Bytes) -> Result<(), StoreError> {
-        if self.multipart.is_none() {
-            let id = retry("start upload", || {
-                store.create_multipart(&self.key, self.content_type)
-            })
-            .await?;
-            self.multipart = Some(Multipart {
-                id,
+        let mp = match self.multipart.take() {
+            Some(mp) => mp,
+            None => Multipart {
+                id: retry("start upload", || {
+                    store.create_multipart(&self.key, self.content_type)
+                })
+                .await?,
                 parts: Vec::new(),
-            });
-        }
-        let Some(mp) = self.multipart.as_mut() else {
-            return Err(StoreError::Definite("multipart upload missing".into()));
+            },
         };
-        let number = mp.parts.len() as i32 + 1;
-        let etag = retry("upload part", || {
-            store.upload_part(&self.key, &mp.id, number, body.clone())
-        })
-        .await?;
-        mp.parts.push((number, etag));
-        Ok(())
+        let mp = self.multipart.insert(mp);
+        upload_part(store, &self.key, mp, body).await
     }
 
     /// Appends the last bytes and completes the file.
@@ -101,18 +94,15 @@ impl FileUpload {
     ) -> Result<(), StoreError> {
         self.write(store, tail).await?;
         let body = Bytes::from(std::mem::take(&mut self.buffer));
-        if self.multipart.is_none() {
+        let Some(mut mp) = self.multipart.take() else {
             return retry("put file", || {
                 store.put(&self.key, body.clone(), self.content_type)
             })
             .await;
-        }
-        if !body.is_empty() {
-            self.send_part(store, body).await?;
-        }
-        let Some(mp) = self.multipart.take() else {
-            return Err(StoreError::Definite("multipart upload missing".into()));
         };
+        if !body.is_empty() {
+            upload_part(store, &self.key, &mut mp, body).await?;
+        }
         retry("complete upload", || {
             store.complete_multipart(&self.key, &mp.id, &mp.parts)
         })
@@ -128,6 +118,22 @@ impl FileUpload {
             }
         }
     }
+}
+
+/// Uploads `body` as the next part of `mp`, the multipart upload of `key`.
+async fn upload_part(
+    store: &dyn ObjectStore,
+    key: &str,
+    mp: &mut Multipart,
+    body: Bytes,
+) -> Result<(), StoreError> {
+    let number = mp.parts.len() as i32 + 1;
+    let etag = retry("upload part", || {
+        store.upload_part(key, &mp.id, number, body.clone())
+    })
+    .await?;
+    mp.parts.push((number, etag));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -380,13 +380,7 @@ impl Claimed<'_> {
         uploads: &mut Uploader,
     ) -> Result<(), HourError> {
         if w.rows() == 0 {
-            uploads.settle().await?;
-            if let Some(PartUploads { files, .. }) = uploads.files.take() {
-                for (_, f) in files {
-                    f.abort(&**self.deps.store).await;
-                }
-            }
-            return Ok(());
+            return uploads.abandon(&**self.deps.store).await;
         }
         uploads.send(self, pending_output).await?;
         uploads.settle().await?;
@@ -582,12 +576,7 @@ impl Claimed<'_> {
         .await;
         if result.is_err() {
             // The files a failed upload task gives back are abandoned too.
-            let _ = uploads.settle().await;
-            if let Some(PartUploads { files, .. }) = uploads.files.take() {
-                for (_, f) in files {
-                    f.abort(&**self.deps.store).await;
-                }
-            }
+            let _ = uploads.abandon(&**self.deps.store).await;
         }
         result
     }
@@ -756,6 +745,18 @@ impl Uploader {
             .unwrap_or_else(|e| (None, Err(HourError::Definite(format!("upload task: {e}")))));
         self.files = files;
         result
+    }
+
+    /// Waits for every task, then abandons the part's files (those a failed task gave back
+    /// too); how the tasks went.
+    async fn abandon(&mut self, store: &dyn ObjectStore) -> Result<(), HourError> {
+        let settled = self.settle().await;
+        if let Some(PartUploads { files, .. }) = self.files.take() {
+            for (_, f) in files {
+                f.abort(store).await;
+            }
+        }
+        settled
     }
 
     /// Hands `output` (of the part being written) over to be uploaded after the outputs handed
