@@ -844,12 +844,7 @@ fn failing_ledger_compactor(aws: &AwsFixture, cfg: Settings, mortal: &Arc<Mortal
         Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
         mortal.clone(),
     ));
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
-    let store = Arc::new(S3Store::new(s3, &aws.bucket));
+    let store = Arc::new(S3Store::new(aws.s3.clone(), &aws.bucket));
     Compactor::new(cfg, store, ledger, None)
 }
 struct MortalStore(Arc<S3Store>, Arc<Mortal>);
@@ -1114,18 +1109,8 @@ async fn parts_uploaded_behind_the_reading_hold_every_change_once_through_a_fail
     cfg.row_group_bytes = 1 << 20;
     let t = schema.table.clone();
 
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
-    let inner = Arc::new(S3Store::new(s3, &aws.bucket));
-    let ledger = || {
-        Arc::new(DynamoLedger::new(
-            aws_sdk_dynamodb::Client::new(&aws.config),
-            &aws.table,
-        ))
-    };
+    let inner = Arc::new(S3Store::new(aws.s3.clone(), &aws.bucket));
+    let ledger = || Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table));
     let slow = |fail_at| {
         let store = MortalStore(
             inner.clone(),
@@ -1202,20 +1187,12 @@ async fn a_run_killed_mid_hour_resumes_and_its_unrecorded_files_are_removed() ->
     let t = notes_schema().table;
 
     let mortal = Mortal::new(1);
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws.config)
-            .force_path_style(true)
-            .build(),
-    );
     let store = Arc::new(MortalStore(
-        Arc::new(S3Store::new(s3, &aws.bucket)),
+        Arc::new(S3Store::new(aws.s3.clone(), &aws.bucket)),
         mortal.clone(),
     ));
     let ledger = Arc::new(MortalLedger(
-        Arc::new(DynamoLedger::new(
-            aws_sdk_dynamodb::Client::new(&aws.config),
-            &aws.table,
-        )),
+        Arc::new(DynamoLedger::new(aws.dynamodb.clone(), &aws.table)),
         mortal.clone(),
     ));
     let doomed = Compactor::new(cfg.clone(), store, ledger, None);
@@ -1372,7 +1349,7 @@ async fn a_run_at_its_deadline_ends_the_part_cleanly_and_the_next_run_goes_on() 
     );
     assert!(parts(&aws, "slot_deadline", &t, hour()).await?.is_empty());
 
-    let ledger = DynamoLedger::new(aws_sdk_dynamodb::Client::new(&aws.config), &aws.table);
+    let ledger = DynamoLedger::new(aws.dynamodb.clone(), &aws.table);
     let checkpoint = ledger
         .checkpoint("slot_deadline")
         .await?
