@@ -5,7 +5,9 @@
 # (the same staged files into one Parquet file).
 #   ./scripts/bench-compactor.sh [--workload readme|mixed] [--store disk|emulator] [--rows N]
 #                                [--batch-rows N] [--part-max-bytes N] [--no-duckdb]
-#                                [--cpu-share F]
+#                                [--cpu-share F] [--formats jsonl,parquet,avro]
+# --formats sets OUTPUT_FORMATS (default jsonl,parquet); `--formats parquet` writes what DuckDB
+# writes.
 # --cpu-share F runs the compaction under a CPU quota of F CPUs (a cgroup: needs root).
 #   ./scripts/bench-compactor.sh --lambda-sizes [--rows N] ...
 # runs it once per Lambda memory size (512, 1024, 1769, 3008 MB) at that size's CPU share

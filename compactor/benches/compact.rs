@@ -15,7 +15,7 @@
 //!
 //! `cargo bench -p compactor --bench compact -- [--workload readme|mixed] [--rows N]
 //! [--batch-rows N] [--store disk|emulator] [--part-max-bytes N] [--jsonl-gzip-level N]
-//! [--no-duckdb] [--stage-only]`; `scripts/bench-compactor.sh` starts the emulator and runs it.
+//! [--formats jsonl,parquet,avro] [--no-duckdb] [--stage-only]`; `scripts/bench-compactor.sh` starts the emulator and runs it.
 //!
 //! `--parse-only DIR` times the reading of the staged files under `DIR/_staging` (as
 //! `--stage-only` leaves them) on one thread, without the emulator: each line's envelope read,
@@ -64,6 +64,8 @@ struct Args {
     batch_rows: usize,
     part_max_bytes: u64,
     gzip_level: u32,
+    /// The final formats (`OUTPUT_FORMATS`), when not the default.
+    formats: Option<String>,
     duckdb: bool,
     /// Internal: compact what `BENCH_BUCKET`/`BENCH_TABLE` hold and print the figures as JSON,
     /// so peak RSS is the compaction's alone.
@@ -86,6 +88,7 @@ fn args() -> anyhow::Result<Args> {
         batch_rows: 10_000,
         part_max_bytes: 128 * 1024 * 1024,
         gzip_level: Settings::new(String::new(), String::new()).jsonl_gzip_level,
+        formats: None,
         duckdb: true,
         compact_child: false,
         stage_only: false,
@@ -124,6 +127,11 @@ fn args() -> anyhow::Result<Args> {
             }
             "--jsonl-gzip-level" => {
                 a.gzip_level = it.next().context("--jsonl-gzip-level N")?.parse()?
+            }
+            "--formats" => {
+                let formats = it.next().context("--formats jsonl,parquet,avro")?;
+                compactor::config::parse_formats(&formats)?;
+                a.formats = Some(formats);
             }
             "--no-duckdb" => a.duckdb = false,
             "--compact-child" => a.compact_child = true,
@@ -587,6 +595,9 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
     );
     config.part_max_bytes = args.part_max_bytes;
     config.jsonl_gzip_level = args.gzip_level;
+    if let Some(formats) = &args.formats {
+        config.formats = compactor::config::parse_formats(formats)?;
+    }
     let c = match std::env::var("BENCH_DISK_DIR") {
         Ok(dir) => {
             let s3 = aws_sdk_s3::Client::from_conf(
@@ -837,6 +848,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .args(["--compact-child", "--rows", &args.rows.to_string()])
         .args(["--part-max-bytes", &args.part_max_bytes.to_string()])
         .args(["--jsonl-gzip-level", &args.gzip_level.to_string()])
+        .args(args.formats.iter().flat_map(|f| ["--formats", f.as_str()]))
         .env("AWS_ENDPOINT_URL", &aws.endpoint)
         .env("BENCH_BUCKET", &aws.bucket)
         .env("BENCH_TABLE", &aws.table)
@@ -852,6 +864,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (out_bytes, parts) = (num("bytes"), num("parts"));
 
     let mb = staged_bytes as f64 / 1e6;
+    let formats = args.formats.clone().unwrap_or_else(|| {
+        let default = Settings::new(String::new(), String::new()).formats;
+        format!("{default:?} (the default formats)")
+    });
     println!(
         "compactor bench ({} workload): {} rows, {:.1} MB staged JSON, one table-hour{}",
         match args.workload {
@@ -868,9 +884,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "  compactor ({}): {:.2} s, {:.0} rows/s, {:.1} MB/s, \
          {:.2} CPU s ({:.0} rows per CPU second), {} parts, {:.1} MB written, peak RSS {:.0} MB",
         if args.disk {
-            "staged files on local disk -> jsonl.gz + parquet on local disk, ledger in the emulator"
+            format!("staged files on local disk -> {formats} on local disk, ledger in the emulator")
         } else {
-            "S3 emulator -> jsonl.gz + parquet -> S3 emulator"
+            format!("S3 emulator -> {formats} -> S3 emulator")
         },
         wall,
         args.rows as f64 / wall,
