@@ -346,6 +346,23 @@ impl<'a> Stager<'a> {
         lines
     }
 
+    /// Stages the last change of `batch` again, at its own position, at the end of what is
+    /// buffered: the next batch of its table-hour then starts with it and overlaps `batch`, as
+    /// a batch holding a change delivered twice does.
+    pub fn repeat_last(&mut self, schema: &TableSchema, batch: &StagedBatch) {
+        let (schema, schema_id) = self.schema_of(schema);
+        if let Some(line) = batch.lines.last() {
+            self.buffer.push(StagedLine {
+                schema,
+                schema_id,
+                hour: batch.item.hour,
+                position: batch.item.last,
+                commit_ms: batch.item.last_commit_ms,
+                line: line.clone(),
+            });
+        }
+    }
+
     /// Appends a line that is not a change event (for dead-letter tests) to the next batch of
     /// `schema`'s table in `hour`, positioned after the last staged change.
     pub fn garbage(&mut self, schema: &TableSchema, hour: Hour, line: &str) {

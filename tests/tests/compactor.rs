@@ -26,7 +26,7 @@ use compactor::store::{ObjectStore, S3Store, StoreError};
 use compactor::{Compactor, HourState, SweepRequest};
 use pipeline_tests::aws::AwsFixture;
 use pipeline_tests::capture::{event_position, replay};
-use pipeline_tests::staging::{column, now_ms, Change, ColumnExt, Stager};
+use pipeline_tests::staging::{column, now_ms, Change, ColumnExt, StagedBatch, Stager};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1801,6 +1801,69 @@ async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_writ
     );
     assert_all_final_once(&aws, &t, staged.len()).await?;
     mortal.assert_none_premature()?;
+    Ok(())
+}
+
+/// Batches that each start with the last change of the batch before them (their ranges
+/// overlap, as when a change is delivered twice): every change lands once, in order, in the
+/// final files and the Parquet parts, while parts roll among the batches. The batches after the
+/// one being read are parsed ahead of their turn against a floor below the real one (the last
+/// change before the batch being read), so the repeated change is seen there as new and must be
+/// found a duplicate when its batch's turn comes.
+#[tokio::test]
+async fn a_change_repeated_by_the_next_batch_lands_once() -> anyhow::Result<()> {
+    let aws = AwsFixture::new().await?;
+    let mut stager = Stager::new(&aws, "slot_overlap").await?;
+    let schema = notes_schema();
+    let mut staged = 0;
+    let mut previous: Option<StagedBatch> = None;
+    for b in 0..12 {
+        if let Some(p) = &previous {
+            stager.repeat_last(&schema, p);
+        }
+        let changes = (0..6)
+            .map(|k| {
+                let id = b * 6 + k;
+                Change::insert(&schema, json!({"id": id, "body": noisy(id, 0)}))
+            })
+            .collect();
+        stager.tx(at(1, b), changes);
+        staged += 6;
+        previous = stager.flush(Some(now_ms())).await?.into_iter().last();
+    }
+    let t = schema.table.clone();
+    let items = batch_items(&aws, "slot_overlap", &t, hour()).await?;
+    assert_eq!(items.len(), 12);
+    assert!(
+        items.windows(2).all(|w| w[1].first == w[0].last),
+        "each batch starts with the last change of the one before"
+    );
+    let mut cfg = config(&aws);
+    cfg.part_max_bytes = 4096;
+    let c = compactor_with(&aws, cfg);
+    let report = c.sweep(&SweepRequest::default()).await?;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let hour_report = &report.hours[0];
+    assert_eq!(hour_report.state, HourState::Done);
+    assert!(
+        hour_report.parts >= 2,
+        "parts rolled: {}",
+        hour_report.parts
+    );
+    assert_eq!(hour_report.rows, staged as u64, "each change written once");
+    assert_all_final_once(&aws, &t, staged).await?;
+    let read = read_parquet(&aws, &t).await?;
+    let ids: Vec<i64> = read["pyarrow"]["rows"]
+        .as_array()
+        .context("parquet rows")?
+        .iter()
+        .map(|r| r["id"].as_i64().context("id"))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(
+        ids,
+        (0..staged as i64).collect::<Vec<_>>(),
+        "the Parquet parts too, each change once, in order"
+    );
     Ok(())
 }
 
