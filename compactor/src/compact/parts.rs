@@ -1,7 +1,7 @@
 //! Step 3 of an hour: the batches to do streamed into parts; each part's files uploaded,
 //! recorded with the hour record in one conditional transaction, then the manifests rewritten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::BufRead;
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +30,10 @@ type Download = (BatchItem, Result<Option<Staged>, StoreError>);
 
 /// Staging objects downloaded at once, ahead of the one being read.
 const DOWNLOADS_AHEAD: usize = 4;
+/// Batches whose chunks are parsed ahead of the one being read into the part. One is not
+/// enough on two cores: once the next batch is parsed, the parsing threads stop while the part
+/// writer still encodes, and a core idles (measured on the 5,000,000-row hour, docs/TESTING.md).
+const PARSE_AHEAD: usize = 2;
 
 /// The output of one batch's CPU work.
 pub(super) struct BatchWork {
@@ -323,8 +327,8 @@ impl Claimed<'_> {
 
         // Downloads run ahead of the CPU work: up to DOWNLOADS_AHEAD at once, handed over in
         // order, each gunzipped (when it can be read whole) before it is handed over: at most
-        // four batches' text are held, the one being read, the next one (being parsed), the
-        // one handed over and the one being gunzipped.
+        // five batches' text are held, the one being read, the next PARSE_AHEAD (being
+        // parsed), the one handed over and the one being gunzipped.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Download>(1);
         let store = self.deps.store.clone();
         let pool = whole::TextPool::default();
@@ -406,11 +410,11 @@ impl Claimed<'_> {
         // The last change of the batches read whole so far: each of their lines is written,
         // skipped as a duplicate or stored as a dead letter.
         let mut handled: Option<Position> = None;
-        // The next batch, received while this one was read, and its chunks being parsed.
-        let mut ahead: Option<(Download, Option<whole::Parsing>)> = None;
+        // The next batches, received while this one was read, and their chunks being parsed.
+        let mut ahead: VecDeque<(Download, Option<whole::Parsing>)> = VecDeque::new();
         let result: Result<(), HourError> = async {
             loop {
-                let ((batch, got), parsing) = match ahead.take() {
+                let ((batch, got), parsing) = match ahead.pop_front() {
                     Some(a) => a,
                     None => match rx.recv().await {
                         Some(d) => (d, None),
@@ -469,36 +473,39 @@ impl Claimed<'_> {
                     let this: &Claimed<'_> = self;
                     let schema_id = batch.schema_id.clone();
                     let upload = uploads.send(this, output);
+                    let queue = &mut ahead;
                     let receive = async {
-                        let next = rx.recv().await?;
-                        let parsing = match &next {
-                            (b, Ok(Some(Staged { text: Some(text), .. }))) if b.schema_id == schema_id => {
-                                Some(whole::Parsing::start(cx, text.clone(), before, whole::CHUNK_BYTES))
-                            }
-                            _ => None,
-                        };
-                        Some((next, parsing))
+                        while queue.len() < PARSE_AHEAD {
+                            let Some(next) = rx.recv().await else {
+                                return;
+                            };
+                            let parsing = match &next {
+                                (b, Ok(Some(Staged { text: Some(text), .. }))) if b.schema_id == schema_id => {
+                                    Some(whole::Parsing::start(cx.clone(), text.clone(), before, whole::CHUNK_BYTES))
+                                }
+                                _ => None,
+                            };
+                            queue.push_back((next, parsing));
+                        }
                     };
                     // The next batch is waited for only when this one went well and the run goes
                     // on: an error, or the invoking deadline, does not wait on its download.
                     let this_batch = async { tokio::join!(task, upload) };
                     tokio::pin!(this_batch, receive);
-                    let mut next = None;
+                    let mut received = false;
                     let (work, uploaded) = tokio::select! {
                         done = &mut this_batch => done,
-                        got = &mut receive => {
-                            next = Some(got);
+                        () = &mut receive => {
+                            received = true;
                             this_batch.await
                         }
                     };
                     let goes_on = uploaded.is_ok()
                         && matches!(work, Ok(Ok(_)))
                         && self.deps.stop_at.is_none_or(|t| std::time::Instant::now() < t);
-                    ahead = match next {
-                        Some(got) => got,
-                        None if goes_on => receive.await,
-                        None => None,
-                    };
+                    if !received && goes_on {
+                        receive.await;
+                    }
                     (work, uploaded)
                 };
                 uploaded?;
@@ -562,8 +569,8 @@ impl Claimed<'_> {
                 self.renew_if_due().await?;
                 if self.deps.stop_at.is_some_and(|t| std::time::Instant::now() >= t) {
                     tracing::info!(table = %self.table, hour = %self.hour, "stopping before the invocation's deadline: the part ends here and the next run goes on after it");
-                    // The next batch's parsing stops.
-                    ahead = None;
+                    // The next batches' parsing stops.
+                    ahead.clear();
                     break;
                 }
             }

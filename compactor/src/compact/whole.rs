@@ -49,7 +49,7 @@ const AHEAD: usize = 2;
 pub(super) struct TextPool(Arc<Mutex<Vec<Vec<u8>>>>);
 
 /// Texts a pool keeps: as many as the reading holds at once (see `write_parts`).
-const POOL_TEXTS: usize = 4;
+const POOL_TEXTS: usize = 5;
 /// Bytes a text's buffer is made ready to be written at a time.
 const GROW_STEP: usize = 1 << 20;
 
