@@ -57,9 +57,20 @@ pub fn json_str(raw: &str) -> Option<Cow<'_, str>> {
     serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
 }
 
+/// An ASCII byte that is not white space: no character that `str::trim` removes begins or
+/// ends with it.
+fn is_plain(byte: u8) -> bool {
+    byte.is_ascii() && !byte.is_ascii_whitespace() && byte != 0x0b
+}
+
 /// Converts the JSON text of one value to `ty`.
 pub fn convert<'a>(ty: &ColumnType, raw: &'a str) -> Result<Scalar<'a>, Refused> {
-    let raw = raw.trim();
+    // A value read from a staged line has no whitespace around it: `trim` (which decodes
+    // characters to find Unicode white space) only where an end byte may be white space.
+    let raw = match raw.as_bytes() {
+        [first, .., last] if is_plain(*first) && is_plain(*last) => raw,
+        _ => raw.trim(),
+    };
     if raw == "null" {
         return Ok(Scalar::Null);
     }
@@ -259,6 +270,20 @@ mod tests {
 
     fn refused(ty: ColumnType, raw: &str) -> bool {
         convert(&ty, raw).is_err()
+    }
+
+    #[test]
+    fn a_plain_byte_never_begins_or_ends_white_space() {
+        for byte in 0..=u8::MAX {
+            let plain = byte.is_ascii() && !char::from(byte).is_whitespace();
+            assert_eq!(is_plain(byte), plain, "byte {byte:#04x}");
+        }
+        // Values with white space around them are still read (the trim is only skipped when
+        // neither end can be white space).
+        assert_eq!(ok(ColumnType::Int64, " 42\u{b}"), Scalar::Int(42));
+        assert_eq!(ok(ColumnType::Int64, "\u{a0}7\u{3000}"), Scalar::Int(7));
+        assert_eq!(ok(ColumnType::Boolean, "true"), Scalar::Bool(true));
+        assert_eq!(ok(ColumnType::Int64, "5"), Scalar::Int(5));
     }
 
     #[test]
