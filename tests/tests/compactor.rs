@@ -1805,8 +1805,8 @@ async fn flushes_the_recorded_parts_pass_are_consumed_while_later_parts_are_writ
 }
 
 /// Batches that each start with the last change of the batch before them (their ranges
-/// overlap, as when a change is delivered twice): every change lands once, in order, in the
-/// final files and the Parquet parts, while parts roll among the batches. The batches after the
+/// overlap, as when a change is delivered twice): every change lands once, in order in the
+/// final JSONL, and once in the Parquet parts, while parts roll among the batches. The batches after the
 /// one being read are parsed ahead of their turn against a floor below the real one (the last
 /// change before the batch being read), so the repeated change is seen there as new and must be
 /// found a duplicate when its batch's turn comes.
@@ -1862,7 +1862,7 @@ async fn a_change_repeated_by_the_next_batch_lands_once() -> anyhow::Result<()> 
     assert_eq!(
         ids,
         (0..staged as i64).collect::<Vec<_>>(),
-        "the Parquet parts too, each change once, in order"
+        "the Parquet parts too, each change once (read sorted by position)"
     );
     Ok(())
 }

@@ -456,8 +456,8 @@ impl Claimed<'_> {
                 };
 
                 // CPU work on this batch while the previous batch's output is handed to its
-                // upload task (which goes on meanwhile: `Uploader`) and the next batch, when
-                // it has the same schema version, starts parsing (against
+                // upload task (which goes on meanwhile: `Uploader`) and the next batches (up to
+                // PARSE_AHEAD), those with the same schema version, start parsing (against
                 // this part's schema and the last change before this batch: the reading
                 // checks both).
                 let cx = whole::Context::of(&w, watermark);
@@ -488,26 +488,27 @@ impl Claimed<'_> {
                             queue.push_back((next, parsing));
                         }
                     };
-                    // The next batch is waited for only when this one went well and the run goes
-                    // on: an error, or the invoking deadline, does not wait on its download.
                     let this_batch = async { tokio::join!(task, upload) };
                     tokio::pin!(this_batch, receive);
-                    let mut received = false;
+                    // Receiving stops with this batch's work (a download received is queued in
+                    // the same poll, never dropped).
                     let (work, uploaded) = tokio::select! {
                         done = &mut this_batch => done,
-                        () = &mut receive => {
-                            received = true;
-                            this_batch.await
-                        }
+                        () = &mut receive => this_batch.await,
                     };
-                    let goes_on = uploaded.is_ok()
-                        && matches!(work, Ok(Ok(_)))
-                        && self.deps.stop_at.is_none_or(|t| std::time::Instant::now() < t);
-                    if !received && goes_on {
-                        receive.await;
-                    }
                     (work, uploaded)
                 };
+                let goes_on = uploaded.is_ok()
+                    && matches!(work, Ok(Ok(_)))
+                    && self.deps.stop_at.is_none_or(|t| std::time::Instant::now() < t);
+                // With none received yet, the next batch is waited for, only when this one went
+                // well and the run goes on: an error, or the invoking deadline, does not wait on
+                // its download. A second one ahead is not waited for.
+                if goes_on && ahead.is_empty() {
+                    if let Some(next) = rx.recv().await {
+                        ahead.push_back((next, None));
+                    }
+                }
                 uploaded?;
                 let (mut work, data) = work
                     .map_err(|e| HourError::Definite(format!("part task: {e}")))??;
