@@ -641,6 +641,10 @@ async fn compact_child(args: &Args) -> anyhow::Result<()> {
         "peak_rss_kib": pipeline_tests::capture::peak_rss_kib(std::process::id()).unwrap_or(0),
         "bytes": report.hours.iter().map(|h| h.bytes).sum::<u64>(),
         "parts": report.hours.iter().map(|h| h.parts).sum::<u32>(),
+        // The hour's steps (the bench compacts one).
+        "planned_s": report.hours.iter().map(|h| h.planned_ms).max().unwrap_or(0) as f64 / 1e3,
+        "written_s": report.hours.iter().map(|h| h.written_ms).max().unwrap_or(0) as f64 / 1e3,
+        "done_s": report.hours.iter().map(|h| h.done_ms).max().unwrap_or(0) as f64 / 1e3,
     });
     println!("{figures}");
     Ok(())
@@ -896,6 +900,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         parts,
         out_bytes / 1e6,
         peak / 1024.0,
+    );
+    let (planned, written, done) = (num("planned_s"), num("written_s"), num("done_s"));
+    println!(
+        "  the hour's steps: planned {planned:.2} s (its batch items and record read), parts written \
+         {:.2} s, then {:.2} s consuming the last batches (tags, marks, flush notes); the emulator \
+         alone serves the first and the last",
+        written - planned,
+        done - written,
     );
     if let Some(e) = figures["emulator_cpu_s"].as_f64() {
         // On these cores beside the compaction; on AWS this is the services' latency.

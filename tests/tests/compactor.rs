@@ -1851,6 +1851,11 @@ async fn a_change_repeated_by_the_next_batch_lands_once() -> anyhow::Result<()> 
         hour_report.parts
     );
     assert_eq!(hour_report.rows, staged as u64, "each change written once");
+    assert!(
+        hour_report.planned_ms <= hour_report.written_ms
+            && hour_report.written_ms <= hour_report.done_ms,
+        "the steps' times follow each other: {hour_report:?}"
+    );
     assert_all_final_once(&aws, &t, staged).await?;
     let read = read_parquet(&aws, &t).await?;
     let ids: Vec<i64> = read["pyarrow"]["rows"]

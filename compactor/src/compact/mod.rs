@@ -143,6 +143,15 @@ pub struct HourReport {
     pub orphans_removed: usize,
     /// Files of dead attempts removed.
     pub stale_files_removed: usize,
+    /// Where the hour's time went, in ms from its start: its batch items and record read and
+    /// sorted out (step 1), ...
+    pub planned_ms: u64,
+    /// ... its parts written and recorded and the claim released (step 3; as `planned_ms` when
+    /// there was nothing to write), ...
+    pub written_ms: u64,
+    /// ... and everything done (step 4: consuming what the run's early consumption had not,
+    /// orphans, the marker).
+    pub done_ms: u64,
     /// The schema version and last position of the last part written, if any.
     #[serde(skip)]
     pub latest_part: Option<(String, Position)>,
@@ -163,6 +172,9 @@ impl HourReport {
             consumed_batches: 0,
             orphans_removed: 0,
             stale_files_removed: 0,
+            planned_ms: 0,
+            written_ms: 0,
+            done_ms: 0,
             latest_part: None,
         }
     }
@@ -208,7 +220,8 @@ impl Compactor {
         let todo = to_do(&batches.valid, record.compacted_through);
         let now = now_ms();
         let cleanup = Cleanup::of(&record, now);
-        tracing::debug!(table = %job.table, hour = %job.hour, batches = batches.valid.len(), to_do = todo.len(), ms = started.elapsed().as_millis() as u64, "hour planned");
+        let planned_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(table = %job.table, hour = %job.hour, batches = batches.valid.len(), to_do = todo.len(), ms = planned_ms, "hour planned");
 
         let mut early = Consumed::default();
         let (record, mut report) = if todo.is_empty() && !cleanup.is_due() {
@@ -236,17 +249,21 @@ impl Compactor {
                 .await;
                 // Ends the early consumption's channel: it finishes what it was handed.
                 run.early = None;
-                run.end(result).await
+                let ended = run.end(result).await;
+                (ended, started.elapsed().as_millis() as u64)
             };
-            let (ended, consumed) = tokio::join!(
+            let ((ended, written_ms), consumed) = tokio::join!(
                 writing,
                 consume_early(deps, &slot.slot, rx, &batches.last_undone)
             );
             early = consumed;
-            let ended = ended?;
-            tracing::debug!(table = %job.table, hour = %job.hour, ms = started.elapsed().as_millis() as u64, "parts written, claim released");
-            ended
+            let (record, mut report) = ended?;
+            report.written_ms = written_ms;
+            tracing::debug!(table = %job.table, hour = %job.hour, ms = written_ms, "parts written, claim released");
+            (record, report)
         };
+        report.planned_ms = planned_ms;
+        report.written_ms = report.written_ms.max(planned_ms);
 
         // 4. Consume the batches the record covers, remove orphans, clear the marker.
         finish(
@@ -259,6 +276,7 @@ impl Compactor {
             &mut report,
         )
         .await?;
+        report.done_ms = started.elapsed().as_millis() as u64;
         summarize(&slot.slot, job, &report, started);
         Ok(report)
     }
@@ -332,7 +350,8 @@ fn summarize(slot: &str, job: &HourJob, report: &HourReport, started: Instant) {
     tracing::info!(
         slot = %slot, table = %job.table, hour = %job.hour, state = ?report.state,
         parts = report.parts, rows = report.rows, bytes = report.bytes,
-        consumed = report.consumed_batches, ms = started.elapsed().as_millis() as u64,
+        consumed = report.consumed_batches, planned_ms = report.planned_ms,
+        written_ms = report.written_ms, ms = started.elapsed().as_millis() as u64,
         "hour compacted"
     );
 }
