@@ -224,8 +224,12 @@ impl Compactor {
         tracing::debug!(table = %job.table, hour = %job.hour, batches = batches.valid.len(), to_do = todo.len(), ms = planned_ms, "hour planned");
 
         let mut early = Consumed::default();
-        let (record, mut report) = if todo.is_empty() && !cleanup.is_due() {
-            (record, HourReport::new(&slot.slot, job, HourState::Done))
+        let (record, mut report, written_ms) = if todo.is_empty() && !cleanup.is_due() {
+            (
+                record,
+                HourReport::new(&slot.slot, job, HourState::Done),
+                planned_ms,
+            )
         } else {
             // 2. Claim the hour; after a lapsed claim, remove the files no part names.
             let Some(mut run) = claim(deps, &slot.slot, job, &record, now).await? else {
@@ -257,13 +261,12 @@ impl Compactor {
                 consume_early(deps, &slot.slot, rx, &batches.last_undone)
             );
             early = consumed;
-            let (record, mut report) = ended?;
-            report.written_ms = written_ms;
+            let (record, report) = ended?;
             tracing::debug!(table = %job.table, hour = %job.hour, ms = written_ms, "parts written, claim released");
-            (record, report)
+            (record, report, written_ms)
         };
         report.planned_ms = planned_ms;
-        report.written_ms = report.written_ms.max(planned_ms);
+        report.written_ms = written_ms;
 
         // 4. Consume the batches the record covers, remove orphans, clear the marker.
         finish(
@@ -351,7 +354,7 @@ fn summarize(slot: &str, job: &HourJob, report: &HourReport, started: Instant) {
         slot = %slot, table = %job.table, hour = %job.hour, state = ?report.state,
         parts = report.parts, rows = report.rows, bytes = report.bytes,
         consumed = report.consumed_batches, planned_ms = report.planned_ms,
-        written_ms = report.written_ms, ms = started.elapsed().as_millis() as u64,
+        written_ms = report.written_ms, ms = report.done_ms,
         "hour compacted"
     );
 }
